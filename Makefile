@@ -1,0 +1,37 @@
+# mmvl: `make demo` trains the tiny CXR CLIP model on synthetic DICOMs; `make test` runs lint and the suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# --isolated: ignore this machine's pip config/env (a local CPU-only torch wheel that breaks torchvision).
+PIP := $(PY) -m pip --isolated --disable-pip-version-check
+STAMP := $(VENV)/.mmvl-installed
+DEMO_DATA := data/synthetic_cxr
+DEMO_WORK := work_dirs/cxr_clip_tiny
+DEMO_LABELS := pleural effusion,cardiomegaly,pneumothorax,nodule
+
+.PHONY: install demo test lint clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+$(DEMO_DATA)/manifest.jsonl: datasets/synthetic.py | $(STAMP)
+	$(PY) datasets/synthetic.py --out $(DEMO_DATA) --n 800 --size 128 --seed 0
+
+demo: install $(DEMO_DATA)/manifest.jsonl
+	$(PY) tools/train.py configs/demo/cxr_clip_tiny.py --work-dir $(DEMO_WORK)
+	$(PY) tools/zero_shot.py $(DEMO_WORK) --manifest $(DEMO_DATA)/test.jsonl --limit 12 \
+		--labels "$(DEMO_LABELS)" --preset chexzero --out $(DEMO_WORK)/zero_shot_demo.csv
+	@echo "Work directory: $(DEMO_WORK) (config.py, metrics.jsonl, checkpoints/, tokenizer/, zero_shot_demo.csv)"
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install lint
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) work_dirs $(DEMO_DATA)
