@@ -1,0 +1,27 @@
+# 2D chest X-ray studies from an mmvl manifest (see datasets/README.md). DICOM is read with its rescale,
+# VOI LUT / window and MONOCHROME1 inversion; images are resized keeping aspect, padded, and normalised.
+img_size = 224
+data = dict(
+    type="manifest",
+    manifest="data/mimic_cxr/manifest.jsonl",
+    prepare_hint=(
+        "Prepare MIMIC-CXR with `python datasets/mimic_cxr.py ... --out data/mimic_cxr/manifest.jsonl` "
+        "(see datasets/mimic_cxr.md), point data.manifest at your own manifest with "
+        "--cfg-options data.manifest=PATH, or run `make demo` to train on the synthetic demo set."
+    ),
+    train_split="train",
+    val_split="val",
+    report_sections=("findings", "impression"),
+    on_error="skip",
+    train_pipeline=[
+        dict(type="LoadImage", frame=0, voi="auto"),
+        dict(type="ResizePad", size=img_size),
+        dict(type="RandomAugment2D", crop_scale=(0.5, 1.0), rotate=10.0, brightness=0.1, contrast=0.1),
+        dict(type="Normalize", mean=0.5, std=0.25),
+    ],
+    eval_pipeline=[
+        dict(type="LoadImage", frame=0, voi="auto"),
+        dict(type="ResizePad", size=img_size),
+        dict(type="Normalize", mean=0.5, std=0.25),
+    ],
+)

@@ -1,0 +1,7 @@
+# AdamW with cosine decay after linear warmup (CLIP's recipe); bf16 autocast where the device supports it.
+optim = dict(type="adamw", lr=5e-4, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6, warmup_steps=2000,
+             min_lr_ratio=0.0)
+train = dict(
+    max_steps=50000, batch_size=256, num_workers=8, accum_steps=1, grad_clip=1.0, amp="bf16", seed=0,
+    log_interval=50, val_interval=2000, ckpt_interval=1000, best_metric="val/i2t_R@5",
+)

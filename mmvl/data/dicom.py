@@ -1,0 +1,179 @@
+"""2D DICOM reading: stored values -> modality LUT -> VOI LUT / window -> MONOCHROME1 inversion -> [0, 1].
+
+Implements the DICOM grayscale pipeline of PS3.3 C.11 (modality LUT, VOI LUT, presentation) with pydicom.
+Only geometry and acquisition attributes go into the returned metadata, never patient identifiers.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import numpy as np
+
+from mmvl.errors import DicomError
+
+VoiMode = Literal["auto", "window", "lut", "minmax"]
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """True when the file carries the 'DICM' magic at byte 128 (PS3.10 7.1) or a .dcm/.dicom suffix."""
+    path = os.fspath(path)
+    if path.lower().endswith((".dcm", ".dicom")):
+        return True
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def window_to_unit(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """Apply a VOI window and map it to [0, 1].
+
+    Written out rather than taken from ``pydicom.pixels.apply_windowing`` because that maps to a
+    bit-depth-dependent output range; the formulas are PS3.3 C.11.2.1.2.1 (LINEAR), C.11.2.1.3.2
+    (LINEAR_EXACT) and C.11.2.1.3.1 (SIGMOID) with output range [0, 1].
+    """
+    function = (function or "LINEAR").upper()
+    values = values.astype(np.float64, copy=False)
+    if function == "SIGMOID":
+        out = 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+    elif function == "LINEAR_EXACT":
+        if width <= 0:
+            raise ValueError(f"(0028,1051) WindowWidth must be > 0 for LINEAR_EXACT, got {width}")
+        out = (values - center) / width + 0.5
+    else:
+        if width < 1:
+            raise ValueError(f"(0028,1051) WindowWidth must be >= 1 for LINEAR, got {width}")
+        out = (values - (center - 0.5)) / max(width - 1.0, 1e-6) + 0.5
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def _pick(value: Any, index: int) -> float:
+    """WindowCenter/WindowWidth may be multi-valued (several presets); take one."""
+    if isinstance(value, list | tuple) or hasattr(value, "__getitem__") and not isinstance(value, str | bytes):
+        value = value[min(index, len(value) - 1)]
+    return float(value)
+
+
+def _decode(ds: Any, path: str, frame: int) -> np.ndarray:
+    from pydicom.pixels import pixel_array
+
+    n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if not -n_frames <= frame < n_frames:
+        raise DicomError(path, f"frame {frame} requested but the file has {n_frames} frame(s) (0028,0008)")
+    try:
+        arr = pixel_array(ds, index=frame % n_frames) if n_frames > 1 else ds.pixel_array
+    except Exception as err:  # pydicom raises RuntimeError/NotImplementedError/ValueError by decoder
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", str(syntax))
+        raise DicomError(
+            path,
+            f"cannot decode pixel data with transfer syntax '{name}': {err}. Compressed syntaxes need a decoder "
+            "plugin: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)",
+        ) from err
+    return np.asarray(arr)
+
+
+def read_dicom_image(
+    path: str | os.PathLike,
+    *,
+    frame: int = 0,
+    voi: VoiMode = "auto",
+    window_index: int = 0,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Read a 2D (or one frame of a multi-frame) grayscale DICOM as float32 ``(H, W)`` in [0, 1].
+
+    voi: ``"auto"`` uses the VOI LUT Sequence (0028,3010) if present, else WindowCenter/Width
+    (0028,1050/1051), else min-max of the rescaled values; ``"window"``/``"lut"`` require that
+    attribute; ``"minmax"`` ignores both. MONOCHROME1 images are inverted so bright means dense.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DicomError(path, "file not found")
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError as err:
+        raise DicomError(path, f"not a DICOM file ({err})") from err
+    except Exception as err:  # truncated or corrupt headers raise a range of errors
+        raise DicomError(path, f"corrupt DICOM header: {type(err).__name__}: {err}") from err
+    if "PixelData" not in ds:
+        raise DicomError(path, "no (7FE0,0010) PixelData: not an image (a report, SR or presentation state?)")
+
+    stored = _decode(ds, path, frame)
+    steps: list[dict[str, Any]] = []
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    if int(getattr(ds, "SamplesPerPixel", 1) or 1) > 1 or stored.ndim == 3:
+        # Colour secondary captures: average the channels; the grayscale LUT pipeline does not apply.
+        values = stored.reshape(*stored.shape[:2], -1).astype(np.float32).mean(-1)
+        steps.append({"op": "rgb_to_gray", "photometric": photometric})
+        unit = _minmax(values)
+        steps.append({"op": "minmax"})
+        photometric = "MONOCHROME2"
+    else:
+        values = apply_modality_lut(stored, ds).astype(np.float64)
+        slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+        intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+        if "ModalityLUTSequence" in ds:
+            steps.append({"op": "modality_lut", "source": "(0028,3000) ModalityLUTSequence"})
+        else:
+            steps.append({"op": "rescale", "slope": slope, "intercept": intercept})
+        unit = _apply_voi(values, ds, path, voi, window_index, steps, apply_voi_lut)
+
+    if photometric == "MONOCHROME1":
+        unit = 1.0 - unit
+        steps.append({"op": "invert", "reason": "MONOCHROME1"})
+
+    spacing = getattr(ds, "PixelSpacing", None) or getattr(ds, "ImagerPixelSpacing", None)
+    meta = {
+        "path": path,
+        "format": "dicom",
+        "modality": str(getattr(ds, "Modality", "")),
+        "photometric": str(getattr(ds, "PhotometricInterpretation", "")),
+        "bits_stored": int(getattr(ds, "BitsStored", 0) or 0),
+        "shape": list(unit.shape),
+        "spacing": [float(s) for s in spacing] if spacing else None,
+        "frame": frame,
+        "n_frames": int(getattr(ds, "NumberOfFrames", 1) or 1),
+        "transfer_syntax": str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "")),
+        "preprocessing": steps,
+    }
+    return unit.astype(np.float32, copy=False), meta
+
+
+def _minmax(values: np.ndarray) -> np.ndarray:
+    low, high = float(values.min()), float(values.max())
+    return ((values - low) / (high - low) if high > low else np.zeros_like(values)).astype(np.float32)
+
+
+def _apply_voi(values, ds, path, voi, window_index, steps, apply_voi_lut) -> np.ndarray:
+    has_lut = "VOILUTSequence" in ds
+    has_window = "WindowCenter" in ds and "WindowWidth" in ds
+    if voi == "lut" and not has_lut:
+        raise DicomError(path, "voi='lut' requested but the file has no (0028,3010) VOILUTSequence")
+    if voi == "window" and not has_window:
+        raise DicomError(path, "voi='window' requested but the file has no (0028,1050/1051) WindowCenter/Width")
+    if has_lut and voi in ("auto", "lut"):
+        item = ds.VOILUTSequence[min(window_index, len(ds.VOILUTSequence) - 1)]
+        bits = int(item.LUTDescriptor[2])
+        out = apply_voi_lut(values, ds, index=window_index, prefer_lut=True).astype(np.float64)
+        steps.append({"op": "voi_lut", "bits": bits})
+        return np.clip(out / (2**bits - 1), 0, 1).astype(np.float32)
+    if has_window and voi in ("auto", "window"):
+        center = _pick(ds.WindowCenter, window_index)
+        width = _pick(ds.WindowWidth, window_index)
+        function = str(getattr(ds, "VOILUTFunction", "LINEAR") or "LINEAR")
+        try:
+            out = window_to_unit(values, center, width, function)
+        except ValueError as err:
+            raise DicomError(path, str(err)) from err
+        steps.append({"op": "window", "center": center, "width": width, "function": function.upper()})
+        return out
+    steps.append({"op": "minmax"})
+    return _minmax(values)

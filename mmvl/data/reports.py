@@ -1,0 +1,148 @@
+"""Radiology report text: split free-text reports into sections and clean them into training captions.
+
+Section headers follow the conventions of MIT-LCP's MIMIC-CXR ``txt/section_parser.py`` (Johnson et al.,
+Sci Data 2019): a header starts a line and ends in a colon, and its spelling is normalised to a canonical
+lower-case name, so "CONCLUSION:" and "Findings and impression:" both become ``impression``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+__all__ = ["SECTION_ALIASES", "clean_report", "extract_sections", "report_text"]
+
+# Header spellings seen in MIMIC-CXR (the frequent ones from section_parser.py) -> canonical section name.
+SECTION_ALIASES: dict[str, str] = {
+    "findings": "findings",
+    "finding": "findings",
+    "impression": "impression",
+    "impressions": "impression",
+    "conclusion": "impression",
+    "conclusions": "impression",
+    "findings and impression": "impression",
+    "findings/impression": "impression",
+    "impression and findings": "impression",
+    "indication": "indication",
+    "indications": "indication",
+    "clinical indication": "indication",
+    "reason for exam": "indication",
+    "reason for examination": "indication",
+    "history": "history",
+    "clinical history": "history",
+    "clinical information": "history",
+    "patient history": "history",
+    "comparison": "comparison",
+    "comparisons": "comparison",
+    "comparison exam": "comparison",
+    "comparison film": "comparison",
+    "reference exam": "comparison",
+    "technique": "technique",
+    "examination": "examination",
+    "exam": "examination",
+    "type of examination": "examination",
+    "recommendation": "recommendations",
+    "recommendations": "recommendations",
+    "recommendation(s)": "recommendations",
+    "notification": "notification",
+    "addendum": "addendum",
+    "wet read": "wet read",
+    "wetread": "wet read",
+    "final report": "preamble",
+}
+
+# An unknown ALL-CAPS header containing one of these words is that section ("IMPRESSION AND PLAN:"),
+# checked in this order as section_parser.py does, so "FINDINGS/IMPRESSION:" is an impression.
+_MAIN_SECTIONS = ("impression", "findings", "history", "comparison", "indication", "technique", "addendum")
+# An unknown ALL-CAPS header naming the study ("PA AND LATERAL VIEWS OF THE CHEST:") introduces findings.
+_STUDY_TITLE = re.compile(
+    r"\b(chest|portable|frontal|pa and lat|ap and lat|lateral and (pa|ap)"
+    r"|(one|two) views?|(pa|ap|lateral) view)"
+)
+
+# A section boundary: the "FINAL REPORT" banner on its own line, or "<header>:" at the start of a line.
+# The colon must be followed by whitespace so that times ("9:14") and URLs never start a section.
+_BOUNDARY = re.compile(
+    r"^[ \t]*(?:(?P<banner>final report)[ \t]*:?[ \t]*$"
+    r"|(?P<header>[A-Za-z][A-Za-z ()/,&'-]{0,59}?)[ \t]*:(?=\s|$))",
+    re.MULTILINE | re.IGNORECASE,
+)
+_BANNER_LINE = re.compile(r"^[ \t]*final report[ \t]*:?[ \t]*$", re.MULTILINE | re.IGNORECASE)
+_RULE_LINE = re.compile(r"^[ \t]*_{4,}[ \t]*$", re.MULTILINE)  # longer than the "___" placeholder
+# De-identification placeholders: "___" in MIMIC-CXR, "[**Hospital1 18**]" in MIMIC-II/III notes.
+_PLACEHOLDER = r"(?:_{2,}|\[\*\*[^\]\n]*\*\*\])"
+_PLACEHOLDER_BEFORE_PUNCT = re.compile(rf"[ \t]*{_PLACEHOLDER}(?:[ \t]*{_PLACEHOLDER})*[ \t]*(?=[.,;:!?)])")
+_PLACEHOLDER_ANY = re.compile(_PLACEHOLDER)
+
+
+def _section_name(header: str) -> str | None:
+    """Canonical name for a header, or None when the text before the colon is not a section header."""
+    name = " ".join(header.lower().split())
+    if name in SECTION_ALIASES:
+        return SECTION_ALIASES[name]
+    # Mixed-case text such as "Lungs: clear." is a sentence inside a section, not a header of its own.
+    if header != header.upper() or len(name) < 3:
+        return None
+    for main in _MAIN_SECTIONS:
+        if main in name:
+            return main
+    if _STUDY_TITLE.search(name):
+        return "findings"
+    return name
+
+
+def extract_sections(text: str) -> dict[str, str]:
+    """Split a report into ``{section name: body}`` in order of first appearance.
+
+    Known headers (``SECTION_ALIASES``) are recognised in any case, other ALL-CAPS headers keep their own
+    lower-case name. Text before the first header, and after a "FINAL REPORT" banner up to the next header,
+    is ``preamble``. Bodies are stripped and lose separator lines of underscores, but keep their line breaks
+    and placeholders (see ``clean_report``); a section that appears twice has its bodies joined by a newline,
+    and sections with an empty body are left out.
+    """
+    text = _RULE_LINE.sub("", text)  # "_____" separators (after a wet read) are never content
+    bodies: dict[str, list[str]] = {}
+    name, body_start = "preamble", 0
+    for match in _BOUNDARY.finditer(text):
+        next_name = "preamble" if match.group("banner") else _section_name(match.group("header"))
+        if next_name is None:
+            continue
+        bodies.setdefault(name, []).append(text[body_start : match.start()])
+        name, body_start = next_name, match.end()
+    bodies.setdefault(name, []).append(text[body_start:])
+
+    sections: dict[str, str] = {}
+    for section, parts in bodies.items():
+        body = "\n".join(part.strip() for part in parts if part.strip())
+        if body:
+            sections[section] = body
+    return sections
+
+
+def clean_report(text: str) -> str:
+    """Report text on one line: no "FINAL REPORT" banner, separator lines or de-identification placeholders.
+
+    Whitespace runs collapse to one space; case and punctuation are kept. A placeholder directly before
+    punctuation takes its leading space with it ("compared to ___." -> "compared to.").
+    """
+    text = _BANNER_LINE.sub(" ", text)
+    text = _RULE_LINE.sub(" ", text)
+    text = _PLACEHOLDER_BEFORE_PUNCT.sub("", text)
+    text = _PLACEHOLDER_ANY.sub(" ", text)
+    return " ".join(text.split())
+
+
+def report_text(text: str, sections: Sequence[str] = ("findings", "impression")) -> str:
+    """The cleaned bodies of ``sections`` joined by a space, in the order asked for.
+
+    Section names may be any alias ("conclusion" is ``impression``). When none of them is present, or all
+    are empty after cleaning, the whole cleaned report is returned instead; a blank report gives "".
+    """
+    if isinstance(sections, str):  # a bare "impression" would otherwise be read letter by letter
+        sections = (sections,)
+    names = (" ".join(name.lower().split()) for name in sections)
+    wanted = dict.fromkeys(SECTION_ALIASES.get(name, name) for name in names)  # ordered, without repeats
+    found = extract_sections(text)
+    parts = [clean_report(found[name]) for name in wanted if name in found]
+    parts = [part for part in parts if part]
+    return " ".join(parts) if parts else clean_report(text)

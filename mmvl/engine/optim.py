@@ -1,0 +1,56 @@
+"""AdamW with decay only on weight matrices, and a linear-warmup cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmvl.errors import ConfigError
+
+
+def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    """``cfg``: lr, weight_decay, betas, eps. Biases, norms and the logit scale get no weight decay
+    (as in open_clip's training script)."""
+    cfg = dict(cfg)
+    kind = cfg.pop("type", "adamw").lower()
+    if kind != "adamw":
+        raise ConfigError(f"optim.type '{kind}' is not supported; use 'adamw'")
+    for key in ("warmup_steps", "min_lr_ratio"):
+        cfg.pop(key, None)
+    weight_decay = cfg.pop("weight_decay", 0.0)
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "logit_scale" in name or "norm" in name.lower() else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    try:
+        return torch.optim.AdamW(groups, **cfg)
+    except TypeError as err:
+        raise ConfigError(f"optim: {err}") from err
+
+
+def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
+    """LR multiplier: linear from 1/warmup to 1 over ``warmup_steps``, then cosine down to ``min_lr_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class CosineWarmup:
+    """Schedule object for ``LambdaLR``; its fields are saved in the scheduler state dict."""
+
+    def __init__(self, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):
+        self.warmup_steps, self.total_steps, self.min_lr_ratio = warmup_steps, total_steps, min_lr_ratio
+
+    def __call__(self, step: int) -> float:
+        return cosine_with_warmup(step, self.warmup_steps, self.total_steps, self.min_lr_ratio)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict[str, Any], total_steps: int):
+    schedule = CosineWarmup(int(cfg.get("warmup_steps", 0)), total_steps, float(cfg.get("min_lr_ratio", 0.0)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -1,0 +1,343 @@
+"""The training loop: data, model, AdamW + cosine warmup, AMP, accumulation, clipping, validation, checkpoints.
+
+A work directory holds everything needed to repeat or continue a run: ``config.py`` (merged config),
+``preprocess.json`` (eval pipeline), ``tokenizer/``, ``metrics.jsonl``, ``tensorboard/``, ``train.log``
+and ``checkpoints/{last,best}.pt``. ``resume=True`` continues from ``last.pt`` exactly: data order,
+augmentation seeds, dropout RNG, optimizer and scheduler state are all restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+import mmvl
+from mmvl.config import Config
+from mmvl.data.datasets import ManifestDataset
+from mmvl.data.loader import Collate, ResumableSampler
+from mmvl.data.tokenizer import train_wordpiece_tokenizer
+from mmvl.data.transforms import save_preprocess
+from mmvl.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from mmvl.engine.optim import build_optimizer, build_scheduler
+from mmvl.errors import CheckpointError, ConfigError, ManifestError, TrainingError
+from mmvl.evaluation.retrieval import retrieval_metrics
+from mmvl.models import build_model
+from mmvl.registry import DATASETS
+from mmvl.utils import atomic_write_text, get_logger, seed_everything
+
+logger = get_logger(__name__)
+
+TRAIN_DEFAULTS: dict[str, Any] = dict(
+    max_steps=1000, batch_size=32, num_workers=2, accum_steps=1, grad_clip=1.0, amp=None, seed=0,
+    log_interval=10, val_interval=200, ckpt_interval=200, best_metric="val/i2t_R@5", max_bad_steps=10,
+    deterministic=False, device=None,
+)
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    non_blocking = device.type == "cuda"
+    return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class Trainer:
+    """Build everything from a merged :class:`Config` and run ``fit()``."""
+
+    def __init__(self, cfg: Config, work_dir: str | os.PathLike, resume: bool = False):
+        self.cfg = cfg
+        self.work_dir = Path(work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt_dir = self.work_dir / "checkpoints"
+        unknown = set(cfg.get("train", {})) - set(TRAIN_DEFAULTS)
+        if unknown:
+            raise ConfigError(f"unknown train option(s) {sorted(unknown)}; known: {sorted(TRAIN_DEFAULTS)}")
+        self.train_cfg = {**TRAIN_DEFAULTS, **cfg.get("train", {})}
+        self._attach_log_file()
+        if self.train_cfg["deterministic"]:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        seed_everything(int(self.train_cfg["seed"]))
+        self.device = torch.device(self.train_cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+        self.train_set, self.val_set = self._build_datasets(cfg["data"])
+        self._prepare_tokenizer()
+        self.model = build_model(cfg["model"]).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.get("optim", {}))
+        self.max_steps = int(self.train_cfg["max_steps"])
+        self.scheduler = build_scheduler(self.optimizer, cfg.get("optim", {}), self.max_steps)
+        amp = self.train_cfg["amp"]
+        if amp not in (None, "bf16", "fp16"):
+            raise ConfigError(f"train.amp must be None, 'bf16' or 'fp16', got {amp!r}")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16" and self.device.type == "cuda")
+
+        self.step, self.epoch, self.position = 0, 0, 0
+        self.best_value: float | None = None
+        self.bad_steps = 0
+        self.skipped_samples = 0
+        if resume:
+            self._resume()
+        cfg.dump(self.work_dir / "config.py")
+        save_preprocess(self.work_dir / "preprocess.json", cfg["data"]["eval_pipeline"],
+                        input="2d", mmvl_version=mmvl.__version__)
+        self.loader = self._build_loader()
+        self.writer = None
+
+    # -- setup ---------------------------------------------------------------------------------------
+    def _attach_log_file(self) -> None:
+        handler = logging.FileHandler(self.work_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.getLogger("mmvl").addHandler(handler)
+        self._log_handler = handler
+
+    def _build_datasets(self, data: Mapping[str, Any]) -> tuple[ManifestDataset, ManifestDataset | None]:
+        data = dict(data)
+        manifest = data.get("manifest")
+        if manifest is None:
+            raise ConfigError("data.manifest is not set")
+        if not os.path.isfile(manifest):
+            hint = data.get("prepare_hint", "see datasets/README.md for the manifest format")
+            raise ManifestError(manifest, f"manifest not found. {hint}")
+        common = dict(
+            manifest=manifest,
+            report_sections=tuple(data.get("report_sections", ("findings", "impression"))),
+            on_error=data.get("on_error", "raise"),
+        )
+        kind = data.get("type", "manifest")
+        train_set = DATASETS.build(dict(type=kind, split=data.get("train_split", "train"),
+                                        pipeline=data["train_pipeline"], **common))
+        val_set = None
+        if data.get("val_split"):
+            val_set = DATASETS.build(dict(type=kind, split=data["val_split"], pipeline=data["eval_pipeline"],
+                                          label_names=train_set.label_names, **common))
+        logger.info("data: %d train rows, %d val rows from %s", len(train_set), len(val_set or []), manifest)
+        return train_set, val_set
+
+    def _prepare_tokenizer(self) -> None:
+        """A text encoder built from a config gets a WordPiece vocabulary trained on the training reports."""
+        text_cfg = self.cfg["model"].get("text_encoder")
+        if not text_cfg or not isinstance(text_cfg.get("tokenizer"), Mapping):
+            return
+        options = dict(text_cfg["tokenizer"])
+        kind = options.pop("type", "wordpiece")
+        if kind != "wordpiece":
+            raise ConfigError(f"model.text_encoder.tokenizer.type '{kind}' unknown; use 'wordpiece' or a directory")
+        out_dir = self.work_dir / "tokenizer"
+        if not (out_dir / "tokenizer.json").is_file():
+            logger.info("training a WordPiece tokenizer on %d training reports -> %s", len(self.train_set), out_dir)
+            train_wordpiece_tokenizer(self.train_set.texts, out_dir, **options)
+        text_cfg["tokenizer"] = str(out_dir)
+
+    def _build_loader(self) -> DataLoader:
+        tokenizer = self.model.tokenizer
+        max_length = self.cfg["model"].get("text_encoder", {}).get("max_length", 128) if tokenizer else 128
+        workers = int(self.train_cfg["num_workers"])
+        if workers > 0:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # fast tokenizers + fork
+        batch_size = int(self.train_cfg["batch_size"])
+        if batch_size > len(self.train_set):
+            raise ConfigError(f"train.batch_size {batch_size} exceeds the {len(self.train_set)} training rows")
+        self.sampler = ResumableSampler(len(self.train_set), seed=int(self.train_cfg["seed"]))
+        return DataLoader(
+            self.train_set, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+            collate_fn=Collate(tokenizer, max_length), drop_last=True, pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0),
+        )
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step, "epoch": self.epoch, "position": self.position,
+            "best_value": self.best_value, "skipped_samples": self.skipped_samples,
+            "rng": capture_rng_state(),
+            "config": self.cfg.to_dict(),
+            "mmvl_version": mmvl.__version__,
+        }
+
+    def save(self, name: str) -> Path:
+        return save_checkpoint(self.ckpt_dir / name, self.state_dict())
+
+    def _resume(self) -> None:
+        path = self.ckpt_dir / "last.pt"
+        if not path.is_file():
+            raise CheckpointError(f"--resume: no checkpoint at {path}; start without --resume")
+        state = load_checkpoint(path)
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as err:
+            raise CheckpointError(f"{path} does not match the configured model: {err}") from err
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.best_value, self.skipped_samples = state["best_value"], state["skipped_samples"]
+        restore_rng_state(state["rng"])
+        self._truncate_metrics(self.step)
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch, self.position)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines logged after the checkpoint we resume from, so none are counted twice."""
+        path = self.work_dir / "metrics.jsonl"
+        if path.is_file():
+            lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+    # -- loop ----------------------------------------------------------------------------------------
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        batch_size = int(self.train_cfg["batch_size"])
+        while True:
+            self.sampler.set_epoch(self.epoch, start=self.position * batch_size)
+            if len(self.sampler) >= batch_size:
+                for batch in self.loader:
+                    self.position += 1
+                    self.skipped_samples += batch["n_skipped"]
+                    if "image" in batch:
+                        yield batch
+            self.epoch, self.position = self.epoch + 1, 0
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.work_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.work_dir / "tensorboard"))
+        for key, value in record.items():
+            if key != "step" and isinstance(value, int | float):
+                self.writer.add_scalar(key, value, record["step"])
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self, batches: Iterator[dict[str, Any]]) -> dict[str, float] | None:
+        """One optimizer step over ``accum_steps`` micro-batches; ``None`` if the step was skipped."""
+        accum = int(self.train_cfg["accum_steps"])
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        logs: dict[str, float] = {}
+        data_time, samples = 0.0, 0
+        ids: list[Any] = []
+        for _ in range(accum):
+            start = time.perf_counter()
+            batch = to_device(next(batches), self.device)
+            data_time += time.perf_counter() - start
+            samples += len(batch["image"])
+            ids.extend(m.get("study_id") or m["path"] for m in batch["meta"])
+            with self._autocast():
+                out = self.model(batch)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                return self._bad_step(ids, "non-finite loss")
+            self.scaler.scale(loss / accum).backward()
+            for key, value in out.items():
+                logs[key] = logs.get(key, 0.0) + float(value.detach()) / accum
+        self.scaler.unscale_(self.optimizer)
+        clip = self.train_cfg["grad_clip"]
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip else float("inf"))
+        if not torch.isfinite(grad_norm):
+            return self._bad_step(ids, "non-finite gradient norm")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.bad_steps = 0
+        logs.update(grad_norm=float(grad_norm), data_time=data_time, samples=samples)
+        return logs
+
+    def _bad_step(self, ids: list[Any], reason: str) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_steps += 1
+        logger.warning("step %d skipped (%s); samples: %s", self.step, reason, ids)
+        if self.bad_steps >= int(self.train_cfg["max_bad_steps"]):
+            last = self.ckpt_dir / "last.pt"
+            raise TrainingError(
+                f"{self.bad_steps} consecutive bad steps ending at step {self.step} ({reason}); last samples {ids}; "
+                f"last good checkpoint: {last if last.is_file() else 'none'}. Lower optim.lr or check the data."
+            )
+        return None
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Retrieval Recall@1/5/10 (image->text and text->image) on the validation split."""
+        if self.val_set is None:
+            return {}
+        self.model.eval()
+        loader = DataLoader(
+            self.val_set, batch_size=int(self.train_cfg["batch_size"]), shuffle=False,
+            num_workers=int(self.train_cfg["num_workers"]),
+            collate_fn=Collate(self.model.tokenizer, self.loader.collate_fn.max_length),
+        )
+        image_embs, text_embs = [], []
+        for batch in loader:
+            if "image" not in batch:
+                continue
+            batch = to_device(batch, self.device)
+            with self._autocast():
+                image_embs.append(self.model.encode_image(batch["image"]).float())
+                text_embs.append(self.model.encode_text(batch).float())
+        metrics = retrieval_metrics(torch.cat(image_embs), torch.cat(text_embs))
+        return {f"val/{k}": v for k, v in metrics.items()}
+
+    def fit(self) -> dict[str, float]:
+        """Train to ``train.max_steps``; returns the last validation metrics."""
+        cfg = self.train_cfg
+        batches = self._batches()
+        last_val: dict[str, float] = {}
+        progress = tqdm(total=self.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                        disable=os.environ.get("MMVL_NO_PROGRESS") == "1")
+        started = time.perf_counter()
+        try:
+            while self.step < self.max_steps:
+                tick = time.perf_counter()
+                logs = self.train_step(batches)
+                if logs is None:
+                    continue
+                self.step += 1
+                progress.update(1)
+                batch_time = time.perf_counter() - tick
+                progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                if self.step % int(cfg["log_interval"]) == 0 or self.step == self.max_steps:
+                    record = {"step": self.step, "epoch": self.epoch, "lr": self.scheduler.get_last_lr()[0],
+                              "batch_time": batch_time, "samples_per_s": logs.pop("samples") / batch_time,
+                              "skipped_samples": self.skipped_samples, **logs}
+                    self._log(record)
+                if self.val_set is not None and (self.step % int(cfg["val_interval"]) == 0
+                                                 or self.step == self.max_steps):
+                    last_val = self.validate()
+                    self._log({"step": self.step, **last_val})
+                    logger.info("step %d: %s", self.step, ", ".join(f"{k}={v:.3f}" for k, v in last_val.items()))
+                    self._maybe_save_best(last_val)
+                if self.step % int(cfg["ckpt_interval"]) == 0 or self.step == self.max_steps:
+                    self.save("last.pt")
+        finally:
+            progress.close()
+            if self.writer is not None:
+                self.writer.close()
+            logging.getLogger("mmvl").removeHandler(self._log_handler)
+            self._log_handler.close()
+        elapsed = time.perf_counter() - started
+        logger.info("finished %d steps in %.1f s; work dir: %s", self.step, elapsed, self.work_dir)
+        return last_val
+
+    def _maybe_save_best(self, metrics: dict[str, float]) -> None:
+        key = self.train_cfg["best_metric"]
+        if key not in metrics:
+            return
+        value = metrics[key]
+        if self.best_value is None or value > self.best_value or math.isnan(self.best_value):
+            self.best_value = value
+            self.save("best.pt")

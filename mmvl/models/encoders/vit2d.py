@@ -1,0 +1,70 @@
+"""2D image encoders from timm (ViT, Swin) with a 1-channel stem for radiographs."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmvl.errors import ConfigError
+from mmvl.models.encoders.base import EncoderOutput
+from mmvl.registry import ENCODERS
+
+
+@ENCODERS.register("timm_vit", "vit2d")
+class TimmImageEncoder(nn.Module):
+    """Any timm backbone taking ``(B, C, H, W)``; returns the pooled pre-logits feature and the tokens.
+
+    ``model_kwargs`` go to ``timm.create_model`` (``depth``, ``embed_dim``, ``patch_size``...).
+    ``pretrained_path`` loads a local timm checkpoint (``.safetensors``/``.bin``) through timm's own
+    pretrained machinery, which adapts a 3-channel stem to ``in_chans``; ``pretrained=True`` fetches
+    the named weights from the hub (needs network access).
+    """
+
+    spatial_dims = 2
+
+    def __init__(
+        self,
+        model_name: str = "vit_base_patch16_224",
+        in_chans: int = 1,
+        img_size: int | None = 224,
+        pretrained: bool = False,
+        pretrained_path: str | None = None,
+        grad_checkpointing: bool = False,
+        **model_kwargs: Any,
+    ):
+        super().__init__()
+        import timm
+
+        if not timm.is_model(model_name):
+            raise ConfigError(f"timm has no model '{model_name}' (see timm.list_models('*vit*'))")
+        kwargs: dict[str, Any] = dict(num_classes=0, in_chans=in_chans, **model_kwargs)
+        if img_size is not None:
+            kwargs["img_size"] = img_size
+        if pretrained_path is not None:
+            if not os.path.isfile(pretrained_path):
+                raise ConfigError(f"image_encoder.pretrained_path: file not found: {pretrained_path}")
+            pretrained = True
+            kwargs["pretrained_cfg_overlay"] = dict(file=os.fspath(pretrained_path))
+        self.model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+        self.model.set_grad_checkpointing(grad_checkpointing)
+        self.model_name = model_name
+        self.out_dim = int(self.model.num_features)
+
+    def forward(self, images: torch.Tensor) -> EncoderOutput:
+        if images.ndim != 4:
+            raise ValueError(f"{type(self).__name__} expects (B, C, H, W) images, got shape {tuple(images.shape)}")
+        features = self.model.forward_features(images)
+        pooled = self.model.forward_head(features, pre_logits=True)
+        tokens = features if features.ndim == 3 else features.flatten(1, 2)  # Swin gives NHWC maps
+        return EncoderOutput(pooled=pooled, tokens=tokens)
+
+
+@ENCODERS.register("timm_swin", "swin2d")
+class TimmSwinEncoder(TimmImageEncoder):
+    """Swin transformer from timm; same interface, Swin defaults."""
+
+    def __init__(self, model_name: str = "swin_tiny_patch4_window7_224", **kwargs: Any):
+        super().__init__(model_name=model_name, **kwargs)

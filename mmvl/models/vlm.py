@@ -1,0 +1,94 @@
+"""The vision-language model: an image encoder, an optional text encoder and weighted pretraining heads."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmvl.errors import ConfigError
+from mmvl.registry import ENCODERS, HEADS
+
+
+class VisionLanguageModel(nn.Module):
+    """Builds encoders and heads from config dicts; ``forward(batch)`` sums the heads' weighted losses.
+
+    ``heads`` is a list of head configs; each may carry ``name`` (log prefix, default its type) and
+    ``loss_weight`` (default 1.0). Heads receive both encoders' outputs and the batch.
+    """
+
+    def __init__(
+        self,
+        image_encoder: Mapping[str, Any],
+        heads: Sequence[Mapping[str, Any]],
+        text_encoder: Mapping[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.image_encoder = ENCODERS.build(image_encoder)
+        self.text_encoder = ENCODERS.build(text_encoder) if text_encoder else None
+        if isinstance(heads, Mapping):
+            heads = [heads]
+        if not heads:
+            raise ConfigError("model.heads is empty: add at least one head, e.g. dict(type='clip', embed_dim=512)")
+        self.heads = nn.ModuleDict()
+        self.loss_weights: dict[str, float] = {}
+        for head_cfg in heads:
+            head_cfg = copy.deepcopy(dict(head_cfg))
+            name = head_cfg.pop("name", head_cfg.get("type"))
+            if name in self.heads:
+                raise ConfigError(f"model.heads: two heads named '{name}'; give them distinct 'name' values")
+            self.loss_weights[name] = float(head_cfg.pop("loss_weight", 1.0))
+            self.heads[name] = HEADS.build(
+                head_cfg,
+                image_dim=self.image_encoder.out_dim,
+                text_dim=self.text_encoder.out_dim if self.text_encoder is not None else None,
+            )
+
+    @property
+    def tokenizer(self) -> Any:
+        return None if self.text_encoder is None else self.text_encoder.tokenizer
+
+    @property
+    def contrastive_head(self) -> nn.Module:
+        for head in self.heads.values():
+            if getattr(head, "is_contrastive", False):
+                return head
+        raise ConfigError("this model has no contrastive head, so it has no shared image-text embedding")
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        image_out = self.image_encoder(batch["image"])
+        text_out = None
+        if self.text_encoder is not None and "input_ids" in batch:
+            text_out = self.text_encoder(batch["input_ids"], batch["attention_mask"])
+        outputs: dict[str, torch.Tensor] = {}
+        total = None
+        for name, head in self.heads.items():
+            head_out = head(image_out, text_out, batch)
+            weighted = self.loss_weights[name] * head_out["loss"]
+            total = weighted if total is None else total + weighted
+            for key, value in head_out.items():
+                outputs[f"{name}/{key}"] = value
+        outputs["loss"] = total
+        return outputs
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings in the shared space, ``(B, embed_dim)``."""
+        return self.contrastive_head.project_image(self.image_encoder(images))
+
+    def encode_text(self, texts: Sequence[str] | Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """L2-normalised text embeddings for a list of strings (or already tokenized input)."""
+        if self.text_encoder is None:
+            raise ConfigError("this model has no text encoder")
+        device = next(self.parameters()).device
+        tokens = self.text_encoder.tokenize(texts, device) if not isinstance(texts, Mapping) else texts
+        return self.contrastive_head.project_text(self.text_encoder(tokens["input_ids"], tokens["attention_mask"]))
+
+
+def build_model(cfg: Mapping[str, Any]) -> VisionLanguageModel:
+    """Build the model from the config's ``model`` dict."""
+    cfg = dict(cfg)
+    cfg.pop("type", None)
+    return VisionLanguageModel(**cfg)

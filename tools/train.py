@@ -1,0 +1,45 @@
+"""Train a model from a config: ``python tools/train.py CONFIG [--work-dir DIR] [--cfg-options k=v ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mmvl.config import Config
+from mmvl.errors import MMVLError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("config", help="config file, e.g. configs/cxr_clip.py")
+    parser.add_argument("--work-dir", help="output directory (default: work_dirs/<config name>)")
+    parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config values, e.g. train.max_steps=20 model.image_encoder.depth=2")
+    parser.add_argument("--resume", action="store_true", help="continue from WORK_DIR/checkpoints/last.pt")
+    parser.add_argument("--seed", type=int, help="random seed (overrides train.seed)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = Config.fromfile(args.config)
+        cfg.merge_options(args.cfg_options)
+        if args.seed is not None:
+            cfg.merge_options({"train.seed": args.seed})
+        work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
+        from mmvl.engine.trainer import Trainer
+
+        trainer = Trainer(cfg, work_dir, resume=args.resume)
+        metrics = trainer.fit()
+    except MMVLError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    summary = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items())
+    print(f"done: {trainer.step} steps; {summary or 'no validation split'}; work dir: {work_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
