@@ -1,8 +1,9 @@
 """Radiology report text: split free-text reports into sections and clean them into training captions.
 
 Section headers follow the conventions of MIT-LCP's MIMIC-CXR ``txt/section_parser.py`` (Johnson et al.,
-Sci Data 2019): a header starts a line and ends in a colon, and its spelling is normalised to a canonical
-lower-case name, so "CONCLUSION:" and "Findings and impression:" both become ``impression``.
+Sci Data 2019): a header starts a line (a known one may also follow the end of a sentence) and ends in a
+colon; its spelling is normalised to a canonical lower-case name, so "CONCLUSION:" and "Findings and
+impression:" both become ``impression``.
 """
 
 from __future__ import annotations
@@ -60,19 +61,30 @@ _STUDY_TITLE = re.compile(
     r"|(one|two) views?|(pa|ap|lateral) view)"
 )
 
-# A section boundary: the "FINAL REPORT" banner on its own line, or "<header>:" at the start of a line.
-# The colon must be followed by whitespace so that times ("9:14") and URLs never start a section.
-_BOUNDARY = re.compile(
-    r"^[ \t]*(?:(?P<banner>final report)[ \t]*:?[ \t]*$"
-    r"|(?P<header>[A-Za-z][A-Za-z ()/,&'-]{0,59}?)[ \t]*:(?=\s|$))",
-    re.MULTILINE | re.IGNORECASE,
+# A section header is "<name>:" at the start of a line, or a known name after the end of a sentence on the
+# same line, as in one-line reports ("No effusion. IMPRESSION: Normal."). Every header ends in a colon
+# followed by whitespace, so the search starts from those colons (a fast literal scan), which also keeps
+# times ("9:14") and URLs from starting a section.
+_HEADER_COLON = re.compile(r":(?=\s|$)")
+_LINE_HEADER = re.compile(r"[ \t]*([A-Za-z][A-Za-z ()/,&'-]{0,59}?)[ \t]*")
+_INLINE_HEADER = re.compile(
+    r"(?<=[.!?])[ \t]+("
+    + "|".join(
+        re.escape(name).replace(r"\ ", r"[ \t]+")
+        for name in sorted(SECTION_ALIASES, key=len, reverse=True)
+        if name != "final report"
+    )
+    + r")[ \t]*\Z",
+    re.IGNORECASE,
 )
 _BANNER_LINE = re.compile(r"^[ \t]*final report[ \t]*:?[ \t]*$", re.MULTILINE | re.IGNORECASE)
 _RULE_LINE = re.compile(r"^[ \t]*_{4,}[ \t]*$", re.MULTILINE)  # longer than the "___" placeholder
-# De-identification placeholders: "___" in MIMIC-CXR, "[**Hospital1 18**]" in MIMIC-II/III notes.
-_PLACEHOLDER = r"(?:_{2,}|\[\*\*[^\]\n]*\*\*\])"
-_PLACEHOLDER_BEFORE_PUNCT = re.compile(rf"[ \t]*{_PLACEHOLDER}(?:[ \t]*{_PLACEHOLDER})*[ \t]*(?=[.,;:!?)])")
-_PLACEHOLDER_ANY = re.compile(_PLACEHOLDER)
+# De-identification placeholders: "___" in MIMIC-CXR, "[**Hospital1 18**]" in MIMIC-II/III notes. The
+# patterns start with a literal so that Python's re scans for them quickly.
+_MIMIC_III_PLACEHOLDER = re.compile(r"\[\*\*[^\]\n]*\*\*\]")
+_PLACEHOLDER_BEFORE_PUNCT = re.compile(r" __+(?: __+)* ?(?=[.,;:!?)])")
+_PLACEHOLDER_IN_PARENS = re.compile(r"\(__+(?: __+)* ?(?=[.,;:!?)])")
+_PLACEHOLDER = re.compile(r"__+")
 
 
 def _section_name(header: str) -> str | None:
@@ -91,24 +103,42 @@ def _section_name(header: str) -> str | None:
     return name
 
 
+def _boundaries(text: str) -> list[tuple[int, int, str]]:
+    """``(start, end, section name)`` of every header and "FINAL REPORT" banner, in text order."""
+    found = []
+    if "final report" in text.lower():
+        found += [(match.start(), match.end(), "preamble") for match in _BANNER_LINE.finditer(text)]
+    for colon in _HEADER_COLON.finditer(text):
+        line_start = text.rfind("\n", 0, colon.start()) + 1
+        before = text[line_start : colon.start()]
+        match = _LINE_HEADER.fullmatch(before)
+        if match is None:
+            match = _INLINE_HEADER.search(before)
+        if match is None:
+            continue
+        name = _section_name(match.group(1))
+        if name is not None:
+            found.append((line_start + match.start(), colon.end(), name))
+    return sorted(found)
+
+
 def extract_sections(text: str) -> dict[str, str]:
     """Split a report into ``{section name: body}`` in order of first appearance.
 
-    Known headers (``SECTION_ALIASES``) are recognised in any case, other ALL-CAPS headers keep their own
-    lower-case name. Text before the first header, and after a "FINAL REPORT" banner up to the next header,
-    is ``preamble``. Bodies are stripped and lose separator lines of underscores, but keep their line breaks
-    and placeholders (see ``clean_report``); a section that appears twice has its bodies joined by a newline,
-    and sections with an empty body are left out.
+    Headers start a line; known ones (``SECTION_ALIASES``) are recognised in any case, and also after the
+    end of a sentence within a line; other ALL-CAPS headers keep their own lower-case name. Text before
+    the first header, and after a "FINAL REPORT" banner up to the next header, is ``preamble``. Bodies are
+    stripped and lose separator lines of underscores, but keep their line breaks and placeholders (see
+    ``clean_report``); a section that appears twice has its bodies joined by a newline, and sections with
+    an empty body are left out.
     """
-    text = _RULE_LINE.sub("", text)  # "_____" separators (after a wet read) are never content
+    if "____" in text:
+        text = _RULE_LINE.sub("", text)  # separators (after a wet read) are never content
     bodies: dict[str, list[str]] = {}
     name, body_start = "preamble", 0
-    for match in _BOUNDARY.finditer(text):
-        next_name = "preamble" if match.group("banner") else _section_name(match.group("header"))
-        if next_name is None:
-            continue
-        bodies.setdefault(name, []).append(text[body_start : match.start()])
-        name, body_start = next_name, match.end()
+    for start, end, next_name in _boundaries(text):
+        bodies.setdefault(name, []).append(text[body_start:start])
+        name, body_start = next_name, end
     bodies.setdefault(name, []).append(text[body_start:])
 
     sections: dict[str, str] = {}
@@ -125,11 +155,18 @@ def clean_report(text: str) -> str:
     Whitespace runs collapse to one space; case and punctuation are kept. A placeholder directly before
     punctuation takes its leading space with it ("compared to ___." -> "compared to.").
     """
-    text = _BANNER_LINE.sub(" ", text)
-    text = _RULE_LINE.sub(" ", text)
-    text = _PLACEHOLDER_BEFORE_PUNCT.sub("", text)
-    text = _PLACEHOLDER_ANY.sub(" ", text)
-    return " ".join(text.split())
+    if "final report" in text.lower():
+        text = _BANNER_LINE.sub(" ", text)
+    if "____" in text:
+        text = _RULE_LINE.sub(" ", text)
+    text = " ".join(text.split())
+    if "[**" in text:
+        text = _MIMIC_III_PLACEHOLDER.sub("___", text)
+    if "__" in text:
+        text = _PLACEHOLDER_BEFORE_PUNCT.sub("", f" {text}")
+        text = _PLACEHOLDER_IN_PARENS.sub("(", text)
+        text = " ".join(_PLACEHOLDER.sub(" ", text).split())
+    return text
 
 
 def report_text(text: str, sections: Sequence[str] = ("findings", "impression")) -> str:

@@ -1,12 +1,13 @@
 """Text tokenizers: load a Hugging Face tokenizer directory, or train a WordPiece one on training reports.
 
 No weights can be downloaded in many hospital networks, so a from-scratch BERT needs its own vocabulary;
-it is trained here with the ``tokenizers`` library and saved as a standard ``BertTokenizerFast`` directory.
+it is built here on the training reports and saved as a standard Hugging Face tokenizer directory.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -23,20 +24,45 @@ def train_wordpiece_tokenizer(
     min_frequency: int = 2,
     lowercase: bool = True,
 ) -> Any:
-    """Train a BERT WordPiece vocabulary on ``texts`` and save a loadable tokenizer to ``out_dir``."""
-    from tokenizers import BertWordPieceTokenizer
-    from transformers import BertTokenizerFast
+    """Build a BERT WordPiece tokenizer for ``texts`` and save it (``tokenizer.json``, ``vocab.txt``) to ``out_dir``.
 
+    The vocabulary is the special tokens, every character (plain and ``##``-continuation), then whole
+    words by frequency (ties alphabetical) down to ``min_frequency``, up to ``vocab_size``; words outside
+    it are split greedily by the WordPiece model. Chosen over ``tokenizers.trainers.WordPieceTrainer``
+    because that trainer's vocabulary changes from run to run on the same text (huggingface/tokenizers
+    #1794), which would make a rerun of the same config a different model. Report vocabularies are small,
+    so whole words cover nearly all tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    normalizer = normalizers.BertNormalizer(clean_text=True, lowercase=lowercase, strip_accents=lowercase)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({char for word in counts for char in word})
+    vocab = [*SPECIAL_TOKENS, *chars, *(f"##{char}" for char in chars)]
+    known = set(vocab)
+    words = [w for w, n in counts.items() if n >= min_frequency and w not in known]
+    words.sort(key=lambda w: (-counts[w], w))
+    vocab += words[: max(0, vocab_size - len(vocab))]
+
+    wordpiece = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    wordpiece.normalizer = normalizer
+    wordpiece.pre_tokenizer = pre_tokenizer
+    wordpiece.decoder = decoders.WordPiece()
+    wordpiece.post_processor = processors.BertProcessing(
+        ("[SEP]", wordpiece.token_to_id("[SEP]")), ("[CLS]", wordpiece.token_to_id("[CLS]"))
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=wordpiece, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", model_max_length=512,
+    )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    wordpiece = BertWordPieceTokenizer(lowercase=lowercase, strip_accents=lowercase, clean_text=True)
-    wordpiece.train_from_iterator(
-        list(texts), vocab_size=vocab_size, min_frequency=min_frequency,
-        special_tokens=SPECIAL_TOKENS, show_progress=False,
-    )
-    wordpiece.save_model(str(out_dir))
-    tokenizer = BertTokenizerFast(vocab_file=str(out_dir / "vocab.txt"), do_lower_case=lowercase)
     tokenizer.save_pretrained(str(out_dir))
+    (out_dir / "vocab.txt").write_text("".join(token + "\n" for token in vocab))  # for BERT-style tools
     return tokenizer
 
 

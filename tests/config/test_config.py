@@ -89,5 +89,6 @@ def test_shipped_configs_load():
     assert full.train.batch_size == 256 and full.data.manifest == "data/mimic_cxr/manifest.jsonl"
     tiny = Config.fromfile(repo / "configs" / "demo" / "cxr_clip_tiny.py")
     assert tiny.model.image_encoder.img_size == 64 and tiny.model.image_encoder.depth == 4
-    assert tiny.model.text_encoder.pooling == "cls"  # inherited from the full config
+    assert tiny.model.text_encoder.pooling == "mean" and tiny.optim.weight_decay == 0.05
+    assert tiny.model.text_encoder.type == "bert"  # inherited from the full config
     assert tiny.data.val_split == "val" and tiny.data.train_pipeline[1].size == 64

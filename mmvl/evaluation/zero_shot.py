@@ -1,0 +1,92 @@
+"""Zero-shot classification from label names: prompt presets, text prototypes, pairwise/multiclass scores."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from mmvl.errors import ConfigError
+
+# Named prompt presets: where the field's published systems differ, the preset records which was used.
+PRESETS: dict[str, dict[str, list[str]]] = {
+    # CheXzero (Tiu et al. 2022): softmax over "{}" vs "no {}".
+    "chexzero": {"positive": ["{}"], "negative": ["no {}"]},
+    # CT-CLIP (Hamamci et al. 2024): "{} is present." vs "{} is not present."
+    "ctclip": {"positive": ["{} is present."], "negative": ["{} is not present."]},
+    # Template ensemble: each side's embeddings are averaged (as CLIP's prompt ensembling).
+    "ensemble": {
+        "positive": ["{}", "there is {}", "findings consistent with {}", "{} is present.", "{} is seen."],
+        "negative": ["no {}", "there is no {}", "no evidence of {}", "{} is not present.", "{} is not seen."],
+    },
+}
+
+
+def build_prompts(labels: Sequence[str], preset: str | Mapping[str, Any] = "chexzero") -> dict[str, dict]:
+    """``{label: {"positive": [...], "negative": [...]}}`` from a preset name or a dict of templates.
+
+    A custom dict may give templates (``{"positive": [...], "negative": [...]}`` with ``{}``) or
+    per-label prompt lists (``{"pleural effusion": {"positive": [...], "negative": [...]}}``).
+    """
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown prompt preset '{preset}'; choose from {sorted(PRESETS)} or a prompt file")
+        preset = PRESETS[preset]
+    prompts = {}
+    for label in labels:
+        if label in preset:
+            entry = preset[label]
+            prompts[label] = {"positive": list(entry["positive"]), "negative": list(entry.get("negative", []))}
+        elif "positive" in preset:
+            prompts[label] = {side: [template.format(label) for template in preset.get(side, [])]
+                              for side in ("positive", "negative")}
+        else:
+            raise ConfigError(f"prompt set has no templates and no entry for label '{label}'")
+        if not prompts[label]["positive"]:
+            raise ConfigError(f"label '{label}': no positive prompts")
+    return prompts
+
+
+@torch.no_grad()
+def text_prototypes(model: Any, prompts: Mapping[str, Mapping[str, list[str]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean embedding per label and side, re-normalised: ``(L, D)`` positive and negative (NaN if none)."""
+    positives, negatives = [], []
+    for entry in prompts.values():
+        for side, out in (("positive", positives), ("negative", negatives)):
+            texts = entry[side]
+            if texts:
+                mean = model.encode_text(texts).float().mean(0)
+                out.append(mean / mean.norm().clamp(min=1e-12))
+            else:
+                out.append(torch.full_like(positives[-1], float("nan")))
+    return torch.stack(positives), torch.stack(negatives)
+
+
+def zero_shot_probabilities(
+    image_emb: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, logit_scale: float,
+    mode: str = "pairwise",
+) -> torch.Tensor:
+    """``(B, L)`` probabilities. Pairwise: per label, softmax over (positive, negative) similarity.
+    Multiclass: softmax of the positive similarities across labels."""
+    pos = logit_scale * image_emb.float() @ positive.T
+    if mode == "multiclass":
+        return pos.softmax(dim=-1)
+    if mode != "pairwise":
+        raise ConfigError(f"zero-shot mode must be 'pairwise' or 'multiclass', got '{mode}'")
+    if torch.isnan(negative).any():
+        raise ConfigError("pairwise zero-shot needs negative prompts for every label (or use mode='multiclass')")
+    neg = logit_scale * image_emb.float() @ negative.T
+    return torch.stack([pos, neg], dim=-1).softmax(dim=-1)[..., 0]
+
+
+def auroc(scores: Sequence[float], targets: Sequence[int]) -> float:
+    """Area under the ROC curve by the Mann-Whitney U statistic (ties count half); NaN if one class."""
+    scores_t = torch.as_tensor(scores, dtype=torch.float64)
+    targets_t = torch.as_tensor(targets, dtype=torch.float64)
+    pos, neg = scores_t[targets_t == 1], scores_t[targets_t == 0]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).double().sum()
+    ties = (pos[:, None] == neg[None, :]).double().sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))

@@ -1,0 +1,356 @@
+"""The MIMIC-CXR converter (datasets/mimic_cxr.py) on a tiny fake PhysioNet layout built here."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mmvl.errors import DataError, MMVLError
+
+SCRIPT = Path(__file__).parents[2] / "datasets" / "mimic_cxr.py"
+
+
+def load_converter():
+    spec = importlib.util.spec_from_file_location("mimic_cxr_converter", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+mimic_cxr = load_converter()
+
+METADATA_HEADER = [
+    "dicom_id",
+    "subject_id",
+    "study_id",
+    "PerformedProcedureStepDescription",
+    "ViewPosition",
+    "Rows",
+    "Columns",
+    "StudyDate",
+    "StudyTime",
+]
+# (dicom_id, subject, study, view, official split or None, image file written?)
+IMAGES = [
+    ("0a1b2c3d-11111111-aaaaaaaa-bbbbbbbb-00000001", "10000032", "50000001", "PA", "train", True),
+    ("0a1b2c3d-11111111-aaaaaaaa-bbbbbbbb-00000002", "10000032", "50000001", "LATERAL", "train", True),
+    ("0a1b2c3d-11111111-aaaaaaaa-bbbbbbbb-00000003", "10000032", "50000001", "PA", None, True),
+    ("0a1b2c3d-11111111-aaaaaaaa-bbbbbbbb-00000004", "10000032", "50000002", "AP", "train", True),
+    ("0a1b2c3d-11111111-aaaaaaaa-bbbbbbbb-00000005", "10000764", "50000003", "PA", "validate", False),
+    ("0a1b2c3d-11111111-aaaaaaaa-bbbbbbbb-00000006", "10000764", "50000007", "AP", "validate", True),
+    ("0a1b2c3d-11111111-aaaaaaaa-bbbbbbbb-00000007", "10000898", "50000004", "AP", "test", True),
+    ("0a1b2c3d-11111111-aaaaaaaa-bbbbbbbb-00000008", "11000011", "50000005", "PA", "train", True),
+    ("0a1b2c3d-11111111-aaaaaaaa-bbbbbbbb-00000009", "12000022", "50000006", "PA", "test", True),
+    ("0a1b2c3d-11111111-aaaaaaaa-bbbbbbbb-00000010", "12000022", "50000006", "", "test", True),
+]
+ID = "0a1b2c3d-11111111-aaaaaaaa-bbbbbbbb-000000"  # + two digits
+
+REPORTS = {  # study -> report text; s50000005 has none on disk
+    "50000001": """                                 FINAL REPORT
+ EXAMINATION:  CHEST (PA AND LAT)
+ 
+ INDICATION:  ___M with cough.
+ 
+ FINDINGS:  
+ 
+ Heart size is normal.  There is a small right pleural
+ effusion.
+ 
+ IMPRESSION:  
+ 
+ Small right pleural effusion.
+""",  # noqa: W291, W293
+    "50000002": """                                 FINAL REPORT
+ HISTORY:  Shortness of breath.
+ 
+ IMPRESSION:  Mild pulmonary edema, new since ___.
+""",  # noqa: W293
+    "50000003": " FINDINGS: Clear lungs.\n",
+    "50000007": " findings: No acute process.\n",
+    "50000004": "                                 FINAL REPORT\n ___\n",  # nothing left after cleaning
+    "50000006": " Lungs are clear.  No pneumothorax.\n",  # no headers: the whole report is used
+}
+
+CHEXPERT = {  # study -> {column: value}; blank elsewhere; s50000006 is not in the CSV
+    "50000001": {"No Finding": "", "Pleural Effusion": "-1.0", "Cardiomegaly": "0.0"},
+    "50000002": {"Edema": "1.0", "Pleural Effusion": "-1.0", "Atelectasis": "0.0"},
+    "50000003": {"No Finding": "1.0"},
+    "50000007": {"No Finding": "1.0"},
+    "50000004": {"No Finding": "1.0"},
+    "50000005": {"Pneumonia": "-1.0"},
+}
+
+
+def write_csv_gz(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> dict[str, Path]:
+    """A miniature MIMIC-CXR-JPG + reports download, with DICOM copies for study s50000001."""
+    jpg_root = tmp_path / "physionet" / "mimic-cxr-jpg" / "2.0.0"
+    dcm_root = tmp_path / "physionet" / "mimic-cxr" / "2.0.0"
+    report_root = tmp_path / "physionet" / "mimic-cxr-reports"
+    for dicom_id, subject, study, _view, _split, on_disk in IMAGES:
+        study_dir = Path("files", f"p{subject[:2]}", f"p{subject}", f"s{study}")
+        if on_disk:
+            (jpg_root / study_dir).mkdir(parents=True, exist_ok=True)
+            Image.new("L", (8, 8), color=128).save(jpg_root / study_dir / f"{dicom_id}.jpg")
+            if study == "50000001":
+                (dcm_root / study_dir).mkdir(parents=True, exist_ok=True)
+                (dcm_root / study_dir / f"{dicom_id}.dcm").write_bytes(b"\0" * 128 + b"DICM")
+        if study in REPORTS:
+            report = report_root / study_dir.with_name(f"s{study}.txt")
+            report.parent.mkdir(parents=True, exist_ok=True)
+            report.write_text(REPORTS[study], encoding="utf-8")
+
+    csv_dir = jpg_root
+    metadata = write_csv_gz(
+        csv_dir / "mimic-cxr-2.0.0-metadata.csv.gz",
+        METADATA_HEADER,
+        [
+            [d, su, st, "CHEST (PA AND LAT)", v, "3056", "2544", "21800506", "213014.531"]
+            for d, su, st, v, *_ in IMAGES
+        ],
+    )
+    split = write_csv_gz(
+        csv_dir / "mimic-cxr-2.0.0-split.csv.gz",
+        ["dicom_id", "study_id", "subject_id", "split"],
+        [[d, st, su, sp] for d, su, st, _v, sp, _ in IMAGES if sp is not None],
+    )
+    studies = dict.fromkeys((su, st) for _d, su, st, *_ in IMAGES)
+    chexpert = write_csv_gz(
+        csv_dir / "mimic-cxr-2.0.0-chexpert.csv.gz",
+        ["subject_id", "study_id", *mimic_cxr.CHEXPERT_LABELS],
+        [
+            [su, st, *(CHEXPERT[st].get(name, "") for name in mimic_cxr.CHEXPERT_LABELS)]
+            for su, st in studies
+            if st in CHEXPERT
+        ],
+    )
+    return {
+        "images": jpg_root,
+        "dicoms": dcm_root,
+        "reports": report_root,
+        "metadata": metadata,
+        "split": split,
+        "chexpert": chexpert,
+        "out": tmp_path / "data" / "mimic_cxr" / "manifest.jsonl",
+    }
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def jpg(number: str, subject: str, study: str) -> str:
+    return f"../../physionet/mimic-cxr-jpg/2.0.0/files/p{subject[:2]}/p{subject}/s{study}/{ID}{number}.jpg"
+
+
+STUDY1_TEXT = "Heart size is normal. There is a small right pleural effusion. Small right pleural effusion."
+STUDY2_TEXT = "Mild pulmonary edema, new since."
+
+
+def frontal_rows(uncertain: str) -> list[dict]:
+    effusion = {"ones": {"pleural effusion": 1}, "zeros": {"pleural effusion": 0}, "drop": {}}[uncertain]
+    return [
+        {
+            "image": jpg("01", "10000032", "50000001"),
+            "report": STUDY1_TEXT,
+            "labels": {"cardiomegaly": 0, **effusion},
+            "split": "train",
+            "study_id": "s50000001",
+            "view": "PA",
+        },
+        {
+            "image": jpg("04", "10000032", "50000002"),
+            "report": STUDY2_TEXT,
+            "labels": {"atelectasis": 0, "edema": 1, **effusion},
+            "split": "train",
+            "study_id": "s50000002",
+            "view": "AP",
+        },
+        {
+            "image": jpg("06", "10000764", "50000007"),
+            "report": "No acute process.",
+            "labels": {"no finding": 1},
+            "split": "val",
+            "study_id": "s50000007",
+            "view": "AP",
+        },
+        {
+            "image": jpg("09", "12000022", "50000006"),
+            "report": "Lungs are clear. No pneumothorax.",
+            "labels": {},  # study not in the CheXpert CSV
+            "split": "test",
+            "study_id": "s50000006",
+            "view": "PA",
+        },
+    ]
+
+
+def run(layout: dict[str, Path], **kwargs) -> dict:
+    args = {key: layout[key] for key in ("images", "reports", "metadata", "split", "chexpert", "out")}
+    args.update(progress=False, **kwargs)
+    return mimic_cxr.convert(**args)
+
+
+@pytest.mark.parametrize("uncertain", ["ones", "zeros", "drop"])
+def test_frontal_rows_and_uncertain_label_policy(layout: dict[str, Path], uncertain: str) -> None:
+    counts = run(layout, views=["PA", "AP"], ext="jpg", uncertain=uncertain)
+    rows = read_jsonl(layout["out"])
+    assert rows == frontal_rows(uncertain)
+    assert counts == {
+        "rows": 4,
+        "studies": 4,
+        "splits": {"train": 2, "val": 1, "test": 1},
+        # LATERAL and the image without a ViewPosition; one PA image absent from the split CSV; s50000005
+        # has no report file; s50000004's report is empty once cleaned; s50000003's image is not on disk.
+        "skipped": {
+            "other_view": 2,
+            "no_split": 1,
+            "missing_report": 1,
+            "empty_report": 1,
+            "missing_image": 1,
+        },
+        "manifest": str(layout["out"]),
+    }
+    for row in rows:
+        assert (layout["out"].parent / row["image"]).is_file()
+        assert "subject_id" not in row
+
+
+def test_split_files_beside_the_manifest(layout: dict[str, Path]) -> None:
+    run(layout, views=["pa", "ap"], ext="jpg")  # view names are matched case-insensitively
+    rows = frontal_rows("drop")
+    folder = layout["out"].parent
+    names = ["manifest.jsonl", "test.jsonl", "train.jsonl", "val.jsonl"]
+    assert sorted(path.name for path in folder.iterdir()) == names
+    assert read_jsonl(folder / "train.jsonl") == rows[:2]
+    assert read_jsonl(folder / "val.jsonl") == rows[2:3]
+    assert read_jsonl(folder / "test.jsonl") == rows[3:]
+
+
+def test_all_views_without_chexpert_have_no_labels_and_no_phi(layout: dict[str, Path]) -> None:
+    counts = run(layout, chexpert=None, ext="jpg")
+    rows = read_jsonl(layout["out"])
+    assert [(row["study_id"], row["view"]) for row in rows] == [
+        ("s50000001", "PA"),
+        ("s50000001", "LATERAL"),
+        ("s50000002", "AP"),
+        ("s50000007", "AP"),
+        ("s50000006", "PA"),
+        ("s50000006", None),  # empty ViewPosition
+    ]
+    assert all(set(row) == {"image", "report", "split", "study_id", "view"} for row in rows)
+    assert counts["skipped"] == {
+        "other_view": 0,
+        "no_split": 1,
+        "missing_report": 1,
+        "empty_report": 1,
+        "missing_image": 1,
+    }
+    text = layout["out"].read_text(encoding="utf-8")
+    for header_value in ("21800506", "213014", "3056", "CHEST (PA AND LAT)", "subject_id"):
+        assert header_value not in text
+
+
+def test_dicom_extension_and_sections(layout: dict[str, Path]) -> None:
+    out = layout["out"].with_name("impression.jsonl")
+    counts = mimic_cxr.convert(
+        images=layout["dicoms"] / "files",  # the files/ folder itself is accepted too
+        reports=layout["reports"],
+        metadata=layout["metadata"],
+        split=layout["split"],
+        out=out,
+        views=("PA", "LATERAL"),
+        ext="dcm",
+        sections=("impression",),
+        progress=False,
+    )
+    rows = read_jsonl(out)
+    assert [row["image"] for row in rows] == [
+        f"../../physionet/mimic-cxr/2.0.0/files/p10/p10000032/s50000001/{ID}01.dcm",
+        f"../../physionet/mimic-cxr/2.0.0/files/p10/p10000032/s50000001/{ID}02.dcm",
+    ]
+    assert {row["report"] for row in rows} == {"Small right pleural effusion."}
+    assert counts["skipped"]["missing_image"] == 2  # only s50000001 has DICOMs here
+
+
+def test_limit_and_main_prints_summary(layout: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [
+        *("--images", str(layout["images"]), "--reports", str(layout["reports"])),
+        *("--metadata", str(layout["metadata"]), "--split", str(layout["split"])),
+        *("--chexpert", str(layout["chexpert"]), "--views", "PA,AP", "--ext", "jpg", "--uncertain", "ones"),
+        *("--limit", "2", "--no-progress", "--out", str(layout["out"])),
+    ]
+    counts = mimic_cxr.main(argv)
+    assert read_jsonl(layout["out"]) == frontal_rows("ones")[:2]
+    assert counts["splits"] == {"train": 2, "val": 0, "test": 0}
+    assert read_jsonl(layout["out"].with_name("val.jsonl")) == []
+    printed = capsys.readouterr().out
+    assert f"wrote 2 images from 2 studies to {layout['out']}" in printed
+    assert "per split: train 2, val 0, test 0" in printed
+
+
+def test_rerun_replaces_previous_manifest(layout: dict[str, Path]) -> None:
+    run(layout, ext="jpg")
+    run(layout, ext="jpg", views=["AP"])
+    assert [row["view"] for row in read_jsonl(layout["out"])] == ["AP", "AP"]
+    assert not list(layout["out"].parent.glob("*.tmp"))
+
+
+def test_missing_csv_is_a_data_error_naming_the_file(layout: dict[str, Path]) -> None:
+    layout["metadata"].unlink()
+    with pytest.raises(DataError, match="mimic-cxr-2.0.0-metadata.csv.gz") as info:
+        run(layout, ext="jpg")
+    assert info.value.path == str(layout["metadata"])
+    assert not layout["out"].exists()
+
+
+def test_missing_column_is_a_data_error(layout: dict[str, Path]) -> None:
+    header = ["dicom_id", "study_id", "subject_id"]
+    write_csv_gz(layout["split"], header, [[f"{ID}01", "50000001", "10000032"]])
+    with pytest.raises(DataError, match=r"missing column\(s\) \['split'\]") as info:
+        run(layout, ext="jpg")
+    assert info.value.path == str(layout["split"])
+
+
+def test_bad_values_are_data_errors(layout: dict[str, Path]) -> None:
+    write_csv_gz(layout["split"], ["dicom_id", "split"], [[f"{ID}01", "holdout"]])
+    with pytest.raises(DataError, match="line 2: split 'holdout'"):
+        run(layout, ext="jpg")
+    header = ["subject_id", "study_id", "Edema"]
+    write_csv_gz(layout["chexpert"], header, [["10000032", "50000001", "maybe"]])
+    write_csv_gz(layout["split"], ["dicom_id", "split"], [[f"{ID}01", "train"]])
+    with pytest.raises(DataError, match="line 2, 'Edema': 'maybe'"):
+        run(layout, ext="jpg")
+
+
+def test_bad_arguments(layout: dict[str, Path]) -> None:
+    with pytest.raises(MMVLError, match="ext='png'"):
+        run(layout, ext="png")
+    with pytest.raises(MMVLError, match="uncertain='half'"):
+        run(layout, uncertain="half")
+    with pytest.raises(MMVLError, match="the per-split files take that name"):
+        run(layout, out=layout["out"].with_name("train.jsonl"))
+    with pytest.raises(DataError, match="images folder not found"):
+        run(layout, images=layout["images"] / "nowhere")
+    gone = layout["split"].with_name("gone.csv")
+    argv = [
+        *("--images", str(layout["images"]), "--reports", str(layout["reports"])),
+        *("--metadata", str(layout["metadata"]), "--split", str(gone), "--out", str(layout["out"])),
+    ]
+    with pytest.raises(SystemExit, match="error: .*gone.csv: CSV file not found"):
+        mimic_cxr.main(argv)

@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmvl.config import Config
+from mmvl.engine.checkpoint import load_checkpoint
+from mmvl.engine.trainer import Trainer
+from mmvl.errors import CheckpointError, ConfigError, ManifestError
+
+REPO = Path(__file__).resolve().parents[2]
+
+# The demo config made smaller still: 2-layer ViT/BERT of width 64, so CI trains in seconds.
+TINY = [
+    "model.image_encoder.depth=2", "model.image_encoder.embed_dim=64", "model.image_encoder.num_heads=2",
+    "model.text_encoder.config.hidden_size=64", "model.text_encoder.config.intermediate_size=128",
+    "model.text_encoder.config.num_attention_heads=2", "model.heads.0.embed_dim=64",
+    "train.num_workers=0", "train.log_interval=1",
+]
+
+
+def tiny_config(manifest: Path, *options: str) -> Config:
+    cfg = Config.fromfile(REPO / "configs" / "demo" / "cxr_clip_tiny.py")
+    cfg.merge_options([f"data.manifest={manifest}", *TINY, *options])
+    return cfg
+
+
+def read_metrics(work_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (work_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_gives_identical_weights(synthetic_cxr, tmp_path):
+    options = ["train.max_steps=6", "train.batch_size=16", "train.val_interval=100", "train.ckpt_interval=3",
+               "optim.warmup_steps=2"]
+    straight = Trainer(tiny_config(synthetic_cxr, *options), tmp_path / "straight")
+    straight.fit()
+
+    # The same run killed right after its step-3 checkpoint, then resumed.
+    class Killed(Exception):
+        pass
+
+    class KilledAfterFirstCheckpoint(Trainer):
+        def save(self, name):
+            path = super().save(name)
+            raise Killed(path)
+
+    with pytest.raises(Killed):
+        KilledAfterFirstCheckpoint(tiny_config(synthetic_cxr, *options), tmp_path / "resumed").fit()
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["step"] == 3
+    torch.manual_seed(1234)  # disturb the global RNG: resume must restore it from the checkpoint
+    resumed = Trainer(tiny_config(synthetic_cxr, *options), tmp_path / "resumed", resume=True)
+    assert resumed.step == 3
+    resumed.fit()
+
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    steps = [m["step"] for m in read_metrics(tmp_path / "resumed") if "loss" in m]
+    assert steps == [1, 2, 3, 4, 5, 6]  # metrics after the checkpoint are not duplicated
+
+
+@pytest.mark.slow
+def test_tiny_clip_learns(synthetic_cxr, tmp_path):
+    cfg = tiny_config(synthetic_cxr, "train.max_steps=150", "train.batch_size=32", "train.val_interval=150",
+                      "train.ckpt_interval=150", "optim.warmup_steps=15")
+    metrics = Trainer(cfg, tmp_path / "run").fit()
+    records = read_metrics(tmp_path / "run")
+    losses = [m["loss"] for m in records if "loss" in m]
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10  # the contrastive loss falls
+    n_val = sum(1 for line in synthetic_cxr.read_text().splitlines() if '"split": "val"' in line)
+    chance = 5 / n_val
+    assert metrics["val/i2t_R@5"] >= 2 * chance, (metrics, chance)
+    work = tmp_path / "run"
+    for name in ("config.py", "preprocess.json", "tokenizer/tokenizer.json", "checkpoints/last.pt",
+                 "checkpoints/best.pt", "train.log"):
+        assert (work / name).is_file(), name
+    assert any((work / "tensorboard").iterdir())
+    record = records[-2]
+    assert {"lr", "samples_per_s", "clip/logit_scale", "data_time", "batch_time"} <= set(record)
+
+
+def test_config_dumped_to_work_dir_reproduces_the_run(synthetic_cxr, tmp_path):
+    cfg = tiny_config(synthetic_cxr, "train.max_steps=1", "train.batch_size=8", "train.val_interval=100")
+    Trainer(cfg, tmp_path / "a")
+    again = Config.fromfile(tmp_path / "a" / "config.py")
+    assert again.to_dict() == cfg.to_dict()
+    assert again.model.text_encoder.tokenizer == str(tmp_path / "a" / "tokenizer")
+
+
+def test_clear_errors(synthetic_cxr, tmp_path):
+    with pytest.raises(ManifestError, match="manifest not found. Prepare MIMIC-CXR"):
+        Trainer(Config.fromfile(REPO / "configs" / "cxr_clip.py"), tmp_path / "x")
+    with pytest.raises(ConfigError, match="unknown train option"):
+        cfg = tiny_config(synthetic_cxr)
+        cfg.train["max_step"] = 3
+        Trainer(cfg, tmp_path / "y")
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        Trainer(tiny_config(synthetic_cxr, "train.batch_size=8"), tmp_path / "z", resume=True)
