@@ -33,5 +33,5 @@ data = dict(
     ],
 )
 optim = dict(lr=1e-3, weight_decay=0.05, warmup_steps=30)
-train = dict(max_steps=400, batch_size=32, num_workers=2, amp=None, log_interval=10, val_interval=100,
-             ckpt_interval=100)
+train = dict(max_steps=360, batch_size=32, num_workers=2, amp=None, log_interval=10, val_interval=120,
+             ckpt_interval=120)

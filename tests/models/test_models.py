@@ -96,3 +96,21 @@ def test_model_config_errors(tokenizer_dir):
         build_model(dict(image_encoder=VIT, heads=[]))
     with pytest.raises(ConfigError, match="tokenizer is not set"):
         ENCODERS.build(dict(type="bert", config=dict(hidden_size=32)))
+
+
+def test_text_encoder_from_a_pretrained_directory(tmp_path, tokenizer_dir):
+    """A BERT-family directory saved by transformers (as CXR-BERT/PubMedBERT downloads are) loads offline."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    reference = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64), add_pooling_layer=False).eval()
+    reference.save_pretrained(tmp_path / "bert")
+    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(tmp_path / "bert")
+    encoder = ENCODERS.build(dict(type="bert", pretrained=str(tmp_path / "bert"), pooling="mean")).eval()
+    tokens = encoder.tokenize(["no pleural effusion", "large right pneumothorax"])
+    with torch.no_grad():
+        expected = reference(**tokens).last_hidden_state
+        out = encoder(**tokens)
+    assert torch.allclose(out.tokens, expected, atol=1e-6)
+    assert encoder.out_dim == 32
