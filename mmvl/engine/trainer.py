@@ -63,6 +63,14 @@ class Trainer:
             raise ConfigError(f"unknown train option(s) {sorted(unknown)}; known: {sorted(TRAIN_DEFAULTS)}")
         self.train_cfg = {**TRAIN_DEFAULTS, **cfg.get("train", {})}
         self._attach_log_file()
+        try:
+            self._setup(resume)
+        except BaseException:
+            self._detach_log_file()
+            raise
+
+    def _setup(self, resume: bool) -> None:
+        cfg = self.cfg
         if self.train_cfg["deterministic"]:
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(int(self.train_cfg["seed"]))
@@ -98,6 +106,10 @@ class Trainer:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logging.getLogger("mmvl").addHandler(handler)
         self._log_handler = handler
+
+    def _detach_log_file(self) -> None:
+        logging.getLogger("mmvl").removeHandler(self._log_handler)
+        self._log_handler.close()
 
     def _build_datasets(self, data: Mapping[str, Any]) -> tuple[ManifestDataset, ManifestDataset | None]:
         data = dict(data)
@@ -327,8 +339,7 @@ class Trainer:
             progress.close()
             if self.writer is not None:
                 self.writer.close()
-            logging.getLogger("mmvl").removeHandler(self._log_handler)
-            self._log_handler.close()
+            self._detach_log_file()
         elapsed = time.perf_counter() - started
         logger.info("finished %d steps in %.1f s; work dir: %s", self.step, elapsed, self.work_dir)
         return last_val
