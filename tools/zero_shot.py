@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = loaded.model
     positive, negative = text_prototypes(model, prompts)
-    scale = float(model.contrastive_head.scale())
+    scale = float(model.contrastive_head.scale().detach())
     rows: list[dict[str, Any]] = []
     for start in tqdm(range(0, len(items), args.batch_size), desc="zero-shot", unit="batch"):
         chunk = items[start:start + args.batch_size]
