@@ -53,7 +53,9 @@ def window_to_unit(values: np.ndarray, center: float, width: float, function: st
 
 def _pick(value: Any, index: int) -> float:
     """WindowCenter/WindowWidth may be multi-valued (several presets); take one."""
-    if isinstance(value, list | tuple) or hasattr(value, "__getitem__") and not isinstance(value, str | bytes):
+    from pydicom.multival import MultiValue
+
+    if isinstance(value, MultiValue | list | tuple):
         value = value[min(index, len(value) - 1)]
     return float(value)
 

@@ -151,7 +151,7 @@ class Trainer:
 
     def _build_loader(self) -> DataLoader:
         tokenizer = self.model.tokenizer
-        max_length = self.cfg["model"].get("text_encoder", {}).get("max_length", 128) if tokenizer else 128
+        max_length = self.model.text_encoder.max_length if self.model.text_encoder is not None else 128
         workers = int(self.train_cfg["num_workers"])
         if workers > 0:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # fast tokenizers + fork
