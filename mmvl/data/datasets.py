@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from mmvl.data.manifest import load_manifest
 from mmvl.data.reports import report_text
-from mmvl.data.transforms import Pipeline
+from mmvl.data.transforms import LoadVolume, Pipeline
 from mmvl.errors import DataError, ManifestError
 from mmvl.registry import DATASETS
 from mmvl.utils import get_logger
@@ -20,16 +21,54 @@ from mmvl.utils import get_logger
 logger = get_logger(__name__)
 
 
+CACHE_KINDS = (None, "memory", "disk")
+
+
+class LoadStage:
+    """The deterministic head of a pipeline, for MONAI's caching datasets (wrapped in ``monai.transforms.Lambda``).
+
+    A data error becomes ``{"error": message}`` rather than an exception, so a cache records the bad
+    file once (and MONAI's ``CacheDataset`` can fill its cache past it) and the dataset decides to
+    raise or skip.
+    """
+
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline = pipeline
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self.pipeline.load(item["path"], **item["fields"])
+        except DataError as err:
+            return {"error": str(err)}
+
+
+def _stamp(path: str) -> list[int]:
+    """Size and modification time, so an edited file misses the disk cache (folders: their own mtime)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return [-1, -1]
+    return [info.st_size, info.st_mtime_ns]
+
+
 @DATASETS.register("manifest")
 class ManifestDataset(Dataset):
     """Rows of a manifest, optionally filtered by ``split``, read through a preprocessing pipeline.
 
-    Items are ``{"image": (1, H, W) float tensor, "report": str, "labels": (L,) float tensor (-1 unknown),
-    "meta": {"path", "study_id", "index"}}``. The key may be an int or ``(index, seed)``: the seed drives
-    the random augmentation, which is how the trainer makes augmentation reproducible across resumes.
-    Rows with an empty report (after section extraction) are skipped and counted at load time; missing
-    image files are an error naming them; undecodable files raise, or with ``on_error="skip"`` are
-    logged and returned as ``None`` (the collate function drops and counts them).
+    Items are ``{"image": (1, H, W) or (1, X, Y, Z) float tensor, "report": str, "labels": (L,) float tensor
+    (-1 unknown), "meta": {"path", "study_id", "index"}}``. The key may be an int or ``(index, seed)``: the
+    seed drives the random augmentation, which is how the trainer makes augmentation reproducible across
+    resumes.
+
+    Rows with an empty report (after section extraction) or with bytes that are not UTF-8 are skipped at
+    load time and listed in ``skipped_rows``; missing image files are an error naming them. A file that
+    cannot be read raises, or with ``on_error="skip"`` yields ``{"skipped": {"path", "line", "reason",
+    "index"}}``, which :class:`~mmvl.data.loader.Collate` drops and reports.
+
+    ``cache="memory"`` keeps the output of the deterministic steps in RAM (MONAI ``CacheDataset``, filled
+    at start-up); ``cache="disk"`` stores it under ``cache_dir`` (MONAI ``PersistentDataset``), keyed by
+    path, file size and mtime and the deterministic part of the pipeline spec. Random steps always run
+    fresh with the per-sample seed, so cached and uncached runs give identical tensors.
     """
 
     def __init__(
@@ -42,9 +81,16 @@ class ManifestDataset(Dataset):
         check_files: bool = True,
         on_error: str = "raise",
         require_report: bool = True,
+        cache: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        cache_workers: int = 0,
     ):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if cache not in CACHE_KINDS:
+            raise ValueError(f"cache must be one of {CACHE_KINDS}, got {cache!r}")
+        if cache == "disk" and cache_dir is None:
+            raise ValueError("cache='disk' needs cache_dir")
         self.manifest = os.fspath(manifest)
         self.split = split
         self.on_error = on_error
@@ -55,21 +101,27 @@ class ManifestDataset(Dataset):
             if not rows:
                 raise ManifestError(manifest, f"no rows with split == '{split}'")
         self.rows: list[dict[str, Any]] = []
-        self.skipped_empty_reports = 0
+        self.skipped_rows: list[dict[str, Any]] = []
         for row in rows:
-            row["text"] = report_text(row["report"], report_sections)
-            if require_report and not row["text"]:
-                self.skipped_empty_reports += 1
-                if self.skipped_empty_reports <= 3:
-                    logger.warning("%s line %d: empty report, row skipped", self.manifest, row["line"])
+            reason = row.get("error")
+            if reason is None:
+                row["text"] = report_text(row["report"], report_sections)
+                if require_report and not row["text"]:
+                    reason = "empty report" + (f" (sections {list(report_sections)})" if report_sections else "")
+            if reason is not None:
+                self.skipped_rows.append({"line": row["line"], "path": row["image"][0], "reason": reason})
                 continue
             self.rows.append(row)
-        if self.skipped_empty_reports:
-            logger.warning("%s: skipped %d rows with empty reports", self.manifest, self.skipped_empty_reports)
+        if self.skipped_rows:
+            counts = Counter(entry["reason"].split(" (")[0] for entry in self.skipped_rows)
+            logger.warning("%s: skipped %d rows at load time: %s", self.manifest, len(self.skipped_rows),
+                           ", ".join(f"{n} {reason}" for reason, n in counts.items()))
         if not self.rows:
             raise ManifestError(manifest, f"no usable rows (split={split!r}; all reports empty?)")
         if check_files:
-            missing = [(row["line"], p) for row in self.rows for p in row["image"] if not os.path.isfile(p)]
+            volume = self.pipeline.kind == "3d"
+            missing = [(row["line"], p) for row in self.rows for p in row["image"]
+                       if not (os.path.isfile(p) or (volume and os.path.isdir(p)))]
             if missing:
                 listed = "; ".join(f"line {line}: {p}" for line, p in missing[:5])
                 more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -77,6 +129,30 @@ class ManifestDataset(Dataset):
         if label_names is None:
             label_names = sorted({name for row in self.rows for name in (row["labels"] or {})})
         self.label_names = list(label_names)
+        self.cache = cache
+        self._cached = self._build_cache(cache, cache_dir, cache_workers) if cache else None
+
+    @property
+    def skipped_empty_reports(self) -> int:
+        return sum(entry["reason"].startswith("empty report") for entry in self.skipped_rows)
+
+    def _item(self, row: dict[str, Any]) -> dict[str, Any]:
+        fields = {key: row[key] for key in LoadVolume.FIELDS if row.get(key) is not None}
+        return {"path": row["image"][0], "fields": fields}
+
+    def _build_cache(self, cache: str, cache_dir: str | os.PathLike | None, workers: int) -> Dataset:
+        from monai.data import CacheDataset, PersistentDataset
+        from monai.transforms import Lambda
+
+        stage = Lambda(LoadStage(self.pipeline), track_meta=False)
+        if cache == "memory":
+            items = [self._item(row) for row in self.rows]
+            return CacheDataset(items, transform=stage, cache_rate=1.0, num_workers=workers or None,
+                                copy_cache=False, progress=os.environ.get("MMVL_NO_PROGRESS") != "1")
+        spec = json.dumps(self.pipeline.deterministic_spec, sort_keys=True)
+        items = [{**self._item(row), "stamp": _stamp(row["image"][0]), "spec": spec} for row in self.rows]
+        os.makedirs(cache_dir, exist_ok=True)
+        return PersistentDataset(items, transform=stage, cache_dir=cache_dir)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -89,19 +165,25 @@ class ManifestDataset(Dataset):
         labels = row["labels"] or {}
         return torch.tensor([float(labels.get(name, -1)) for name in self.label_names], dtype=torch.float32)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
+    def load(self, index: int) -> dict[str, Any]:
+        """Output of the deterministic steps for row ``index`` (from the cache if any), or ``{"error": ...}``."""
+        if self._cached is not None:
+            return self._cached[index]
+        return LoadStage(self.pipeline)(self._item(self.rows[index]))
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, seed = key if isinstance(key, tuple) else (key, None)
         row = self.rows[index]
         path = row["image"][0]
-        try:
-            sample = self.pipeline(path, seed=seed)
-        except DataError as err:
+        loaded = self.load(index)
+        if "error" in loaded:
             if self.on_error == "raise":
-                raise
-            logger.warning("skipping unreadable sample (manifest line %d): %s", row["line"], err)
-            return None
+                raise DataError(None, f"manifest line {row['line']}: {loaded['error']}")
+            logger.warning("skipping unreadable sample (manifest line %d): %s", row["line"], loaded["error"])
+            return {"skipped": {"index": index, "line": row["line"], "path": path, "reason": loaded["error"]}}
+        sample = self.pipeline.augment(loaded, seed)
         item = {
-            "image": torch.from_numpy(np.ascontiguousarray(sample["image"])),
+            "image": torch.from_numpy(sample["image"]),
             "report": row["text"],
             "meta": {"path": path, "study_id": row.get("study_id"), "index": index},
         }

@@ -60,6 +60,37 @@ def _pick(value: Any, index: int) -> float:
     return float(value)
 
 
+def decoder_support() -> dict[str, dict[str, Any]]:
+    """Which compressed transfer syntaxes the installed pydicom plugins can decode, and what to install."""
+    from pydicom.pixels.decoders.base import _PIXEL_DATA_DECODERS
+
+    support = {}
+    for uid, (decoder, *_rest) in sorted(_PIXEL_DATA_DECODERS.items(), key=lambda item: item[0].name):
+        support[uid.name] = {
+            "uid": str(uid),
+            "available": decoder.is_available,
+            "plugins": sorted(decoder.available_plugins),
+            "install": [] if decoder.is_available else decoder.missing_dependencies,
+        }
+    return support
+
+
+def _decode_error(ds: Any, path: str, err: Exception) -> DicomError:
+    """Name the transfer syntax and, when no plugin can decode it, what to pip-install."""
+    from pydicom.pixels import get_decoder
+
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    name = getattr(syntax, "name", str(syntax))
+    try:
+        decoder = get_decoder(syntax)
+    except (NotImplementedError, ValueError, TypeError):
+        decoder = None
+    if decoder is not None and not decoder.is_available:
+        needs = "; ".join(decoder.missing_dependencies)
+        return DicomError(path, f"no installed plugin decodes transfer syntax '{name}'; install one of: {needs}")
+    return DicomError(path, f"cannot decode pixel data with transfer syntax '{name}': {err}")
+
+
 def _decode(ds: Any, path: str, frame: int) -> np.ndarray:
     from pydicom.pixels import pixel_array
 
@@ -69,34 +100,24 @@ def _decode(ds: Any, path: str, frame: int) -> np.ndarray:
     try:
         arr = pixel_array(ds, index=frame % n_frames) if n_frames > 1 else ds.pixel_array
     except Exception as err:  # pydicom raises RuntimeError/NotImplementedError/ValueError by decoder
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        name = getattr(syntax, "name", str(syntax))
-        raise DicomError(
-            path,
-            f"cannot decode pixel data with transfer syntax '{name}': {err}. Compressed syntaxes need a decoder "
-            "plugin: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)",
-        ) from err
-    return np.asarray(arr)
+        raise _decode_error(ds, path, err) from err
+    arr = np.asarray(arr)
+    if arr.size == 0:
+        raise DicomError(path, f"pixel data decodes to an empty array (Rows x Columns = {arr.shape})")
+    return arr
 
 
-def read_dicom_image(
-    path: str | os.PathLike,
-    *,
-    frame: int = 0,
-    voi: VoiMode = "auto",
-    window_index: int = 0,
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Read a 2D (or one frame of a multi-frame) grayscale DICOM as float32 ``(H, W)`` in [0, 1].
+def check_modality(path: str, modality: str, allowed: Any) -> None:
+    """Refuse a file whose (0008,0060) Modality is not in ``allowed`` (None or empty: anything goes)."""
+    if allowed and modality.upper() not in {m.upper() for m in allowed}:
+        raise DicomError(path, f"modality '{modality or 'missing'}' but this pipeline expects {sorted(allowed)}")
 
-    voi: ``"auto"`` uses the VOI LUT Sequence (0028,3010) if present, else WindowCenter/Width
-    (0028,1050/1051), else min-max of the rescaled values; ``"window"``/``"lut"`` require that
-    attribute; ``"minmax"`` ignores both. MONOCHROME1 images are inverted so bright means dense.
-    """
+
+def read_dataset(path: str) -> Any:
+    """``pydicom.dcmread`` with errors that name the file; refuses objects without PixelData."""
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    path = os.fspath(path)
     if not os.path.isfile(path):
         raise DicomError(path, "file not found")
     try:
@@ -107,6 +128,31 @@ def read_dicom_image(
         raise DicomError(path, f"corrupt DICOM header: {type(err).__name__}: {err}") from err
     if "PixelData" not in ds:
         raise DicomError(path, "no (7FE0,0010) PixelData: not an image (a report, SR or presentation state?)")
+    return ds
+
+
+def read_dicom_image(
+    path: str | os.PathLike,
+    *,
+    frame: int = 0,
+    voi: VoiMode = "auto",
+    window_index: int = 0,
+    modalities: Any = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Read a 2D (or one frame of a multi-frame) grayscale DICOM as float32 ``(H, W)`` in [0, 1].
+
+    voi: ``"auto"`` uses the VOI LUT Sequence (0028,3010) if present, else WindowCenter/Width
+    (0028,1050/1051), else min-max of the rescaled values; ``"window"``/``"lut"`` require that
+    attribute; ``"minmax"`` ignores both. MONOCHROME1 images are inverted so bright means dense.
+    modalities: if given, a file whose Modality is not listed is refused (e.g. ``("CR", "DX")``).
+    Compressed transfer syntaxes decode when a pydicom plugin for them is installed (see
+    :func:`decoder_support`); otherwise the error says what to install.
+    """
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    path = os.fspath(path)
+    ds = read_dataset(path)
+    check_modality(path, str(getattr(ds, "Modality", "")), modalities)
 
     stored = _decode(ds, path, frame)
     steps: list[dict[str, Any]] = []
@@ -128,6 +174,8 @@ def read_dicom_image(
             steps.append({"op": "rescale", "slope": slope, "intercept": intercept})
         unit = _apply_voi(values, ds, path, voi, window_index, steps, apply_voi_lut)
 
+    if not np.isfinite(unit).all():
+        raise DicomError(path, "pixel values are NaN or infinite after the modality/VOI transforms")
     if photometric == "MONOCHROME1":
         unit = 1.0 - unit
         steps.append({"op": "invert", "reason": "MONOCHROME1"})
@@ -141,12 +189,21 @@ def read_dicom_image(
         "bits_stored": int(getattr(ds, "BitsStored", 0) or 0),
         "shape": list(unit.shape),
         "spacing": [float(s) for s in spacing] if spacing else None,
+        "orientation": _orientation(ds),
         "frame": frame,
         "n_frames": int(getattr(ds, "NumberOfFrames", 1) or 1),
         "transfer_syntax": str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "")),
         "preprocessing": steps,
     }
     return unit.astype(np.float32, copy=False), meta
+
+
+def _orientation(ds: Any) -> list[float] | str | None:
+    """ImageOrientationPatient (0020,0037) when present, else the PatientOrientation (0020,0020) labels."""
+    if "ImageOrientationPatient" in ds:
+        return [float(v) for v in ds.ImageOrientationPatient]
+    labels = getattr(ds, "PatientOrientation", None)
+    return "\\".join(str(v) for v in labels) if labels else None
 
 
 def _minmax(values: np.ndarray) -> np.ndarray:

@@ -37,14 +37,16 @@ class ResumableSampler(Sampler):
 
 
 class Collate:
-    """Stack images and labels, tokenize reports, drop samples the dataset skipped (``None``)."""
+    """Stack images and labels, tokenize reports; samples the dataset skipped (``{"skipped": {...}}`` or
+    ``None``) are dropped and listed in ``batch["skipped"]`` with ``batch["n_skipped"]`` their count."""
 
     def __init__(self, tokenizer: Any | None = None, max_length: int = 128):
         self.tokenizer, self.max_length = tokenizer, max_length
 
     def __call__(self, samples: list[dict[str, Any] | None]) -> dict[str, Any]:
-        kept = [s for s in samples if s is not None]
-        batch: dict[str, Any] = {"n_skipped": len(samples) - len(kept)}
+        kept = [s for s in samples if s is not None and "skipped" not in s]
+        skipped = [s["skipped"] for s in samples if s is not None and "skipped" in s]
+        batch: dict[str, Any] = {"n_skipped": len(samples) - len(kept), "skipped": skipped}
         if not kept:
             return batch
         batch["image"] = torch.stack([s["image"] for s in kept])

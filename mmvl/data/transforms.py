@@ -1,8 +1,11 @@
-"""2D preprocessing pipelines built from a plain list of dicts (the preprocessing spec).
+"""2D and 3D preprocessing pipelines built from a plain list of dicts (the preprocessing spec).
 
-A pipeline maps an image path to ``{"image": float32 (1, H, W), "meta": {...}}``. The same list of dicts,
-saved as ``preprocess.json``, rebuilds the identical pipeline at inference (as MONAI bundles do).
-Random transforms draw from a per-sample seed, so augmentation is reproducible and resumable.
+A pipeline maps an image path (a DICOM/PNG file for 2D; a NIfTI file or DICOM series folder for 3D) to
+``{"image": float32 (1, H, W) or (1, X, Y, Z), "meta": {...}}``. The same list of dicts, saved as
+``preprocess.json``, rebuilds the identical pipeline at inference (as MONAI bundles do). Steps before the
+first random transform are deterministic and may be cached (:meth:`Pipeline.load`); random steps draw
+from a per-sample seed (:meth:`Pipeline.augment`), so augmentation is reproducible and resumable.
+3D steps wrap MONAI dictionary transforms acting on the sample's ``"image"`` key.
 """
 
 from __future__ import annotations
@@ -22,12 +25,24 @@ from mmvl.registry import TRANSFORMS
 Sample = dict[str, Any]
 
 
+class Transform:
+    """A pipeline step: ``sample -> sample``; ``random`` steps draw from the per-sample ``rng``."""
+
+    random = False
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        raise NotImplementedError
+
+
 @TRANSFORMS.register("LoadImage")
-class LoadImage:
+class LoadImage(Transform):
     """Read DICOM/PNG/JPEG into ``(1, H, W)`` float32 in [0, 1]; DICOM options as in ``read_dicom_image``."""
 
-    def __init__(self, frame: int = 0, voi: str = "auto", window_index: int = 0):
+    def __init__(self, frame: int = 0, voi: str = "auto", window_index: int = 0,
+                 modalities: Sequence[str] | None = None):
         self.options = {"frame": frame, "voi": voi, "window_index": window_index}
+        if modalities:
+            self.options["modalities"] = tuple(modalities)
 
     def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
         image, meta = read_image(sample["path"], **self.options)
@@ -37,7 +52,7 @@ class LoadImage:
 
 
 @TRANSFORMS.register("ResizePad")
-class ResizePad:
+class ResizePad(Transform):
     """Resize so the longer side is ``size`` (aspect kept), then pad to ``size x size`` (MONAI)."""
 
     def __init__(self, size: int, mode: str = "area", pad_value: float = 0.0):
@@ -54,9 +69,12 @@ class ResizePad:
 
 
 @TRANSFORMS.register("RandomAugment2D")
-class RandomAugment2D:
+class RandomAugment2D(Transform):
     """Train-time albumentations: random resized crop (0.5-1.0 of the area, as in MAE-on-CXR studies),
-    small rotation and brightness/contrast jitter. Output keeps the input size."""
+    small rotation and brightness/contrast jitter. Output keeps the input size; a falsy option turns
+    that augmentation off."""
+
+    random = True
 
     def __init__(
         self,
@@ -97,8 +115,8 @@ class RandomAugment2D:
 
 
 @TRANSFORMS.register("Normalize")
-class Normalize:
-    """``(x - mean) / std`` on the [0, 1] image."""
+class Normalize(Transform):
+    """``(x - mean) / std`` on the [0, 1] image (2D or 3D)."""
 
     def __init__(self, mean: float = 0.5, std: float = 0.5):
         if std <= 0:
@@ -106,27 +124,184 @@ class Normalize:
         self.mean, self.std = float(mean), float(std)
 
     def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
-        sample["image"] = ((sample["image"] - self.mean) / self.std).astype(np.float32)
+        sample["image"] = ((to_numpy(sample["image"]) - self.mean) / self.std).astype(np.float32)
         return sample
 
 
+def to_numpy(image: Any) -> np.ndarray:
+    """float32 numpy view of a numpy array, torch tensor or MONAI MetaTensor."""
+    import torch
+
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().as_subclass(torch.Tensor).numpy()
+    return np.asarray(image, dtype=np.float32)
+
+
+# -- 3D ------------------------------------------------------------------------------------------------
+@TRANSFORMS.register("LoadVolume")
+class LoadVolume(Transform):
+    """Read a NIfTI file or DICOM series folder (see :func:`mmvl.data.volume.read_volume`) into a MONAI
+    ``MetaTensor`` ``(1, X, Y, Z)`` carrying its RAS affine. Manifest fields ``series_uid``, ``spacing`` and
+    ``rescale`` of the sample's row are passed on."""
+
+    FIELDS = ("series_uid", "spacing", "rescale")
+
+    def __init__(self, modalities: Sequence[str] | None = None, allow_gaps: bool = False,
+                 nan_value: float | None = None):
+        self.options = {"modalities": tuple(modalities) if modalities else None, "allow_gaps": allow_gaps,
+                        "nan_value": nan_value}
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        import torch
+        from monai.data import MetaTensor
+
+        from mmvl.data.volume import read_volume
+
+        fields = {key: sample[key] for key in self.FIELDS if sample.get(key) is not None}
+        volume, meta = read_volume(sample["path"], **fields, **self.options)
+        sample["image"] = MetaTensor(torch.from_numpy(volume[None]), affine=torch.tensor(meta["affine"]))
+        sample["meta"] = meta
+        return sample
+
+
+class _MonaiDict(Transform):
+    """Applies a MONAI dictionary transform to the sample's ``image`` key."""
+
+    def __init__(self, transform: Any):
+        self.transform = transform
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        return dict(self.transform(sample))
+
+
+@TRANSFORMS.register("Orient")
+class Orient(_MonaiDict):
+    """Reorient to ``axcodes`` (default RAS) with MONAI ``Orientationd``."""
+
+    def __init__(self, axcodes: str = "RAS"):
+        from monai.transforms import Orientationd
+
+        super().__init__(Orientationd(keys="image", axcodes=axcodes))
+
+
+@TRANSFORMS.register("Resample")
+class Resample(_MonaiDict):
+    """Resample to ``spacing`` mm per axis (e.g. 1.5 x 1.5 x 3) with MONAI ``Spacingd``."""
+
+    def __init__(self, spacing: Sequence[float] = (1.5, 1.5, 3.0), mode: str = "bilinear"):
+        from monai.transforms import Spacingd
+
+        super().__init__(Spacingd(keys="image", pixdim=tuple(spacing), mode=mode, padding_mode="border"))
+
+
+@TRANSFORMS.register("IntensityWindow")
+class IntensityWindow(_MonaiDict):
+    """Clip to [low, high] (Hounsfield units for CT; default -1000...1000) and scale to [0, 1]."""
+
+    def __init__(self, low: float = -1000.0, high: float = 1000.0):
+        from monai.transforms import ScaleIntensityRanged
+
+        if high <= low:
+            raise ValueError(f"IntensityWindow: high ({high}) must exceed low ({low})")
+        super().__init__(ScaleIntensityRanged(keys="image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True))
+
+
+@TRANSFORMS.register("CropOrPad")
+class CropOrPad(_MonaiDict):
+    """Centre crop or pad to ``size`` voxels (MONAI ``ResizeWithPadOrCropd``), padding with ``pad_value``."""
+
+    def __init__(self, size: Sequence[int], pad_value: float = 0.0):
+        from monai.transforms import ResizeWithPadOrCropd
+
+        super().__init__(ResizeWithPadOrCropd(keys="image", spatial_size=tuple(size), mode="constant",
+                                              value=pad_value))
+
+
+@TRANSFORMS.register("RandomAugment3D")
+class RandomAugment3D(Transform):
+    """Train-time MONAI augmentation: random flips, a small affine (rotation in degrees, scale) and an
+    intensity shift. A falsy option turns that augmentation off."""
+
+    random = True
+
+    def __init__(self, flip_axes: Sequence[int] = (0,), flip_prob: float = 0.5, rotate: float = 10.0,
+                 scale: float = 0.1, affine_prob: float = 0.5, intensity_shift: float = 0.05,
+                 shift_prob: float = 0.5):
+        from monai.transforms import Compose, RandAffined, RandFlipd, RandShiftIntensityd
+
+        steps = [RandFlipd(keys="image", prob=flip_prob, spatial_axis=axis) for axis in (flip_axes or ())]
+        if rotate or scale:
+            radians = float(np.deg2rad(rotate))
+            steps.append(RandAffined(keys="image", prob=affine_prob, rotate_range=(radians,) * 3,
+                                     scale_range=(scale,) * 3, mode="bilinear", padding_mode="border"))
+        if intensity_shift:
+            steps.append(RandShiftIntensityd(keys="image", offsets=intensity_shift, prob=shift_prob))
+        self.compose = Compose(steps)
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        rng = rng if rng is not None else np.random.default_rng()
+        self.compose.set_random_state(seed=int(rng.integers(2**31 - 1)))
+        return dict(self.compose(sample))
+
+
 class Pipeline:
-    """A list of transforms built from (and printable as) a list of ``dict(type=..., **kwargs)``."""
+    """A list of transforms built from (and printable as) a list of ``dict(type=..., **kwargs)``.
+
+    ``pipeline(path, seed)`` equals ``pipeline.augment(pipeline.load(path), seed)``: ``load`` runs the
+    deterministic steps before the first random one (what a cache stores), ``augment`` the rest.
+    """
 
     def __init__(self, spec: Sequence[dict[str, Any]]):
         self._spec = [dict(step) for step in copy.deepcopy(list(spec))]
+        if not self._spec:
+            raise ValueError("a pipeline needs at least a loading step, e.g. dict(type='LoadImage')")
         self.transforms = [TRANSFORMS.build(step) for step in self._spec]
+        self.split = next((i for i, t in enumerate(self.transforms) if getattr(t, "random", False)),
+                          len(self.transforms))
 
     @property
     def spec(self) -> list[dict[str, Any]]:
         return copy.deepcopy(self._spec)
 
-    def __call__(self, path: str | os.PathLike, seed: int | None = None) -> Sample:
+    @property
+    def kind(self) -> str:
+        """``"3d"`` for volume pipelines (starting with ``LoadVolume``), else ``"2d"``."""
+        return "3d" if isinstance(self.transforms[0], LoadVolume) else "2d"
+
+    @property
+    def deterministic_spec(self) -> list[dict[str, Any]]:
+        return self.spec[: self.split]
+
+    def load(self, path: str | os.PathLike, **fields: Any) -> Sample:
+        """Deterministic steps: ``{"image": float32 torch tensor, "meta": {...}}`` (safe for ``torch.load``)."""
+        import torch
+
+        sample: Sample = {"path": os.fspath(path), **fields}
+        for transform in self.transforms[: self.split]:
+            sample = transform(sample, None)
+        image, meta = sample["image"], dict(sample.get("meta", {}))
+        affine = getattr(image, "affine", None)
+        if affine is not None:  # keep the geometry after reorientation/resampling
+            from mmvl.data.volume import axcodes
+
+            affine = np.asarray(affine, dtype=np.float64)
+            meta.update(affine=affine.tolist(), orientation=axcodes(affine),
+                        spacing=[float(v) for v in np.linalg.norm(affine[:3, :3], axis=0)])
+        image = torch.from_numpy(np.ascontiguousarray(to_numpy(image)))
+        meta["shape"] = list(image.shape[1:])
+        return {"image": image, "meta": meta}
+
+    def augment(self, loaded: Sample, seed: int | None = None) -> Sample:
+        """Random steps with a per-sample seed; returns a float32 numpy image that owns its memory."""
         rng = np.random.default_rng(seed)
-        sample: Sample = {"path": os.fspath(path)}
-        for transform in self.transforms:
+        sample: Sample = {"image": to_numpy(loaded["image"]).copy(), "meta": dict(loaded["meta"])}
+        for transform in self.transforms[self.split :]:
             sample = transform(sample, rng)
+        sample["image"] = np.ascontiguousarray(to_numpy(sample["image"]))
         return sample
+
+    def __call__(self, path: str | os.PathLike, seed: int | None = None, **fields: Any) -> Sample:
+        return self.augment(self.load(path, **fields), seed)
 
     def __repr__(self) -> str:
         return "Pipeline(\n" + "".join(f"  {step},\n" for step in self._spec) + ")"
@@ -136,11 +311,18 @@ def save_preprocess(path: str | os.PathLike, spec: Sequence[dict[str, Any]], **e
     """Write ``preprocess.json``: the eval pipeline spec that inference rebuilds exactly."""
     from mmvl.utils import atomic_write_text
 
-    payload = {"format_version": 1, "pipeline": [dict(step) for step in spec], **extra}
+    payload = {"format_version": 1, "input": Pipeline(spec).kind, "pipeline": [dict(step) for step in spec], **extra}
     return atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 
 def load_preprocess(path: str | os.PathLike) -> Pipeline:
-    with open(path) as handle:
-        payload = json.load(handle)
-    return Pipeline(payload["pipeline"])
+    """Rebuild the pipeline recorded by :func:`save_preprocess`."""
+    from mmvl.errors import DataError
+
+    try:
+        with open(path) as handle:
+            payload = json.load(handle)
+        spec = payload["pipeline"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise DataError(path, f"not a readable preprocess.json: {err}") from err
+    return Pipeline(spec)

@@ -1,9 +1,10 @@
 """The training loop: data, model, AdamW + cosine warmup, AMP, accumulation, clipping, validation, checkpoints.
 
 A work directory holds everything needed to repeat or continue a run: ``config.py`` (merged config),
-``preprocess.json`` (eval pipeline), ``tokenizer/``, ``metrics.jsonl``, ``tensorboard/``, ``train.log``
-and ``checkpoints/{last,best}.pt``. ``resume=True`` continues from ``last.pt`` exactly: data order,
-augmentation seeds, dropout RNG, optimizer and scheduler state are all restored.
+``preprocess.json`` (eval pipeline), ``tokenizer/``, ``metrics.jsonl``, ``skipped.jsonl`` (every sample
+left out, with its path and reason), ``tensorboard/``, ``train.log`` and ``checkpoints/{last,best}.pt``.
+``resume=True`` continues from ``last.pt`` exactly: data order, augmentation seeds, dropout RNG, optimizer
+and scheduler state are all restored.
 """
 
 from __future__ import annotations
@@ -92,11 +93,17 @@ class Trainer:
         self.best_value: float | None = None
         self.bad_steps = 0
         self.skipped_samples = 0
+        self.skipped_indices: set[int] = set()
+        self.max_skip_fraction = float(cfg["data"].get("max_skip_fraction", 0.01))
         if resume:
             self._resume()
+        else:
+            (self.work_dir / "skipped.jsonl").unlink(missing_ok=True)
+            self._record_skips([{"step": 0, "split": name, **entry} for name, dataset in
+                                (("train", self.train_set), ("val", self.val_set)) if dataset is not None
+                                for entry in dataset.skipped_rows])
         cfg.dump(self.work_dir / "config.py")
-        save_preprocess(self.work_dir / "preprocess.json", cfg["data"]["eval_pipeline"],
-                        input="2d", mmvl_version=mmvl.__version__)
+        save_preprocess(self.work_dir / "preprocess.json", cfg["data"]["eval_pipeline"], mmvl_version=mmvl.__version__)
         self.loader = self._build_loader()
         self.writer = None
 
@@ -119,10 +126,14 @@ class Trainer:
         if not os.path.isfile(manifest):
             hint = data.get("prepare_hint", "see datasets/README.md for the manifest format")
             raise ManifestError(manifest, f"manifest not found. {hint}")
+        cache_dir = data.get("cache_dir") or self.work_dir / "cache"
         common = dict(
             manifest=manifest,
             report_sections=tuple(data.get("report_sections", ("findings", "impression"))),
-            on_error=data.get("on_error", "raise"),
+            on_error=data.get("on_error", "skip"),
+            cache=data.get("cache"),
+            cache_dir=cache_dir if data.get("cache") == "disk" else None,
+            cache_workers=int(data.get("cache_workers", 0)),
         )
         kind = data.get("type", "manifest")
         train_set = DATASETS.build(dict(type=kind, split=data.get("train_split", "train"),
@@ -174,6 +185,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "step": self.step, "epoch": self.epoch, "position": self.position,
             "best_value": self.best_value, "skipped_samples": self.skipped_samples,
+            "skipped_indices": sorted(self.skipped_indices),
             "rng": capture_rng_state(),
             "config": self.cfg.to_dict(),
             "mmvl_version": mmvl.__version__,
@@ -196,13 +208,15 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.best_value, self.skipped_samples = state["best_value"], state["skipped_samples"]
+        self.skipped_indices = set(state.get("skipped_indices", ()))
         restore_rng_state(state["rng"])
-        self._truncate_metrics(self.step)
+        self._truncate_log("metrics.jsonl", self.step)
+        self._truncate_log("skipped.jsonl", self.step)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch, self.position)
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines logged after the checkpoint we resume from, so none are counted twice."""
-        path = self.work_dir / "metrics.jsonl"
+    def _truncate_log(self, name: str, step: int) -> None:
+        """Drop lines logged after the checkpoint we resume from, so none are counted twice."""
+        path = self.work_dir / name
         if path.is_file():
             lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
             atomic_write_text(path, "".join(line + "\n" for line in lines))
@@ -215,10 +229,32 @@ class Trainer:
             if len(self.sampler) >= batch_size:
                 for batch in self.loader:
                     self.position += 1
-                    self.skipped_samples += batch["n_skipped"]
+                    if batch["n_skipped"]:
+                        self._skipped_in_training(batch)
                     if "image" in batch:
                         yield batch
             self.epoch, self.position = self.epoch + 1, 0
+
+    def _record_skips(self, records: list[dict[str, Any]]) -> None:
+        if records:
+            with open(self.work_dir / "skipped.jsonl", "a") as handle:
+                handle.writelines(json.dumps(record) + "\n" for record in records)
+
+    def _skipped_in_training(self, batch: dict[str, Any]) -> None:
+        """Log unreadable samples to ``skipped.jsonl``; stop once too many distinct ones failed."""
+        self.skipped_samples += batch["n_skipped"]
+        self._record_skips([{"step": self.step + 1, "epoch": self.epoch, "split": "train", **entry}
+                            for entry in batch["skipped"]])
+        self.skipped_indices.update(entry["index"] for entry in batch["skipped"])
+        limit = self.max_skip_fraction * len(self.train_set)
+        if len(self.skipped_indices) > limit:
+            first = batch["skipped"][0] if batch["skipped"] else {}
+            raise TrainingError(
+                f"{len(self.skipped_indices)} of {len(self.train_set)} training samples could not be read, more "
+                f"than data.max_skip_fraction={self.max_skip_fraction:g}; latest: {first.get('path')}: "
+                f"{first.get('reason')}. All are listed in {self.work_dir / 'skipped.jsonl'}; check the data with "
+                f"`python tools/check_data.py {self.train_set.manifest}`."
+            )
 
     def _log(self, record: dict[str, Any]) -> None:
         with open(self.work_dir / "metrics.jsonl", "a") as handle:

@@ -58,9 +58,11 @@ def test_corrupt_image_skipped_and_counted_when_asked(small_manifest):
     with pytest.raises(Exception, match="0.dcm"):
         strict[0]
     lenient = ManifestDataset(small_manifest, EVAL, split="train", on_error="skip")
-    assert lenient[0] is None
+    skipped = lenient[0]["skipped"]
+    assert skipped["path"].endswith("0.dcm") and "not a DICOM file" in skipped["reason"] and skipped["line"] == 1
     batch = Collate()([lenient[0], lenient[1], lenient[2]])
     assert batch["n_skipped"] == 1 and batch["image"].shape == (2, 1, 32, 32)
+    assert batch["skipped"] == [skipped]
 
 
 def test_csv_manifest_and_bad_rows(tmp_path):

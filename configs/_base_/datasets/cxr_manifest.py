@@ -12,7 +12,11 @@ data = dict(
     train_split="train",
     val_split="val",
     report_sections=("findings", "impression"),
-    on_error="skip",
+    on_error="skip",  # unreadable files are skipped and listed in <work_dir>/skipped.jsonl ("raise" to stop)
+    max_skip_fraction=0.01,  # stop when more than this fraction of training samples could not be read
+    cache=None,  # None, "memory" (MONAI CacheDataset) or "disk" (MONAI PersistentDataset under cache_dir)
+    cache_dir=None,  # default <work_dir>/cache; point several runs at one folder to share it
+    cache_workers=0,  # threads filling the memory cache at start-up
     train_pipeline=[
         dict(type="LoadImage", frame=0, voi="auto"),
         dict(type="ResizePad", size=img_size),

@@ -1,0 +1,41 @@
+# 3D chest CT studies from an mmvl manifest whose rows point at NIfTI files or DICOM series folders (see
+# datasets/README.md), e.g. CT-RATE converted with datasets/ct_rate.py. Volumes are reoriented to RAS,
+# resampled to 1.5 x 1.5 x 3 mm, windowed to -1000...1000 HU and scaled to [0, 1], then centre-cropped or
+# padded (with air) to a fixed size. Full size here; demo configs override `volume_size` and `spacing`.
+volume_size = (224, 224, 112)
+spacing = (1.5, 1.5, 3.0)
+hu_window = (-1000.0, 1000.0)
+data = dict(
+    type="manifest",
+    manifest="data/ct_rate/manifest.jsonl",
+    prepare_hint=(
+        "Prepare CT-RATE with `python datasets/ct_rate.py ...` (see datasets/ct_rate.md), point data.manifest "
+        "at your own manifest with --cfg-options data.manifest=PATH, or build the synthetic CT set with "
+        "`python datasets/synthetic.py --kind ct --out data/synthetic_ct`."
+    ),
+    train_split="train",
+    val_split="val",
+    report_sections=("findings", "impression"),
+    on_error="skip",  # unreadable volumes are skipped and listed in <work_dir>/skipped.jsonl ("raise" to stop)
+    max_skip_fraction=0.01,  # stop when more than this fraction of training samples could not be read
+    cache="disk",  # reading and resampling a CT dominates step time; cache the deterministic steps
+    cache_dir=None,  # default <work_dir>/cache; point several runs at one folder to share it
+    cache_workers=0,
+    train_pipeline=[
+        dict(type="LoadVolume", modalities=("CT",)),
+        dict(type="Orient", axcodes="RAS"),
+        dict(type="Resample", spacing=spacing),
+        dict(type="IntensityWindow", low=hu_window[0], high=hu_window[1]),
+        dict(type="CropOrPad", size=volume_size, pad_value=0.0),
+        dict(type="RandomAugment3D", flip_axes=(0,), rotate=10.0, scale=0.1, intensity_shift=0.05),
+        dict(type="Normalize", mean=0.5, std=0.25),
+    ],
+    eval_pipeline=[
+        dict(type="LoadVolume", modalities=("CT",)),
+        dict(type="Orient", axcodes="RAS"),
+        dict(type="Resample", spacing=spacing),
+        dict(type="IntensityWindow", low=hu_window[0], high=hu_window[1]),
+        dict(type="CropOrPad", size=volume_size, pad_value=0.0),
+        dict(type="Normalize", mean=0.5, std=0.25),
+    ],
+)
