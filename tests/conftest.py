@@ -47,6 +47,66 @@ def write_dicom(path: Path, pixels: np.ndarray, **attributes) -> Path:
     return path
 
 
+def write_ct_series(
+    folder: Path,
+    hu: np.ndarray,
+    spacing=(0.8, 0.7, 2.5),
+    row_dir=(1.0, 0.0, 0.0),
+    col_dir=(0.0, 1.0, 0.0),
+    origin=(-20.0, -15.0, 30.0),
+    instance_order: str = "reversed",
+    seed: int = 0,
+    modality: str = "CT",
+    **attributes,
+) -> dict:
+    """Write ``hu`` (X, Y, Z) as one CT slice per file with random names, in LPS geometry.
+
+    Voxel (i, j, k) lies at ``origin + i*sx*row_dir + j*sy*col_dir + k*sz*normal`` (LPS mm). InstanceNumber
+    runs ``"reversed"``, ``"shuffled"`` or in ``"position"`` order. Returns the series UID, the RAS affine
+    a reader should report and the file paths.
+    """
+    from pydicom.uid import CTImageStorage, generate_uid
+
+    rng = np.random.default_rng(seed)
+    row_dir, col_dir, origin = (np.asarray(v, dtype=np.float64) for v in (row_dir, col_dir, origin))
+    normal = np.cross(row_dir, col_dir)
+    n = hu.shape[2]
+    numbers = {"reversed": np.arange(n)[::-1], "shuffled": rng.permutation(n), "position": np.arange(n)}[instance_order]
+    series_uid = generate_uid(entropy_srcs=[str(folder), str(seed), "series"])
+    study_uid = generate_uid(entropy_srcs=[str(folder), str(seed), "study"])
+    paths = []
+    for k in range(n):
+        position = origin + k * spacing[2] * normal
+        path = folder / f"{rng.integers(1 << 40):011x}.dcm"
+        write_dicom(
+            path, (hu[:, :, k].T + 2048).astype(np.uint16), Modality=modality,
+            SOPClassUID=CTImageStorage, SeriesInstanceUID=series_uid, StudyInstanceUID=study_uid,
+            InstanceNumber=int(numbers[k]) + 1, ImagePositionPatient=[float(v) for v in position],
+            ImageOrientationPatient=[float(v) for v in (*row_dir, *col_dir)],
+            PixelSpacing=[float(spacing[1]), float(spacing[0])], SliceThickness=float(spacing[2]),
+            RescaleSlope=1, RescaleIntercept=-2048, BitsStored=12, HighBit=11, **attributes,
+        )
+        paths.append(path)
+    affine = np.eye(4)
+    affine[:3, 0], affine[:3, 1], affine[:3, 2] = row_dir * spacing[0], col_dir * spacing[1], normal * spacing[2]
+    affine[:3, 3] = origin
+    return {"series_uid": series_uid, "affine": np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine, "paths": paths}
+
+
+def make_phantom(shape=(12, 10, 8), seed: int = 0) -> np.ndarray:
+    """A CT-like HU volume whose every slice differs, so slice order errors show."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*(np.linspace(-1, 1, s) for s in shape), indexing="ij")
+    body = np.where(x**2 + y**2 < 0.8, 40.0, -1000.0)
+    return (body + 300 * z + 50 * x + rng.integers(-20, 20, shape)).round().astype(np.float32)
+
+
+@pytest.fixture
+def ct_series():
+    """``(write_ct_series, make_phantom)``: write a CT series folder and make a test volume."""
+    return write_ct_series, make_phantom
+
+
 @pytest.fixture
 def make_dicom(tmp_path):
     def _make(name: str, pixels: np.ndarray, **attributes) -> Path:

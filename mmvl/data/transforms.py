@@ -181,7 +181,7 @@ class Orient(_MonaiDict):
     def __init__(self, axcodes: str = "RAS"):
         from monai.transforms import Orientationd
 
-        super().__init__(Orientationd(keys="image", axcodes=axcodes))
+        super().__init__(Orientationd(keys="image", axcodes=axcodes, labels=None))
 
 
 @TRANSFORMS.register("Resample")
@@ -277,11 +277,12 @@ class Pipeline:
         import torch
 
         sample: Sample = {"path": os.fspath(path), **fields}
+        affine = None
         for transform in self.transforms[: self.split]:
             sample = transform(sample, None)
+            affine = getattr(sample["image"], "affine", affine)
         image, meta = sample["image"], dict(sample.get("meta", {}))
-        affine = getattr(image, "affine", None)
-        if affine is not None:  # keep the geometry after reorientation/resampling
+        if affine is not None:  # record the geometry after reorientation/resampling/cropping
             from mmvl.data.volume import axcodes
 
             affine = np.asarray(affine, dtype=np.float64)

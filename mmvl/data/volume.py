@@ -56,6 +56,7 @@ def _dicom_headers(folder: str) -> dict[str, list[tuple[str, Any]]]:
     import pydicom
 
     series: dict[str, list[tuple[str, Any]]] = {}
+    without_pixels: list[tuple[str, str]] = []
     names = sorted(entry.name for entry in os.scandir(folder) if entry.is_file())
     for name in names:
         path = os.path.join(folder, name)
@@ -65,9 +66,14 @@ def _dicom_headers(folder: str) -> dict[str, list[tuple[str, Any]]]:
             ds = pydicom.dcmread(path, defer_size="64 KB")
         except Exception as err:  # corrupt headers raise a range of errors
             raise DicomError(path, f"corrupt DICOM header in series folder: {type(err).__name__}: {err}") from err
-        if "PixelData" not in ds:
-            continue  # SR, presentation states, KOs share series folders with images
-        series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((path, ds))
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        if "PixelData" in ds:
+            series.setdefault(uid, []).append((path, ds))
+        else:  # SR, presentation states, KOs share folders with images; a truncated slice looks the same
+            without_pixels.append((path, uid))
+    for path, uid in without_pixels:
+        if uid in series or not uid:
+            raise DicomError(path, "no (7FE0,0010) PixelData in an image series (truncated file?)")
     return series
 
 
