@@ -94,6 +94,9 @@ def _decode_error(ds: Any, path: str, err: Exception) -> DicomError:
 def _decode(ds: Any, path: str, frame: int) -> np.ndarray:
     from pydicom.pixels import pixel_array
 
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if rows == 0 or columns == 0:
+        raise DicomError(path, f"empty image: (0028,0010/0011) Rows x Columns = {rows} x {columns}")
     n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     if not -n_frames <= frame < n_frames:
         raise DicomError(path, f"frame {frame} requested but the file has {n_frames} frame(s) (0028,0008)")
@@ -127,7 +130,11 @@ def read_dataset(path: str) -> Any:
     except Exception as err:  # truncated or corrupt headers raise a range of errors
         raise DicomError(path, f"corrupt DICOM header: {type(err).__name__}: {err}") from err
     if "PixelData" not in ds:
-        raise DicomError(path, "no (7FE0,0010) PixelData: not an image (a report, SR or presentation state?)")
+        sop_class = ds.get("SOPClassUID")
+        if sop_class is None:
+            raise DicomError(path, "corrupt or truncated DICOM: neither (0008,0016) SOPClassUID nor PixelData")
+        kind = getattr(sop_class, "name", str(sop_class))
+        raise DicomError(path, f"no (7FE0,0010) PixelData: not an image ({kind})")
     return ds
 
 

@@ -251,8 +251,8 @@ class Trainer:
             first = batch["skipped"][0] if batch["skipped"] else {}
             raise TrainingError(
                 f"{len(self.skipped_indices)} of {len(self.train_set)} training samples could not be read, more "
-                f"than data.max_skip_fraction={self.max_skip_fraction:g}; latest: {first.get('path')}: "
-                f"{first.get('reason')}. All are listed in {self.work_dir / 'skipped.jsonl'}; check the data with "
+                f"than data.max_skip_fraction={self.max_skip_fraction:g}; latest: {first.get('reason')}. "
+                f"All are listed in {self.work_dir / 'skipped.jsonl'}; check the data with "
                 f"`python tools/check_data.py {self.train_set.manifest}`."
             )
 

@@ -132,3 +132,51 @@ def test_png_8_and_16_bit(tmp_path):
     (tmp_path / "c.txt").write_text("x")
     with pytest.raises(DataError, match="unsupported 2D image format"):
         read_image(tmp_path / "c.txt")
+
+
+@pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_implicit.dcm",
+                                  "MR_small_bigendian.dcm"])
+def test_compressed_and_other_transfer_syntaxes_decode_like_the_plain_file(name):
+    plain, _ = read_dicom_image(PYDICOM_FILES / "MR_small.dcm")
+    image, meta = read_dicom_image(PYDICOM_FILES / name)
+    np.testing.assert_array_equal(image, plain)
+    assert meta["modality"] == "MR" and meta["orientation"] == pytest.approx([1, 0, 0, 0, 1, 0], abs=1e-3)
+
+
+def test_undecodable_transfer_syntax_says_what_to_install():
+    from mmvl.data.dicom import decoder_support
+
+    support = decoder_support()
+    jpeg_ls = support["JPEG-LS Lossless Image Compression"]
+    if jpeg_ls["available"]:  # a plugin is installed here: then it must decode
+        plain, _ = read_dicom_image(PYDICOM_FILES / "MR_small.dcm")
+        np.testing.assert_array_equal(read_dicom_image(PYDICOM_FILES / "MR_small_jpeg_ls_lossless.dcm")[0], plain)
+        return
+    with pytest.raises(DicomError) as err:
+        read_dicom_image(PYDICOM_FILES / "MR_small_jpeg_ls_lossless.dcm")
+    message = str(err.value)
+    assert "MR_small_jpeg_ls_lossless.dcm" in message and "JPEG-LS Lossless" in message
+    assert "pylibjpeg-libjpeg" in message and "install one of" in message
+    assert support["RLE Lossless"]["available"] and support["Explicit VR Little Endian"]["available"]
+
+
+def test_bundled_multiframe_takes_the_requested_frame():
+    ds = pydicom.dcmread(PYDICOM_FILES / "rtdose.dcm")
+    frames = ds.pixel_array.astype(np.float64)
+    for index in (0, 7, -1):
+        image, meta = read_dicom_image(PYDICOM_FILES / "rtdose.dcm", frame=index, voi="minmax")
+        expected = frames[index]
+        expected = (expected - expected.min()) / max(expected.max() - expected.min(), 1e-12)
+        np.testing.assert_allclose(image, expected, atol=1e-6)
+        assert meta["n_frames"] == 15 and image.shape == (ds.Rows, ds.Columns)
+    with pytest.raises(DicomError, match="frame 15 requested but the file has 15 frame"):
+        read_dicom_image(PYDICOM_FILES / "rtdose.dcm", frame=15)
+
+
+def test_modality_rule_and_empty_image(make_dicom):
+    path = make_dicom("us.dcm", np.ones((4, 4), dtype=np.uint16), Modality="US")
+    with pytest.raises(DicomError, match="modality 'US' but this pipeline expects \\['CR', 'DX'\\]"):
+        read_dicom_image(path, modalities=("CR", "DX"))
+    empty = make_dicom("empty.dcm", np.zeros((0, 0), dtype=np.uint16))
+    with pytest.raises(DicomError, match="empty image"):
+        read_dicom_image(empty)

@@ -125,3 +125,49 @@ def test_non_finite_loss_skips_then_stops(synthetic_cxr, tmp_path, monkeypatch):
         trainer.fit()
     after = trainer.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # no update from a bad step
+
+
+def _manifest_with_bad_rows(synthetic_cxr: Path, tmp_path: Path, n_corrupt: int) -> Path:
+    """The synthetic set with ``n_corrupt`` training images overwritten by garbage (copies), one empty report
+    and one report in Latin-1."""
+    from mmvl.data.manifest import load_manifest
+
+    lines = []
+    corrupt = 0
+    for row in load_manifest(synthetic_cxr):
+        record = {key: row[key] for key in ("image", "report", "labels", "split", "study_id")}
+        if row["split"] == "train" and corrupt < n_corrupt:
+            bad = tmp_path / f"corrupt{corrupt}.dcm"
+            bad.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00" * 20)
+            record["image"], corrupt = [str(bad)], corrupt + 1
+        lines.append(json.dumps(record).encode())
+    lines.append(json.dumps({"image": lines and record["image"], "report": "", "split": "train"}).encode())
+    lines.append(json.dumps({"image": record["image"], "report": "FINDINGS: caf\u00e9", "split": "train"})
+                 .encode().replace(b"caf\\u00e9", b"caf\xe9"))
+    path = tmp_path / "bad_manifest.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def test_unreadable_samples_are_skipped_logged_and_limited(synthetic_cxr, tmp_path):
+    from mmvl.errors import TrainingError
+
+    manifest = _manifest_with_bad_rows(synthetic_cxr, tmp_path, n_corrupt=2)
+    options = ["train.batch_size=16", "train.val_interval=100", "data.max_skip_fraction=0.05"]
+    trainer = Trainer(tiny_config(manifest, "train.max_steps=11", *options), tmp_path / "skip")
+    trainer.fit()  # 11 steps of 16 > one epoch of the 160 training rows: every corrupt file was met
+    skipped = [json.loads(line) for line in (tmp_path / "skip" / "skipped.jsonl").read_text().splitlines()]
+    at_load = [s for s in skipped if s["step"] == 0]
+    assert sorted(s["reason"] for s in at_load) == [
+        "'report' is not valid UTF-8 (byte 0xe9); re-encode the manifest as UTF-8",
+        "empty report (sections ['findings', 'impression'])"]
+    in_training = [s for s in skipped if s["step"] > 0]
+    assert {Path(s["path"]).name for s in in_training} == {"corrupt0.dcm", "corrupt1.dcm"}
+    assert all("not a DICOM file" in s["reason"] or "corrupt" in s["reason"] for s in in_training)
+    assert [m for m in read_metrics(tmp_path / "skip") if "loss" in m][-1]["skipped_samples"] == 2
+
+    strict = Trainer(tiny_config(manifest, "train.max_steps=11", *options[:2], "data.max_skip_fraction=0.005"),
+                     tmp_path / "strict")
+    expected = r"1 of 160 training samples could not be read.*corrupt.\.dcm: corrupt.*check_data.py"
+    with pytest.raises(TrainingError, match=expected):
+        strict.fit()
