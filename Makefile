@@ -22,6 +22,7 @@ $(DEMO_DATA)/manifest.jsonl: datasets/synthetic.py | $(STAMP)
 	$(PY) datasets/synthetic.py --out $(DEMO_DATA) --n 800 --size 128 --seed 0
 
 demo: install $(DEMO_DATA)/manifest.jsonl
+	$(PY) tools/check_data.py $(DEMO_DATA)/manifest.jsonl --config configs/demo/cxr_clip_tiny.py
 	$(PY) tools/train.py configs/demo/cxr_clip_tiny.py --work-dir $(DEMO_WORK)
 	$(PY) tools/zero_shot.py $(DEMO_WORK) --manifest $(DEMO_DATA)/test.jsonl --limit 12 \
 		--labels "$(DEMO_LABELS)" --preset chexzero --out $(DEMO_WORK)/zero_shot_demo.csv
