@@ -70,9 +70,9 @@ def _dicom_headers(folder: str) -> dict[str, list[tuple[str, Any]]]:
         if "PixelData" in ds:
             series.setdefault(uid, []).append((path, ds))
         else:  # SR, presentation states, KOs share folders with images; a truncated slice looks the same
-            without_pixels.append((path, uid))
+            without_pixels.append((path, uid if "SOPClassUID" in ds else None))
     for path, uid in without_pixels:
-        if uid in series or not uid:
+        if uid is None or uid in series:
             raise DicomError(path, "no (7FE0,0010) PixelData in an image series (truncated file?)")
     return series
 

@@ -1,0 +1,204 @@
+"""What the converter scripts in ``datasets/`` share: CSV reading, hashed splits, the manifest writer, the summary.
+
+Not a converter itself: ``chexpert.py``, ``ct_rate.py`` and ``dicom_folder.py`` import it from beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import hashlib
+import json
+import os
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TextIO
+
+from tqdm import tqdm
+
+try:
+    from mmvl.errors import DataError, MMVLError
+except ImportError:  # run from a checkout that is not pip-installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from mmvl.errors import DataError, MMVLError
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def read_csv(path: str | os.PathLike, required: Sequence[str], hint: str = "") -> Iterator[dict[str, str]]:
+    """Rows of a CSV (or gzip CSV) as dicts with ``""`` for missing cells; the ``required`` columns must exist.
+
+    ``hint`` ends the "not found" message (where to get the file). A UTF-8 byte order mark, as Excel writes
+    it, is dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, f"CSV file not found{'; ' + hint if hint else ''}")
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rt", newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = reader.fieldnames or []
+            missing = [name for name in required if name not in columns]
+            if missing:
+                raise DataError(path, f"missing column(s) {missing}; found {columns}. Is this the right CSV?")
+            for row in reader:
+                yield {name: row.get(name) or "" for name in columns}
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as err:  # truncated gzip, binary file
+        raise DataError(path, f"cannot read CSV: {err}") from err
+
+
+def parse_label(
+    text: str, path: str | os.PathLike, line: int, column: str, allowed: Sequence[float] = (1.0, 0.0)
+) -> float | None:
+    """A label cell as a number from ``allowed``, or None when blank; anything else is a DataError."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value not in allowed:
+        expected = ", ".join(f"{number:g}" for number in allowed)
+        raise DataError(path, f"line {line}, {column!r}: {text!r} is not one of {expected} or empty")
+    return value
+
+
+def hashed_fraction(key: str) -> float:
+    """A number in [0, 1) fixed by ``key`` alone (SHA-256), so a key's split never depends on row order."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
+
+
+def hashed_split(key: str, val_fraction: float, test_fraction: float = 0.0) -> str:
+    """``"test"`` for about ``test_fraction`` of keys, ``"val"`` for about ``val_fraction``, else ``"train"``."""
+    value = hashed_fraction(key)
+    if value < test_fraction:
+        return "test"
+    return "val" if value < test_fraction + val_fraction else "train"
+
+
+def check_fractions(val_fraction: float, test_fraction: float = 0.0) -> None:
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise MMVLError(f"{name}={value}: must be at least 0 and below 1")
+    if val_fraction + test_fraction >= 1.0:
+        raise MMVLError(f"val_fraction + test_fraction = {val_fraction + test_fraction}: leave some for train")
+
+
+def manifest_path(out: str | os.PathLike) -> Path:
+    """``out`` itself when it names a ``.jsonl`` file, else ``out/manifest.jsonl``."""
+    out = Path(out)
+    return out if out.suffix == ".jsonl" else out / "manifest.jsonl"
+
+
+class ManifestWriter:
+    """Writes a manifest and ``train.jsonl``, ``val.jsonl``, ``test.jsonl`` beside it, one JSON row a line.
+
+    Use it as a context manager: rows go to ``.tmp`` files that replace the targets when the block ends
+    normally and are removed when it raises, so only a finished conversion replaces an earlier manifest.
+    """
+
+    def __init__(self, out: str | os.PathLike):
+        self.path = manifest_path(out)
+        self.folder = Path(os.path.abspath(self.path.parent))
+        self.split_paths = {name: self.folder / f"{name}.jsonl" for name in SPLIT_NAMES}
+        if Path(os.path.abspath(self.path)) in self.split_paths.values():
+            raise MMVLError(f"out={out}: the per-split files take that name; call the manifest manifest.jsonl")
+        self.rows_per_split = Counter(dict.fromkeys(SPLIT_NAMES, 0))
+        self.studies: set[str] = set()
+        self._handles: dict[Path, TextIO] = {}
+
+    def __enter__(self) -> ManifestWriter:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for target in (self.path, *self.split_paths.values()):
+            self._handles[target] = open(f"{target}.tmp", "w", encoding="utf-8")
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        for target, handle in self._handles.items():
+            handle.close()
+            if exc_type is None:
+                os.replace(f"{target}.tmp", target)
+            else:
+                os.remove(f"{target}.tmp")
+
+    def relative(self, path: str | os.PathLike) -> str:
+        """``path`` relative to the manifest's folder, with forward slashes."""
+        return Path(os.path.relpath(os.path.abspath(path), self.folder)).as_posix()
+
+    @property
+    def rows(self) -> int:
+        return sum(self.rows_per_split.values())
+
+    def write(self, row: Mapping) -> None:
+        """Append ``row`` (which has ``split`` and ``study_id``) to the manifest and to its split's file."""
+        line = json.dumps(row, ensure_ascii=False) + "\n"
+        self._handles[self.path].write(line)
+        self._handles[self.split_paths[row["split"]]].write(line)
+        self.rows_per_split[row["split"]] += 1
+        self.studies.add(row["study_id"])
+
+    def require_rows(self, source: str | os.PathLike, skipped: Mapping[str, int]) -> None:
+        """Raise (so that nothing is written) when every candidate was skipped: an empty manifest is a mistake."""
+        if not self.rows:
+            reasons = ", ".join(f"{reason} {number}" for reason, number in skipped.items() if number) or "none"
+            raise DataError(source, f"no rows to write (skipped: {reasons}); check the paths and options")
+
+    def counts(self, skipped: Mapping[str, int], **extra) -> dict:
+        """``{"rows", "studies", "splits": {split: rows}, "skipped": {reason: n}, **extra, "manifest"}``."""
+        return {
+            "rows": self.rows,
+            "studies": len(self.studies),
+            "splits": dict(self.rows_per_split),
+            "skipped": dict(skipped),
+            **extra,
+            "manifest": str(self.path),
+        }
+
+
+def progress_bar(items: Iterable, enabled: bool, **tqdm_options) -> tqdm:
+    """A tqdm bar over ``items``, silent when ``enabled`` is false or MMVL_NO_PROGRESS=1 (as in the tests)."""
+    quiet = not enabled or os.environ.get("MMVL_NO_PROGRESS") == "1"
+    return tqdm(items, disable=quiet, **tqdm_options)
+
+
+def format_summary(counts: Mapping, unit: str) -> str:
+    """The counts returned by a converter as a few readable lines; ``unit`` names a row ("images")."""
+    splits = ", ".join(f"{name} {number}" for name, number in counts["splits"].items())
+    skipped = ", ".join(f"{reason} {number}" for reason, number in counts["skipped"].items()) or "none"
+    return (
+        f"wrote {counts['rows']} {unit} from {counts['studies']} studies to {counts['manifest']}\n"
+        f"  per split: {splits}\n"
+        f"  skipped {unit}: {skipped}"
+    )
+
+
+def comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, section_names: Sequence[str] = ()) -> None:
+    """``--out``, ``--sections`` and ``--no-progress``, which every converter takes."""
+    parser.add_argument("--out", required=True, help="output folder, or the manifest's .jsonl path")
+    choices = f", from {','.join(section_names)}" if section_names else ""
+    parser.add_argument(
+        "--sections",
+        type=comma_list,
+        default=["findings", "impression"],
+        help=f"report sections used as text, in order{choices} (default findings,impression)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_cli(convert: Callable[..., dict], options: Mapping) -> dict:
+    """``convert(**options)``, parsed arguments named as its parameters; an MMVLError exits with its message."""
+    options = dict(options)
+    options["progress"] = not options.pop("no_progress")
+    try:
+        return convert(**options)
+    except MMVLError as err:
+        sys.exit(f"error: {err}")

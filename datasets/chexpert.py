@@ -1,0 +1,201 @@
+"""Convert CheXpert (v1.0 or v1.0-small), with CheXpert Plus reports when given, to an mmvl manifest.
+
+One JSONL row per radiograph: ``train.csv`` gives train and a patient-level val split, ``valid.csv`` gives
+test. See ``datasets/chexpert.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+
+HERE = Path(__file__).resolve().parent
+try:
+    from mmvl.data.reports import report_text
+    from mmvl.errors import DataError, MMVLError
+except ImportError:  # run as `python datasets/chexpert.py` from a checkout that is not pip-installed
+    sys.path.insert(0, str(HERE.parent))
+    from mmvl.data.reports import report_text
+    from mmvl.errors import DataError, MMVLError
+if str(HERE) not in sys.path:  # imported by path (as the tests do): find the modules beside this script
+    sys.path.insert(0, str(HERE))
+from _converter import (  # noqa: E402
+    ManifestWriter,
+    add_common_arguments,
+    check_fractions,
+    format_summary,
+    hashed_split,
+    parse_label,
+    progress_bar,
+    read_csv,
+    run_cli,
+)
+from mimic_cxr import CHEXPERT_LABELS, UNCERTAIN_POLICIES, apply_uncertain_policy  # noqa: E402
+
+RELEASE_FOLDERS = ("CheXpert-v1.0-small", "CheXpert-v1.0")
+SOURCES = (("train.csv", "train"), ("valid.csv", "test"))  # CheXpert's validation set is mmvl's test split
+SPLIT_FOLDERS = ("train", "valid", "test")
+VIEWS = ("frontal", "all")
+LABEL_COLUMNS = tuple(sorted(CHEXPERT_LABELS))
+CSV_COLUMNS = ("Path", "Frontal/Lateral", "AP/PA", *LABEL_COLUMNS)
+PLUS_COLUMNS = ("path_to_image", "report")  # df_chexpert_plus_240401.csv
+CHEXPERT_VALUES = (1.0, 0.0, -1.0)  # positive, negative, uncertain; blank is unknown
+SKIP_REASONS = ("other_view", "missing_report", "empty_report", "missing_image")
+HINT = "download CheXpert from the Stanford AIMI site (see datasets/chexpert.md)"
+
+
+def image_key(path: str) -> PurePosixPath:
+    """An image's path below the release folder, as both CSVs can name it.
+
+    ``CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg`` (train.csv) and
+    ``train/patient00001/study1/view1_frontal.jpg`` (CheXpert Plus) both give
+    ``train/patient00001/study1/view1_frontal.jpg``, whatever the release folder is called.
+    """
+    parts = PurePosixPath(path.strip().replace("\\", "/")).parts
+    if parts and parts[0] not in SPLIT_FOLDERS:
+        parts = parts[1:]
+    if len(parts) != 4:
+        raise ValueError(f"{path!r} is not <release>/<split>/<patient>/<study>/<view file>")
+    return PurePosixPath(*parts)
+
+
+def find_release(root: str | os.PathLike) -> Path:
+    """The folder holding train.csv and valid.csv: ``root`` itself or its CheXpert-v1.0(-small) folder."""
+    root = Path(root)
+    for folder in (root, *(root / name for name in RELEASE_FOLDERS)):
+        if (folder / "train.csv").is_file():
+            return folder
+    raise DataError(root, f"no train.csv here; pass the {' or '.join(RELEASE_FOLDERS)} folder, or {HINT}")
+
+
+def read_reports(path: str | os.PathLike, sections: Sequence[str], progress: bool) -> dict[str, str]:
+    """CheXpert Plus reports: image path below the release folder, without extension -> report text."""
+    reports: dict[str, str] = {}
+    rows = read_csv(path, PLUS_COLUMNS, hint="download CheXpert Plus (see datasets/chexpert.md)")
+    for line, row in enumerate(progress_bar(rows, progress, desc="CheXpert Plus", unit="report"), start=2):
+        try:
+            key = image_key(row["path_to_image"])
+        except ValueError as err:
+            raise DataError(path, f"line {line}, 'path_to_image': {err}") from err
+        # The PNG release names its images .png where train.csv says .jpg: match without the extension.
+        reports[str(key.with_suffix(""))] = report_text(row["report"], sections)
+    return reports
+
+
+def convert(
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    reports: str | os.PathLike | None = None,
+    views: str = "frontal",
+    uncertain: str = "drop",
+    val_fraction: float = 0.05,
+    sections: Sequence[str] = ("findings", "impression"),
+    allow_missing_report: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Write the manifest (``out``: a ``.jsonl`` path or a folder) and ``train/val/test.jsonl``; return counts.
+
+    ``root`` is the CheXpert-v1.0-small (or CheXpert-v1.0) folder or its parent; ``reports`` the CheXpert
+    Plus CSV. ``val_fraction`` of the train.csv patients (by a hash of the patient id) become "val";
+    valid.csv is "test". Rows without a report are skipped unless ``allow_missing_report``, which keeps them
+    with ``"report": ""``. Returns ``{"rows", "studies", "splits", "skipped": {reason: images},
+    "without_report", "manifest"}``; skip reasons are ``SKIP_REASONS``.
+    """
+    if views not in VIEWS:
+        raise MMVLError(f"views={views!r}: choose one of {VIEWS}")
+    if uncertain not in UNCERTAIN_POLICIES:
+        raise MMVLError(f"uncertain={uncertain!r}: choose one of {UNCERTAIN_POLICIES}")
+    check_fractions(val_fraction)
+    if reports is None and not allow_missing_report:
+        raise MMVLError(
+            "CheXpert has no reports of its own: pass the CheXpert Plus CSV (--reports "
+            "df_chexpert_plus_240401.csv), or --allow-missing-report for images and labels only"
+        )
+    release = find_release(root)
+    report_of = read_reports(reports, sections, progress) if reports is not None else {}
+    label_names = [name.lower() for name in LABEL_COLUMNS]
+    skipped = Counter(dict.fromkeys(SKIP_REASONS, 0))
+    without_report = 0
+    with ManifestWriter(out) as writer:
+        for csv_name, source_split in SOURCES:
+            csv_path = release / csv_name
+            rows = read_csv(csv_path, CSV_COLUMNS, hint=HINT)
+            for line, row in enumerate(progress_bar(rows, progress, desc=csv_name, unit="image"), start=2):
+                if views == "frontal" and row["Frontal/Lateral"].strip().lower() != "frontal":
+                    skipped["other_view"] += 1
+                    continue
+                try:
+                    key = image_key(row["Path"])
+                except ValueError as err:
+                    raise DataError(csv_path, f"line {line}, 'Path': {err}") from err
+                text = report_of.get(str(key.with_suffix("")))
+                if not text and not allow_missing_report:
+                    skipped["missing_report" if text is None else "empty_report"] += 1
+                    continue
+                image = release / key
+                if not image.is_file():
+                    skipped["missing_image"] += 1
+                    continue
+                values = [parse_label(row[name], csv_path, line, name, CHEXPERT_VALUES) for name in LABEL_COLUMNS]
+                _split_folder, patient, study, _view_file = key.parts
+                without_report += not text
+                writer.write(
+                    {
+                        "image": writer.relative(image),
+                        "report": text or "",
+                        "labels": apply_uncertain_policy(label_names, values, uncertain),
+                        "split": hashed_split(patient, val_fraction) if source_split == "train" else source_split,
+                        "study_id": f"{patient}_{study}",
+                        "view": row["AP/PA"].strip() or row["Frontal/Lateral"].strip() or None,
+                    }
+                )
+        writer.require_rows(release, skipped)
+    return writer.counts(skipped, without_report=without_report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Convert CheXpert (with CheXpert Plus reports) to an mmvl manifest.",
+        epilog="Rows hold image (relative to the manifest), report, labels, split, study_id and view; no age, "
+        "sex or other patient data. valid.csv becomes the test split. See datasets/chexpert.md.",
+    )
+    parser.add_argument("root", help="the CheXpert-v1.0-small (or CheXpert-v1.0) folder, or the folder holding it")
+    parser.add_argument("--reports", help="CheXpert Plus df_chexpert_plus_240401.csv, matched on the image path")
+    parser.add_argument(
+        "--allow-missing-report",
+        action="store_true",
+        help="keep images without a report (report is empty), e.g. for zero-shot evaluation",
+    )
+    parser.add_argument(
+        "--views", choices=VIEWS, default="frontal", help="frontal images only, or all (default frontal)"
+    )
+    parser.add_argument(
+        "--uncertain",
+        choices=UNCERTAIN_POLICIES,
+        default="drop",
+        help="CheXpert -1.0 (uncertain) becomes 1, 0, or is left out (default drop)",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.05,
+        help="fraction of train.csv patients put in val, by a hash of the patient id (default 0.05)",
+    )
+    add_common_arguments(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    counts = run_cli(convert, vars(build_parser().parse_args(argv)))
+    print(format_summary(counts, "images"))
+    if counts["without_report"]:
+        print(f"  kept without a report: {counts['without_report']}")
+    return counts
+
+
+if __name__ == "__main__":
+    main()

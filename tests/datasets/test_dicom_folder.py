@@ -1,0 +1,281 @@
+"""The DICOM-folder importer (datasets/dicom_folder.py) on a small hospital-like export written here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from mmvl.errors import DataError, MMVLError
+from tests.conftest import load_script
+from tests.datasets.conftest import read_jsonl, write_csv
+
+dicom_folder = load_script("dicom_folder")
+
+# Header values that identify someone: none may reach the manifest or the console.
+PRIVATE = {
+    "PatientName": "TEST^SECRET",  # written by the make_dicom fixture itself, with PatientID
+    "PatientBirthDate": "19451231",
+    "AccessionNumber": "ACC-SECRET-77",
+    "InstitutionName": "SECRET HOSPITAL",
+    "ReferringPhysicianName": "DR^SECRET",
+}
+STUDY = {
+    "S001": "1.2.826.0.1.1",
+    "S005": "1.2.826.0.1.5",
+    "S003": "1.2.826.0.1.3",
+    "S006": "1.2.826.0.1.6",
+    "S007": "1.2.826.0.1.7",
+    "foreign": "1.2.826.0.1.99",
+    "loose": "1.2.826.0.1.98",
+}
+CT_SERIES = "1.2.826.0.2.1"
+DX_SERIES = "1.2.826.0.2.5"
+MF_SERIES = "1.2.826.0.2.55"
+# (path below the export, study, series, frames)
+IMAGES = [
+    *((f"S001/CT/IM000{n}", "S001", CT_SERIES, 1) for n in range(1, 5)),  # no .dcm suffix
+    ("S001/CT/scout.dcm", "foreign", "1.2.826.0.2.99", 1),  # another study's series in the same folder
+    ("S005/DX/chest.dcm", "S005", DX_SERIES, 1),
+    ("S005/DX/1.2.826.0.9.99", "S005", DX_SERIES, 1),  # named by its SOP Instance UID
+    ("S005/MF/enhanced.dcm", "S005", MF_SERIES, 3),  # one multi-frame file holding 3 slices
+    *((f"S003/CT/{n}.dcm", "S003", "1.2.826.0.2.3", 1) for n in range(1, 4)),  # no report row
+    *((f"S006/CT/{n}.dcm", "S006", "1.2.826.0.2.6", 1) for n in range(1, 4)),  # blank report
+    ("S007/a/1.dcm", "S007", "1.2.826.0.2.7", 1),  # one series spread over two folders
+    ("S007/a/2.dcm", "S007", "1.2.826.0.2.7", 1),
+    ("S007/b/3.dcm", "S007", "1.2.826.0.2.7", 1),
+    ("S003/CT/no_series.dcm", "S003", None, 1),  # no SeriesInstanceUID
+    ("loose.dcm", "loose", "1.2.826.0.2.98", 1),  # directly in the export folder
+]
+REPORTS_HEADER = ["study_id", "report", "split", "effusion", "nodule"]
+REPORTS = [
+    ["S001", "FINDINGS: Small left effusion.\nIMPRESSION: Effusion.", "train", "1", "0"],
+    ["S004", "Report whose images were not exported.", "train", "", ""],
+    ["S005", "Normal chest.", "val", "0", ""],
+    ["S006", "   ", "train", "", ""],
+    ["S007", "FINDINGS: Nodule in the right upper lobe.", "test", "0", "1.0"],
+]
+
+
+def write_structured_report(path: Path, study_uid: str) -> None:
+    """A Basic Text SR: a DICOM object with no Image Pixel module, as exports often hold."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    meta.MediaStorageSOPInstanceUID = "1.2.826.0.3.1"
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.StudyInstanceUID, ds.SeriesInstanceUID = "SR", study_uid, "1.2.826.0.2.11"
+    ds.PatientName = PRIVATE["PatientName"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+@pytest.fixture
+def export(tmp_path: Path, make_dicom) -> Path:
+    """``export/<study folder>/...`` DICOMs with identifying headers, a note, an SR and a broken file."""
+    for number, (name, study, series, frames) in enumerate(IMAGES, start=1):
+        pixels = np.full((frames, 4, 4) if frames > 1 else (4, 4), number, dtype=np.uint16)
+        uids = {"StudyInstanceUID": STUDY[study], **({"SeriesInstanceUID": series} if series else {})}
+        identifying = {key: value for key, value in PRIVATE.items() if key != "PatientName"}
+        make_dicom(f"export/{name}", pixels, Modality="CT", InstanceNumber=number, **uids, **identifying)
+    root = tmp_path / "export"
+    (root / "S001" / "CT" / "notes.txt").write_text("exported by PACS", encoding="utf-8")
+    write_structured_report(root / "S001" / "SR" / "sr.dcm", STUDY["S001"])
+    # The DICM preamble, then a file meta element with a VR that does not exist.
+    broken = b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00QQ\x10\x001.2.840.10008.1.2.1"
+    (root / "S009").mkdir()
+    (root / "S009" / "broken.dcm").write_bytes(broken)
+    return root
+
+
+@pytest.fixture
+def reports(tmp_path: Path) -> Path:
+    return write_csv(tmp_path / "reports.csv", REPORTS_HEADER, REPORTS)
+
+
+def image(name: str) -> str:
+    return f"../export/{name}"
+
+
+def assert_private_values_absent(*texts: str) -> None:
+    for text in texts:
+        for value in (*PRIVATE.values(), "PID-SECRET-0001"):
+            assert value not in text
+
+
+def test_2d_one_row_per_image_joined_by_folder(
+    export: Path, reports: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "manifests"
+    argv = [
+        str(export),
+        "--reports",
+        str(reports),
+        "--out",
+        str(out),
+        "--label-columns",
+        "effusion,nodule",
+        "--no-progress",
+    ]
+    counts = dicom_folder.main(argv)
+    rows = read_jsonl(out / "manifest.jsonl")
+    s001 = {
+        "report": "Small left effusion. Effusion.",
+        "labels": {"effusion": 1, "nodule": 0},
+        "split": "train",
+        "study_id": "S001",
+    }
+    s005 = {"report": "Normal chest.", "labels": {"effusion": 0}, "split": "test", "study_id": "S005"}  # hash 0.039
+    s007 = {
+        "report": "Nodule in the right upper lobe.",
+        "labels": {"effusion": 0, "nodule": 1},
+        "split": "val",
+        "study_id": "S007",
+    }
+    assert rows == [
+        *({"image": image(f"S001/CT/IM000{n}"), **s001} for n in range(1, 5)),
+        {"image": image("S001/CT/scout.dcm"), **s001},  # under S001's folder, so S001's report
+        {"image": image("S005/DX/1.2.826.0.9.99"), **s005},
+        {"image": image("S005/DX/chest.dcm"), **s005},
+        {"image": image("S005/MF/enhanced.dcm"), **s005},
+        *({"image": image(f"S007/{name}"), **s007} for name in ("a/1.dcm", "a/2.dcm", "b/3.dcm")),
+    ]
+    assert counts == {
+        "rows": 11,
+        "studies": 3,
+        "splits": {"train": 5, "val": 3, "test": 3},
+        "skipped": {"unmatched": 5, "empty_report": 3},  # S003's 4 images and loose.dcm; S006's 3 images
+        "skipped_files": {"not_dicom": 1, "unreadable": 1, "no_pixel_data": 1},
+        "unreadable_examples": ["S009/broken.dcm (NotImplementedError)"],
+        "unused_reports": 1,  # S004
+        "manifest": str(out / "manifest.jsonl"),
+    }
+    for name in ("train", "val", "test"):
+        assert read_jsonl(out / f"{name}.jsonl") == [row for row in rows if row["split"] == name]
+    captured = capsys.readouterr()
+    assert f"wrote 11 images from 3 studies to {out / 'manifest.jsonl'}" in captured.out
+    assert "skipped files: not_dicom 1, unreadable 1, no_pixel_data 1" in captured.out
+    assert "unreadable, e.g.: S009/broken.dcm (NotImplementedError)" in captured.out
+    assert "reports matching no images: 1" in captured.out
+    assert_private_values_absent((out / "manifest.jsonl").read_text(encoding="utf-8"), captured.out, captured.err)
+    assert STUDY["S001"] not in (out / "manifest.jsonl").read_text(encoding="utf-8")
+
+
+def test_3d_one_row_per_series_with_series_uid_where_the_folder_is_shared(
+    export: Path, reports: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "ct" / "manifest.jsonl"
+    counts = dicom_folder.convert(export, reports, out, kind="3d", min_slices=3, split_column="split", progress=False)
+    assert read_jsonl(out) == [
+        {
+            "image": "../export/S001/CT",
+            "report": "Small left effusion. Effusion.",
+            "split": "train",
+            "study_id": "S001",
+            "series_uid": CT_SERIES,  # the folder also holds the scout of another study
+        },
+        {"image": "../export/S005/MF", "report": "Normal chest.", "split": "val", "study_id": "S005"},
+    ]
+    assert counts["skipped"] == {
+        "series_across_folders": 1,  # S007
+        "too_few_slices": 3,  # the scout, S005's two DX images, loose.dcm
+        "unmatched": 1,  # S003
+        "empty_report": 1,  # S006
+    }
+    assert counts["skipped_files"] == {"not_dicom": 1, "unreadable": 1, "no_pixel_data": 1, "no_series_uid": 1}
+    assert counts["unused_reports"] == 2  # S004, and S007 whose only series was skipped before the join
+    assert_private_values_absent(out.read_text(encoding="utf-8"))
+
+
+def test_3d_joined_by_study_uid_leaves_the_foreign_series_out(export: Path, tmp_path: Path) -> None:
+    reports = write_csv(
+        tmp_path / "by_uid.csv", ["StudyUID", "Text"], [[STUDY["S001"], "Effusion."], [STUDY["S005"], "Normal."]]
+    )
+    out = tmp_path / "uid"
+    counts = dicom_folder.convert(
+        export,
+        reports,
+        out,
+        key_column="StudyUID",
+        report_column="Text",
+        match="study_uid",
+        kind="3d",
+        min_slices=1,
+        progress=False,
+    )
+    rows = read_jsonl(out / "manifest.jsonl")
+    assert [(row["image"], row["study_id"], row.get("series_uid")) for row in rows] == [
+        ("../export/S001/CT", STUDY["S001"], CT_SERIES),
+        ("../export/S005/DX", STUDY["S005"], None),
+        ("../export/S005/MF", STUDY["S005"], None),
+    ]
+    assert [row["split"] for row in rows] == ["train", "train", "train"]  # hashes 0.81 and 0.57: train
+    # the scout (foreign study), S003, S006 and loose.dcm have no report row; S007 spans two folders
+    assert counts["skipped"] == {"series_across_folders": 1, "too_few_slices": 0, "unmatched": 4, "empty_report": 0}
+
+
+def test_2d_joined_by_file_name(export: Path, tmp_path: Path) -> None:
+    reports = write_csv(
+        tmp_path / "by_file.csv",
+        ["file", "report"],
+        [["IM0001", "First."], ["1.2.826.0.9.99", "UID-named."], ["chest", "Chest."]],
+    )
+    out = tmp_path / "files"
+    counts = dicom_folder.convert(
+        export, reports, out, key_column="file", match="filename", val_fraction=0, test_fraction=0, progress=False
+    )
+    rows = read_jsonl(out / "manifest.jsonl")
+    assert [(row["image"], row["study_id"], row["report"]) for row in rows] == [
+        ("../export/S001/CT/IM0001", "IM0001", "First."),
+        ("../export/S005/DX/1.2.826.0.9.99", "1.2.826.0.9.99", "UID-named."),  # its dots are not a suffix
+        ("../export/S005/DX/chest.dcm", "chest", "Chest."),
+    ]
+    assert all("labels" not in row for row in rows)
+    assert counts["splits"] == {"train": 3, "val": 0, "test": 0}
+    assert counts["skipped"] == {"unmatched": 16, "empty_report": 0}
+
+
+def test_csv_errors_name_the_line_and_column(export: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    path = write_csv(tmp_path / "dup.csv", REPORTS_HEADER, [REPORTS[0], REPORTS[2], REPORTS[0]])
+    with pytest.raises(DataError, match="line 4: study_id 'S001' is already on line 2; keys are unique") as info:
+        dicom_folder.convert(export, path, out, progress=False)
+    assert info.value.path == str(path)
+    path = write_csv(tmp_path / "split.csv", REPORTS_HEADER, [["S001", "Text.", "holdout", "", ""]])
+    with pytest.raises(DataError, match="line 2, 'split': 'holdout' is not train, val or test"):
+        dicom_folder.convert(export, path, out, split_column="split", progress=False)
+    path = write_csv(tmp_path / "label.csv", REPORTS_HEADER, [["S001", "Text.", "", "yes", ""]])
+    with pytest.raises(DataError, match="line 2, 'effusion': 'yes' is not one of 1, 0 or empty"):
+        dicom_folder.convert(export, path, out, label_columns=["effusion"], progress=False)
+    path = write_csv(tmp_path / "blank.csv", REPORTS_HEADER, [["", "Text.", "", "", ""]])
+    with pytest.raises(DataError, match="line 2: empty 'study_id'"):
+        dicom_folder.convert(export, path, out, progress=False)
+    with pytest.raises(DataError, match=r"missing column\(s\) \['accession'\]"):
+        dicom_folder.convert(export, path, out, key_column="accession", progress=False)
+    assert not list(out.glob("*"))
+
+
+def test_bad_arguments_and_nothing_to_write(export: Path, reports: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(MMVLError, match="match='filename' names single files"):
+        dicom_folder.convert(export, reports, out, match="filename", kind="3d")
+    with pytest.raises(MMVLError, match="match='accession'"):
+        dicom_folder.convert(export, reports, out, match="accession")
+    with pytest.raises(MMVLError, match="kind='4d'"):
+        dicom_folder.convert(export, reports, out, kind="4d")
+    with pytest.raises(MMVLError, match="leave some for train"):
+        dicom_folder.convert(export, reports, out, val_fraction=0.5, test_fraction=0.5)
+    with pytest.raises(DataError, match="DICOM folder not found"):
+        dicom_folder.convert(tmp_path / "nowhere", reports, out)
+    argv = [str(export), "--reports", str(reports), "--out", str(out), "--kind", "3d", "--no-progress"]
+    with pytest.raises(
+        SystemExit,
+        match=r"no rows to write \(skipped: not_dicom 1, unreadable 1, no_pixel_data 1, no_series_uid 1, "
+        r"series_across_folders 1, too_few_slices 7\)",
+    ):
+        dicom_folder.main(argv)  # every series is below the default 16 slices
+    assert not list(out.glob("*"))
