@@ -182,8 +182,11 @@ class ManifestDataset(Dataset):
             logger.warning("skipping unreadable sample (manifest line %d): %s", row["line"], loaded["error"])
             return {"skipped": {"index": index, "line": row["line"], "path": path, "reason": loaded["error"]}}
         sample = self.pipeline.augment(loaded, seed)
+        image = torch.from_numpy(sample["image"])
+        if self.cache == "memory" and image.data_ptr() == loaded["image"].data_ptr():
+            image = image.clone()  # never hand out the cache's own memory
         item = {
-            "image": torch.from_numpy(sample["image"]),
+            "image": image,
             "report": row["text"],
             "meta": {"path": path, "study_id": row.get("study_id"), "index": index},
         }

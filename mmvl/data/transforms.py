@@ -293,9 +293,10 @@ class Pipeline:
         return {"image": image, "meta": meta}
 
     def augment(self, loaded: Sample, seed: int | None = None) -> Sample:
-        """Random steps with a per-sample seed; returns a float32 numpy image that owns its memory."""
+        """Random steps with a per-sample seed; returns a float32 numpy image (steps never modify their input
+        in place, so ``loaded`` is left as it was)."""
         rng = np.random.default_rng(seed)
-        sample: Sample = {"image": to_numpy(loaded["image"]).copy(), "meta": dict(loaded["meta"])}
+        sample: Sample = {"image": to_numpy(loaded["image"]), "meta": dict(loaded["meta"])}
         for transform in self.transforms[self.split :]:
             sample = transform(sample, rng)
         sample["image"] = np.ascontiguousarray(to_numpy(sample["image"]))

@@ -1,0 +1,391 @@
+"""Data-loading speed: mmvl's ``ManifestDataset`` (no cache, disk cache, memory cache) against the loading
+code people write by hand (pydicom / nibabel + PIL / scipy), on synthetic chest X-rays and chest CTs.
+
+``python benchmarks/bench_data.py`` prints one table per collection and one JSON line ``{"bench": "data", ...}``
+with every figure; see benchmarks/README.md for what each path does and the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("MMVL_NO_PROGRESS", "1")  # no tqdm bar while the memory cache fills
+
+# The eval pipelines of configs/_base_/datasets/cxr_manifest.py and ct_manifest.py; the CT crop size is chosen
+# from the data (see ct_volume_size), the spacing can be changed with --spacing-3d.
+IMG_SIZE = 224
+MEAN, STD = 0.5, 0.25
+SPACING = (1.5, 1.5, 3.0)
+HU_WINDOW = (-1000.0, 1000.0)
+CXR_PIPELINE = [
+    dict(type="LoadImage", frame=0, voi="auto"),
+    dict(type="ResizePad", size=IMG_SIZE),
+    dict(type="Normalize", mean=MEAN, std=STD),
+]
+
+METHODS = {  # key -> table label; "plain" is the baseline of the speedups
+    "plain": "plain (hand-written)",
+    "mmvl_cold": "mmvl, no cache",
+    "mmvl_disk_fill": "mmvl, disk cache fill",
+    "mmvl_disk_hit": "mmvl, disk cache hit",
+    "mmvl_memory_fill": "mmvl, memory cache fill",
+    "mmvl_memory": "mmvl, memory cache hit",
+}
+COLLECTIONS = ("cxr_dicom", "ct_dicom", "ct_nifti")
+
+
+def ct_pipeline(volume_size: Sequence[int], spacing: Sequence[float] = SPACING) -> list[dict[str, Any]]:
+    return [
+        dict(type="LoadVolume", modalities=("CT",)),
+        dict(type="Orient", axcodes="RAS"),
+        dict(type="Resample", spacing=tuple(spacing)),
+        dict(type="IntensityWindow", low=HU_WINDOW[0], high=HU_WINDOW[1]),
+        dict(type="CropOrPad", size=tuple(volume_size), pad_value=0.0),
+        dict(type="Normalize", mean=MEAN, std=STD),
+    ]
+
+
+def load_script(name: str):
+    """Import a script from ``datasets/`` (not a package, so it cannot shadow HF ``datasets``)."""
+    spec = importlib.util.spec_from_file_location(f"mmvl_script_{name}", REPO / "datasets" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # NamedTuples and dataclasses look their module up in sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+# -- the plain way ---------------------------------------------------------------------------------------
+def plain_cxr(path: str, size: int = IMG_SIZE) -> np.ndarray:
+    """What a hand-written loader does: rescale, window, invert MONOCHROME1, squash to size x size with PIL."""
+    import pydicom
+    from PIL import Image
+
+    ds = pydicom.dcmread(path)
+    values = ds.pixel_array.astype(np.float32)
+    values = values * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))  # (0028,1053/1052)
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        center, width = (float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)
+                         for v in (ds.WindowCenter, ds.WindowWidth))
+        unit = np.clip((values - (center - width / 2)) / width, 0.0, 1.0)
+    else:
+        unit = (values - values.min()) / max(float(values.max() - values.min()), 1e-6)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        unit = 1.0 - unit
+    resized = np.asarray(Image.fromarray(unit).resize((size, size), Image.BILINEAR))
+    return ((resized - MEAN) / STD).astype(np.float32)[None]
+
+
+def center_crop_or_pad(volume: np.ndarray, size: Sequence[int], pad_value: float = 0.0) -> np.ndarray:
+    """Centre crop or pad each axis to ``size`` (the split MONAI's ResizeWithPadOrCrop uses)."""
+    for axis, target in enumerate(size):
+        length = volume.shape[axis]
+        if length > target:
+            start = (length - target) // 2
+            volume = np.take(volume, range(start, start + target), axis=axis)
+        elif length < target:
+            before = (target - length) // 2
+            widths = [(0, 0)] * volume.ndim
+            widths[axis] = (before, target - length - before)
+            volume = np.pad(volume, widths, constant_values=pad_value)
+    return volume
+
+
+def _plain_ct_finish(hu: np.ndarray, voxel_mm: Sequence[float], volume_size: Sequence[int],
+                     spacing: Sequence[float]) -> np.ndarray:
+    """scipy zoom (linear) to ``spacing``, clip the HU window to [0, 1], crop/pad with air, normalise."""
+    from scipy import ndimage
+
+    factors = [float(have) / want for have, want in zip(voxel_mm, spacing)]
+    resampled = ndimage.zoom(hu, factors, order=1)
+    low, high = HU_WINDOW
+    unit = np.clip((resampled - low) / (high - low), 0.0, 1.0)
+    unit = center_crop_or_pad(unit, volume_size, pad_value=0.0)
+    return ((unit - MEAN) / STD).astype(np.float32)[None]
+
+
+def plain_ct_dicom(folder: str, volume_size: Sequence[int], spacing: Sequence[float] = SPACING,
+                   series_uid: str | None = None) -> np.ndarray:
+    """Read every slice, sort by (0020,0013) InstanceNumber, stack, rescale to HU, zoom by PixelSpacing and
+    SliceThickness; no orientation handling. ``series_uid`` (from the manifest) drops other series' files."""
+    import pydicom
+
+    slices = [pydicom.dcmread(os.path.join(folder, name)) for name in os.listdir(folder)]
+    if series_uid is not None:
+        slices = [ds for ds in slices if ds.SeriesInstanceUID == series_uid]
+    slices.sort(key=lambda ds: int(ds.InstanceNumber))
+    hu = np.stack([ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+                   for ds in slices], axis=-1).transpose(1, 0, 2)  # (rows, columns, z) -> (x, y, z)
+    row_mm, column_mm = (float(v) for v in slices[0].PixelSpacing)
+    return _plain_ct_finish(hu, (column_mm, row_mm, float(slices[0].SliceThickness)), volume_size, spacing)
+
+
+def plain_ct_nifti(path: str, volume_size: Sequence[int], spacing: Sequence[float] = SPACING,
+                   series_uid: str | None = None) -> np.ndarray:
+    """nibabel ``get_fdata`` (float32), zoom by the header's voxel sizes; no reorientation."""
+    import nibabel
+
+    image = nibabel.load(path)
+    hu = image.get_fdata(dtype=np.float32)
+    return _plain_ct_finish(hu, image.header.get_zooms()[:3], volume_size, spacing)
+
+
+class PlainDataset:
+    """Map-style dataset over ``(path, series_uid)`` items read by a plain function, so the plain way runs
+    through the same DataLoader (and workers) as mmvl."""
+
+    def __init__(self, items: list[tuple[str, str | None]], read: Callable[..., np.ndarray], volume: bool):
+        self.items, self.read, self.volume = items, read, volume
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        import torch
+
+        path, series_uid = self.items[index]
+        image = self.read(path, series_uid=series_uid) if self.volume else self.read(path)
+        return {"image": torch.from_numpy(image), "meta": {"path": path}}
+
+
+# -- timing ----------------------------------------------------------------------------------------------
+def time_pass(dataset: Any, workers: int, batch_size: int) -> float:
+    """Seconds for one full pass through a DataLoader, worker start-up included."""
+    from torch.utils.data import DataLoader
+
+    from mmvl.data.loader import Collate
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=Collate())
+    seen = 0
+    start = time.perf_counter()
+    for batch in loader:
+        seen += batch["image"].shape[0]
+    elapsed = time.perf_counter() - start
+    if seen != len(dataset):
+        raise RuntimeError(f"a pass yielded {seen} items, expected {len(dataset)} (skipped samples?)")
+    return elapsed
+
+
+def folder_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6
+
+
+def bench_collection(
+    name: str,
+    manifest: Path,
+    pipeline: list[dict[str, Any]],
+    plain_read: Callable[..., np.ndarray],
+    workers_list: Sequence[int],
+    repeats: int,
+    batch_size: int,
+    scratch: Path,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Time every method on one manifest; returns collection facts and one result row per (method, workers)."""
+    from mmvl.data.datasets import ManifestDataset
+
+    cold = ManifestDataset(manifest, pipeline)
+    volume = cold.pipeline.kind == "3d"
+    plain = PlainDataset([(row["image"][0], row.get("series_uid")) for row in cold.rows], plain_read, volume)
+    # Warm-up (imports, lazy MONAI/pydicom/scipy set-up) and the comparability check, outside the timings:
+    # same output shape, and how far the plain output agrees with mmvl's (Pearson r over the first items).
+    correlations = []
+    for index in range(min(len(cold), 2 if volume else 8)):
+        ours, theirs = cold[index]["image"].numpy(), plain[index]["image"].numpy()
+        if ours.shape != theirs.shape:
+            raise RuntimeError(f"{name}: plain output {list(theirs.shape)} differs from mmvl's {list(ours.shape)}")
+        correlations.append(float(np.corrcoef(ours.ravel(), theirs.ravel())[0, 1]))
+    seconds: dict[tuple[str, int], list[float]] = {}
+    facts: dict[str, Any] = {"items": len(cold), "item": "volume" if volume else "scan",
+                             "output_shape": list(ours.shape),
+                             "plain_vs_mmvl_r": round(float(np.mean(correlations)), 3)}
+
+    def record(method: str, workers: int, elapsed: float) -> None:
+        seconds.setdefault((method, workers), []).append(elapsed)
+
+    for repeat in range(repeats):
+        for workers in workers_list:
+            record("plain", workers, time_pass(plain, workers, batch_size))
+            record("mmvl_cold", workers, time_pass(cold, workers, batch_size))
+            cache_dir = scratch / f"cache_{name}_{repeat}_{workers}"
+            disk = ManifestDataset(manifest, pipeline, cache="disk", cache_dir=cache_dir)
+            record("mmvl_disk_fill", workers, time_pass(disk, workers, batch_size))
+            # A new dataset object on the filled folder, as a second run would build.
+            disk = ManifestDataset(manifest, pipeline, cache="disk", cache_dir=cache_dir)
+            record("mmvl_disk_hit", workers, time_pass(disk, workers, batch_size))
+            facts["disk_cache_mb"] = round(folder_mb(cache_dir), 2)
+            shutil.rmtree(cache_dir)
+        start = time.perf_counter()
+        memory = ManifestDataset(manifest, pipeline, cache="memory")  # CacheDataset fills at construction
+        record("mmvl_memory_fill", 0, time.perf_counter() - start)
+        for workers in workers_list:
+            record("mmvl_memory", workers, time_pass(memory, workers, batch_size))
+        del memory
+
+    rows = []
+    for (method, workers), values in seconds.items():
+        median = statistics.median(values)
+        baseline = statistics.median(seconds[("plain", workers)])
+        rows.append({
+            "data": name, "method": method, "workers": workers,
+            "items_per_s": round(len(cold) / median, 3), "ms_per_item": round(1000 * median / len(cold), 4),
+            "speedup_vs_plain": round(baseline / median, 3), "seconds": [round(v, 4) for v in values],
+        })
+    order = list(METHODS)
+    rows.sort(key=lambda row: (row["workers"], order.index(row["method"])))
+    return facts, rows
+
+
+# -- data ------------------------------------------------------------------------------------------------
+def make_cxr(out: Path, n: int, size: int) -> Path:
+    return Path(load_script("synthetic").generate(out, n=n, size=size, seed=0))
+
+
+def make_ct(out: Path, n: int, size: int, slices: int) -> dict[str, Path]:
+    """``{"nifti": manifest, "dicom": manifest}`` of the same studies (datasets/synthetic_ct.py)."""
+    module = load_script("synthetic_ct")
+    return module.generate_ct(out, n=n, size=size, slices=slices, seed=0, formats=("nifti", "dicom"))
+
+
+def ct_volume_size(manifest: Path, spacing: Sequence[float]) -> tuple[int, int, int]:
+    """Crop/pad size suited to the collection: the median extent per RAS axis after resampling to ``spacing``,
+    rounded to a multiple of 16 (for life-size chest CTs at 1.5 x 1.5 x 3 mm this lands near the config's
+    224 x 224 x 112)."""
+    import nibabel
+
+    from mmvl.data.manifest import load_manifest
+
+    extents = []
+    for row in load_manifest(manifest):
+        image = nibabel.load(row["image"][0])
+        ras = np.zeros(3)
+        for axis, (ras_axis, _flip) in enumerate(nibabel.io_orientation(image.affine)):
+            ras[int(ras_axis)] = image.shape[axis] * float(image.header.get_zooms()[axis])
+        extents.append(ras / np.asarray(spacing, dtype=np.float64))
+    return tuple(int(max(16, 16 * round(v / 16))) for v in np.median(extents, axis=0))
+
+
+# -- report ----------------------------------------------------------------------------------------------
+def format_table(title: str, facts: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    unit = facts["item"]
+    shape = " x ".join(map(str, facts["output_shape"]))
+    lines = [
+        f"{title} -> ({shape})",
+        f"  median of {facts['repeats']} pass(es); source {facts['source_mb']} MB, disk cache "
+        f"{facts['disk_cache_mb']} MB; plain output vs mmvl's: r = {facts['plain_vs_mmvl_r']}",
+        f"  {'path':<26} {'workers':>7} {unit + 's/s':>10} {'ms/' + unit:>10} {'vs plain':>9}",
+    ]
+    for row in rows:
+        lines.append(f"  {METHODS[row['method']]:<26} {row['workers']:>7d} {row['items_per_s']:>10.1f} "
+                     f"{row['ms_per_item']:>10.2f} {row['speedup_vs_plain']:>8.2f}x")
+    return "\n".join(lines)
+
+
+def _floats(text: str) -> tuple[float, float, float]:
+    values = tuple(float(v) for v in text.split(","))
+    if len(values) != 3 or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected three positive mm values like 1.5,1.5,3, got {text!r}")
+    return values
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--n", type=int, default=200, help="chest X-rays")
+    parser.add_argument("--size", type=int, default=512, help="chest X-ray height in px (hospital ones: 2-3k)")
+    parser.add_argument("--n-3d", type=int, default=16, help="CT studies (each as NIfTI and as a DICOM series)")
+    parser.add_argument("--size-3d", type=int, default=128, help="CT matrix (size x size pixels per slice)")
+    parser.add_argument("--slices-3d", type=int, default=64, help="slices of a 3 mm-equivalent CT study")
+    parser.add_argument("--spacing-3d", type=_floats, default=SPACING, help="CT resampling target, mm (x,y,z)")
+    parser.add_argument("--repeats", type=int, default=3, help="2D passes per measurement; the median is reported")
+    parser.add_argument("--repeats-3d", type=int, default=1,
+                        help="3D passes per measurement (each takes seconds; raise it for steadier figures)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (0 is always measured too)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--only", choices=("2d", "3d"), help="run one half only")
+    parser.add_argument("--out-json", type=Path, help="also write the JSON line to this file")
+    parser.add_argument("--work-dir", type=Path, help="where to write data and caches (default: a temp folder)")
+    args = parser.parse_args(argv)
+    for key in ("n", "size", "n_3d", "size_3d", "slices_3d", "repeats", "repeats_3d", "batch_size"):
+        if getattr(args, key) < 1:
+            parser.error(f"--{key.replace('_', '-')} must be >= 1")
+    if args.workers < 0:
+        parser.error("--workers must be >= 0")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    import torch
+
+    started = time.perf_counter()
+    workers_list = sorted({0, args.workers})
+    config = {key: getattr(args, key) for key in ("n", "size", "n_3d", "size_3d", "slices_3d", "repeats",
+                                                   "repeats_3d", "batch_size")}
+    config.update(spacing_3d=list(args.spacing_3d), workers=workers_list, only=args.only, cpu_count=os.cpu_count(),
+                  torch_threads=torch.get_num_threads(), python=platform.python_version(), torch=torch.__version__,
+                  load_avg_start=round(os.getloadavg()[0], 2))  # other work on the machine skews every figure
+    report: dict[str, Any] = {"bench": "data", "config": config, "collections": {}, "results": []}
+    tables = []
+    if args.work_dir is not None:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="mmvl_bench_data_", dir=args.work_dir) as tmp:
+        scratch = Path(tmp)
+        jobs = []  # (name, title, manifest, pipeline, plain reader, repeats, facts)
+        if args.only in (None, "2d"):
+            print(f"writing {args.n} synthetic chest X-rays of {args.size} px ...", file=sys.stderr)
+            start = time.perf_counter()
+            manifest = make_cxr(scratch / "cxr", args.n, args.size)
+            facts = {"generate_s": round(time.perf_counter() - start, 2),
+                     "source_mb": round(folder_mb(scratch / "cxr" / "images"), 2)}
+            title = f"2D chest X-ray, DICOM: {args.n} scans of {args.size} px"
+            jobs.append(("cxr_dicom", title, manifest, CXR_PIPELINE, plain_cxr, args.repeats, facts))
+        if args.only in (None, "3d"):
+            print(f"writing {args.n_3d} synthetic chest CTs of {args.size_3d} px ...", file=sys.stderr)
+            start = time.perf_counter()
+            manifests = make_ct(scratch / "ct", args.n_3d, args.size_3d, args.slices_3d)
+            generate_s = round(time.perf_counter() - start, 2)
+            volume_size = ct_volume_size(manifests["nifti"], args.spacing_3d)
+            pipeline = ct_pipeline(volume_size, args.spacing_3d)
+            for name, kind, read in (("ct_dicom", "dicom", plain_ct_dicom), ("ct_nifti", "nifti", plain_ct_nifti)):
+                facts = {"generate_s": generate_s, "source_mb": round(folder_mb(scratch / "ct" / kind), 2),
+                         "volume_size": list(volume_size)}
+                title = (f"3D chest CT, {'DICOM series' if kind == 'dicom' else 'NIfTI'}: {args.n_3d} volumes of "
+                         f"{args.size_3d} px, resampled to {' x '.join(f'{v:g}' for v in args.spacing_3d)} mm")
+                plain = partial(read, volume_size=volume_size, spacing=args.spacing_3d)
+                jobs.append((name, title, manifests[kind], pipeline, plain, args.repeats_3d, facts))
+        for name, title, manifest, pipeline, plain, repeats, facts in jobs:
+            print(f"timing {name} ...", file=sys.stderr)
+            found, rows = bench_collection(name, manifest, pipeline, plain, workers_list, repeats, args.batch_size,
+                                           scratch)
+            facts.update(found, repeats=repeats)
+            report["collections"][name] = facts
+            report["results"].extend(rows)
+            tables.append(format_table(title, facts, rows))
+    report["total_s"] = round(time.perf_counter() - started, 1)
+    report["config"]["load_avg_end"] = round(os.getloadavg()[0], 2)
+    print("\n\n".join(tables))
+    line = json.dumps(report)
+    print(line)
+    if args.out_json:
+        args.out_json.parent.mkdir(parents=True, exist_ok=True)
+        args.out_json.write_text(line + "\n", encoding="utf-8")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
