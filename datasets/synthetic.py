@@ -3,18 +3,21 @@
 ``python datasets/synthetic.py --out data/synthetic_cxr --n 800 --size 128 --seed 0`` writes
 ``images/*.dcm``, ``manifest.jsonl``, ``train/val/test.jsonl`` and a ``README.md`` dataset card. The output is
 byte-for-byte deterministic for a given ``(n, size, seed)``, and sample ``i`` does not depend on ``n``.
+``--kind ct`` writes the 3D chest CT set of ``datasets/synthetic_ct.py`` instead (its options follow).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import NamedTuple
 
 import numpy as np
@@ -948,8 +951,31 @@ def generate(
     return manifest
 
 
+def _synthetic_ct() -> ModuleType:
+    """datasets/synthetic_ct.py, loaded by path: datasets/ is not a package."""
+    name = "mmvl_datasets_synthetic_ct"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("synthetic_ct.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    kind = argparse.ArgumentParser(add_help=False)
+    kind.add_argument(
+        "--kind",
+        choices=("cxr", "ct"),
+        default="cxr",
+        help="cxr: 2D chest X-rays (this script); ct: 3D chest CT, see datasets/synthetic_ct.py --help",
+    )
+    known, rest = kind.parse_known_args(argv)
+    if known.kind == "ct":
+        _synthetic_ct().main(rest)
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[kind])
     parser.add_argument("--out", default="data/synthetic_cxr", help="output folder (default: %(default)s)")
     parser.add_argument("--n", type=int, default=800, help="number of images (default: %(default)s)")
     parser.add_argument("--size", type=int, default=128, help="image height in pixels (default: %(default)s)")
