@@ -218,16 +218,10 @@ def test_dicom_series_hold_the_nifti_voxels_after_sorting_by_position(dataset, r
         # What makes this study hard to read naively.
         names = [Path(ds.filename).name for ds in ordered]
         assert names != sorted(names)
-        numbers = [int(ds.InstanceNumber) for ds in ordered]
-        assert sorted(numbers) == list(range(1, len(numbers) + 1))
-        order = (
-            "increasing"
-            if numbers == sorted(numbers)
-            else "decreasing"
-            if numbers == sorted(numbers)[::-1]
-            else "mixed"
-        )
-        seen["instance order"].add(order)
+        numbers = tuple(int(ds.InstanceNumber) for ds in ordered)
+        ascending = tuple(range(1, len(numbers) + 1))
+        assert tuple(sorted(numbers)) == ascending
+        seen["instance order"].add({ascending: "increasing", ascending[::-1]: "decreasing"}.get(numbers, "mixed"))
         row_cosines = np.array(ordered[0].ImageOrientationPatient[:3], dtype=float)
         if np.allclose(np.abs(normal), [0, 0, 1]):
             seen["orientation"].add(f"axial {ordered[0].PatientPosition} rows {row_cosines[0]:+.0f}")

@@ -1,7 +1,10 @@
 """Image and text encoders; importing this package registers them in ``mmvl.registry.ENCODERS``."""
 
-from mmvl.models.encoders.base import EncoderOutput
+from mmvl.models.encoders.base import EncoderOutput, drop_tokens
 from mmvl.models.encoders.bert_text import HFTextEncoder
+from mmvl.models.encoders.open_clip_tower import OpenCLIPVisionEncoder
 from mmvl.models.encoders.vit2d import TimmImageEncoder, TimmSwinEncoder
+from mmvl.models.encoders.vit3d import MonaiSwinEncoder, MonaiViTEncoder
 
-__all__ = ["EncoderOutput", "HFTextEncoder", "TimmImageEncoder", "TimmSwinEncoder"]
+__all__ = ["EncoderOutput", "HFTextEncoder", "MonaiSwinEncoder", "MonaiViTEncoder", "OpenCLIPVisionEncoder",
+           "TimmImageEncoder", "TimmSwinEncoder", "drop_tokens"]

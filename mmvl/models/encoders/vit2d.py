@@ -1,4 +1,9 @@
-"""2D image encoders from timm (ViT, Swin) with a 1-channel stem for radiographs."""
+"""2D image encoders from timm (ViT, Swin) with a 1-channel stem for radiographs.
+
+A 3-channel pretrained stem is adapted to ``in_chans=1`` by timm, which sums the RGB filters: the
+1-channel model then gives exactly what the RGB model gives for the gray image copied to three channels
+(averaging would scale the first activations by 1/3).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import torch
 from torch import nn
 
 from mmvl.errors import ConfigError
-from mmvl.models.encoders.base import EncoderOutput
+from mmvl.models.encoders.base import EncoderOutput, drop_tokens, run_blocks
 from mmvl.registry import ENCODERS
 
 
@@ -33,6 +38,7 @@ class TimmImageEncoder(nn.Module):
         pretrained: bool = False,
         pretrained_path: str | None = None,
         grad_checkpointing: bool = False,
+        token_drop: float = 0.0,
         **model_kwargs: Any,
     ):
         super().__init__()
@@ -50,16 +56,31 @@ class TimmImageEncoder(nn.Module):
             kwargs["pretrained_cfg_overlay"] = dict(file=os.fspath(pretrained_path))
         self.model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
         self.model.set_grad_checkpointing(grad_checkpointing)
+        self.grad_checkpointing = grad_checkpointing
         self.model_name = model_name
         self.out_dim = int(self.model.num_features)
+        self.is_vit = all(hasattr(self.model, name) for name in ("_pos_embed", "blocks", "num_prefix_tokens"))
+        if token_drop and not self.is_vit:
+            raise ConfigError(f"image_encoder.token_drop needs a ViT; '{model_name}' has no token sequence to drop")
+        self.token_drop = float(token_drop)
 
-    def forward(self, images: torch.Tensor) -> EncoderOutput:
+    def forward(self, images: torch.Tensor, token_drop: float | None = None) -> EncoderOutput:
         if images.ndim != 4:
             raise ValueError(f"{type(self).__name__} expects (B, C, H, W) images, got shape {tuple(images.shape)}")
-        features = self.model.forward_features(images)
-        pooled = self.model.forward_head(features, pre_logits=True)
-        tokens = features if features.ndim == 3 else features.flatten(1, 2)  # Swin gives NHWC maps
-        return EncoderOutput(pooled=pooled, tokens=tokens)
+        ratio = self.token_drop if token_drop is None else token_drop
+        if not self.is_vit:
+            features = self.model.forward_features(images)
+            pooled = self.model.forward_head(features, pre_logits=True)
+            tokens = features if features.ndim == 3 else features.flatten(1, 2)  # Swin gives NHWC maps
+            return EncoderOutput(pooled=pooled, tokens=tokens)
+        model = self.model  # timm's forward_features, with token dropping between embedding and blocks
+        x = model._pos_embed(model.patch_embed(images))
+        keep = None
+        if ratio and (self.training or token_drop is not None):
+            x, keep = drop_tokens(x, ratio, n_prefix=model.num_prefix_tokens)
+        x = model.norm(run_blocks(model.blocks, model.norm_pre(x), self.grad_checkpointing))
+        pooled = model.forward_head(x, pre_logits=True)
+        return EncoderOutput(pooled=pooled, tokens=x, keep_index=keep)
 
 
 @ENCODERS.register("timm_swin", "swin2d")

@@ -1,0 +1,146 @@
+"""3D image encoders for CT volumes ``(B, C, D, H, W)``: MONAI's ViT and the Swin transformer of SwinUNETR.
+
+MONAI's modules are used as built; mmvl runs their blocks itself so that token dropping and gradient
+checkpointing work the same way as for the 2D ViT, and MONAI's attention goes through ``mmvl.ops``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from mmvl.errors import ConfigError
+from mmvl.models.encoders.base import EncoderOutput, drop_tokens, load_weights_file, run_blocks
+from mmvl.registry import ENCODERS
+
+
+def _triple(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
+    values = (value,) * 3 if isinstance(value, int) else tuple(int(v) for v in value)
+    if len(values) != 3 or min(values) <= 0:
+        raise ConfigError(f"image_encoder.{name} must be an int or three positive ints, got {value!r}")
+    return values
+
+
+def _check_volume(encoder: nn.Module, images: torch.Tensor, size: tuple[int, ...] | None, multiple: int) -> None:
+    if images.ndim != 5:
+        raise ValueError(f"{type(encoder).__name__} expects (B, C, D, H, W) volumes, got shape {tuple(images.shape)}")
+    spatial = tuple(images.shape[2:])
+    if size is not None and spatial != size:
+        raise ValueError(f"{type(encoder).__name__} was built for volumes of {size}, got {spatial}; "
+                         "set CropOrPad's size or the encoder's img_size to match")
+    if any(s % multiple for s in spatial):
+        raise ValueError(f"{type(encoder).__name__}: every volume side must be a multiple of {multiple}, got {spatial}")
+
+
+@ENCODERS.register("monai_vit", "vit3d")
+class MonaiViTEncoder(nn.Module):
+    """MONAI ``ViT`` over 3D patches; pooled output is the mean of the patch tokens.
+
+    ``img_size`` and ``patch_size`` are voxels per axis (D, H, W order of the input). ``token_drop``,
+    ``grad_checkpointing`` and ``forward(images, token_drop=r)`` behave as in the 2D ViT encoder.
+    ``pretrained_path`` loads a local MONAI ViT state dict (``vit.`` prefixes of UNETR checkpoints stripped).
+    """
+
+    spatial_dims = 3
+
+    def __init__(
+        self,
+        img_size: int | Sequence[int] = (96, 96, 96),
+        patch_size: int | Sequence[int] = (16, 16, 16),
+        in_chans: int = 1,
+        hidden_size: int = 768,
+        mlp_dim: int = 3072,
+        num_layers: int = 12,
+        num_heads: int = 12,
+        dropout_rate: float = 0.0,
+        qkv_bias: bool = True,
+        pos_embed_type: str = "learnable",
+        token_drop: float = 0.0,
+        grad_checkpointing: bool = False,
+        pretrained_path: str | None = None,
+    ):
+        super().__init__()
+        from monai.networks.nets import ViT
+
+        self.img_size, self.patch_size = _triple(img_size, "img_size"), _triple(patch_size, "patch_size")
+        if any(i % p for i, p in zip(self.img_size, self.patch_size, strict=True)):
+            raise ConfigError(f"image_encoder.img_size {self.img_size} must be a multiple of patch_size "
+                              f"{self.patch_size}")
+        if hidden_size % num_heads:
+            raise ConfigError(f"image_encoder.hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+        self.vit = ViT(in_channels=in_chans, img_size=self.img_size, patch_size=self.patch_size,
+                       hidden_size=hidden_size, mlp_dim=mlp_dim, num_layers=num_layers, num_heads=num_heads,
+                       proj_type="conv", pos_embed_type=pos_embed_type, classification=False,
+                       dropout_rate=dropout_rate, spatial_dims=3, qkv_bias=qkv_bias)
+        for block in self.vit.blocks:  # MONAI builds this norm even without cross-attention; unused, it would
+            if not getattr(block, "with_cross_attention", False):  # hold DDP up waiting for its gradient
+                block.norm_cross_attn = nn.Identity()
+        if pretrained_path:
+            load_weights_file(self.vit, pretrained_path, "image_encoder")
+        self.token_drop, self.grad_checkpointing = float(token_drop), grad_checkpointing
+        self.out_dim = hidden_size
+        self.grid = tuple(i // p for i, p in zip(self.img_size, self.patch_size, strict=True))
+
+    def forward(self, images: torch.Tensor, token_drop: float | None = None) -> EncoderOutput:
+        _check_volume(self, images, self.img_size, 1)
+        ratio = self.token_drop if token_drop is None else token_drop
+        x = self.vit.patch_embedding(images)  # (B, N, hidden), position embedding added
+        keep = None
+        if ratio and (self.training or token_drop is not None):
+            x, keep = drop_tokens(x, ratio)
+        x = self.vit.norm(run_blocks(self.vit.blocks, x, self.grad_checkpointing))
+        return EncoderOutput(pooled=x.mean(dim=1), tokens=x, keep_index=keep)
+
+
+@ENCODERS.register("monai_swin", "swin3d")
+class MonaiSwinEncoder(nn.Module):
+    """The Swin transformer of MONAI's SwinUNETR; pooled output is the mean of the last stage's tokens.
+
+    Volume sides must be multiples of ``patch_size * 2**len(depths)`` (32 with the defaults). Token dropping
+    does not apply to windowed attention and is refused. ``pretrained_path`` accepts SwinUNETR's
+    self-supervised ``swinViT.`` checkpoints.
+    """
+
+    spatial_dims = 3
+
+    def __init__(
+        self,
+        in_chans: int = 1,
+        embed_dim: int = 48,
+        window_size: int | Sequence[int] = 7,
+        patch_size: int | Sequence[int] = 2,
+        depths: Sequence[int] = (2, 2, 2, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+        use_v2: bool = False,
+        grad_checkpointing: bool = False,
+        token_drop: float = 0.0,
+        pretrained_path: str | None = None,
+    ):
+        super().__init__()
+        from monai.networks.nets.swin_unetr import SwinTransformer
+
+        if token_drop:
+            raise ConfigError("image_encoder.token_drop is not supported by the Swin encoder (windowed attention)")
+        if len(depths) != len(num_heads):
+            raise ConfigError(f"image_encoder.depths {tuple(depths)} and num_heads {tuple(num_heads)} differ in length")
+        self.patch_size = _triple(patch_size, "patch_size")
+        self.swin = SwinTransformer(in_chans=in_chans, embed_dim=embed_dim, window_size=_triple(window_size,
+                                    "window_size"), patch_size=self.patch_size, depths=tuple(depths),
+                                    num_heads=tuple(num_heads), mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate,
+                                    use_checkpoint=grad_checkpointing, spatial_dims=3, use_v2=use_v2)
+        if pretrained_path:
+            load_weights_file(self.swin, pretrained_path, "image_encoder")
+        self.multiple = self.patch_size[0] * 2 ** len(depths)
+        self.out_dim = embed_dim * 2 ** len(depths)
+
+    def forward(self, images: torch.Tensor, token_drop: float | None = None) -> EncoderOutput:
+        if token_drop:
+            raise ValueError("the Swin encoder cannot drop tokens")
+        _check_volume(self, images, None, self.multiple)
+        last = self.swin(images, normalize=True)[-1]  # (B, C, d, h, w)
+        tokens = last.flatten(2).transpose(1, 2)
+        return EncoderOutput(pooled=tokens.mean(dim=1), tokens=tokens)
