@@ -209,3 +209,19 @@ def test_minilm_directory_embeddings_match_plain_transformers():
     torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-5)
     similarity = torch.nn.functional.cosine_similarity(ours[0], ours[1], dim=0)
     assert -1 < similarity < 0.9  # different sentences, a trained model
+
+
+@pytest.mark.parametrize("name", ["vit2d", "vit3d"])
+def test_encoders_route_attention_through_mmvl_ops(name, monkeypatch):
+    cfg, shape, _, _ = CASES[name]
+    torch.manual_seed(0)
+    native = ENCODERS.build({**cfg, "attention": "native"}).eval()
+    torch.manual_seed(0)
+    patched = ENCODERS.build(cfg).eval()
+    assert native.patched_attention == 0 and patched.patched_attention == 2  # one per block
+    images = torch.randn(shape)
+    for backend in ("sdpa", "math"):
+        monkeypatch.setenv("MMVL_ATTENTION", backend)
+        torch.testing.assert_close(patched(images).tokens, native(images).tokens, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="attention must be 'mmvl' or 'native'"):
+        ENCODERS.build({**cfg, "attention": "flash"})

@@ -91,3 +91,17 @@ def load_weights_file(module: nn.Module, path: str, what: str) -> None:
     if result.missing_keys:
         logger.warning("%s: %d parameters not in %s (left as initialised): %s", what, len(result.missing_keys),
                        path, result.missing_keys[:5])
+
+
+def use_mmvl_attention(module: nn.Module, attention: str, what: str) -> int:
+    """``attention="mmvl"``: route the timm/MONAI attention modules inside ``module`` through
+    :func:`mmvl.ops.attention` (xformers on GPU when installed, else torch SDPA); ``"native"``: leave them."""
+    from mmvl.errors import ConfigError
+
+    if attention not in ("mmvl", "native"):
+        raise ConfigError(f"{what}.attention must be 'mmvl' or 'native', got {attention!r}")
+    if attention == "native":
+        return 0
+    from mmvl.ops import patch_attention
+
+    return patch_attention(module)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mmvl.errors import ConfigError
-from mmvl.models.encoders.base import EncoderOutput, drop_tokens, run_blocks
+from mmvl.models.encoders.base import EncoderOutput, drop_tokens, run_blocks, use_mmvl_attention
 from mmvl.registry import ENCODERS
 
 
@@ -39,6 +39,7 @@ class TimmImageEncoder(nn.Module):
         pretrained_path: str | None = None,
         grad_checkpointing: bool = False,
         token_drop: float = 0.0,
+        attention: str = "mmvl",
         **model_kwargs: Any,
     ):
         super().__init__()
@@ -57,6 +58,7 @@ class TimmImageEncoder(nn.Module):
         self.model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
         self.model.set_grad_checkpointing(grad_checkpointing)
         self.grad_checkpointing = grad_checkpointing
+        self.patched_attention = use_mmvl_attention(self.model, attention, "image_encoder")
         self.model_name = model_name
         self.out_dim = int(self.model.num_features)
         self.is_vit = all(hasattr(self.model, name) for name in ("_pos_embed", "blocks", "num_prefix_tokens"))

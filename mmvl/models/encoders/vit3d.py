@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mmvl.errors import ConfigError
-from mmvl.models.encoders.base import EncoderOutput, drop_tokens, load_weights_file, run_blocks
+from mmvl.models.encoders.base import EncoderOutput, drop_tokens, load_weights_file, run_blocks, use_mmvl_attention
 from mmvl.registry import ENCODERS
 
 
@@ -41,6 +41,8 @@ class MonaiViTEncoder(nn.Module):
     ``img_size`` and ``patch_size`` are voxels per axis (D, H, W order of the input). ``token_drop``,
     ``grad_checkpointing`` and ``forward(images, token_drop=r)`` behave as in the 2D ViT encoder.
     ``pretrained_path`` loads a local MONAI ViT state dict (``vit.`` prefixes of UNETR checkpoints stripped).
+    MONAI builds its ViT blocks with naive attention; ``attention="mmvl"`` (default) runs them through
+    ``mmvl.ops.attention`` (SDPA or xformers), ``"native"`` keeps MONAI's.
     """
 
     spatial_dims = 3
@@ -60,6 +62,7 @@ class MonaiViTEncoder(nn.Module):
         token_drop: float = 0.0,
         grad_checkpointing: bool = False,
         pretrained_path: str | None = None,
+        attention: str = "mmvl",
     ):
         super().__init__()
         from monai.networks.nets import ViT
@@ -80,6 +83,7 @@ class MonaiViTEncoder(nn.Module):
         if pretrained_path:
             load_weights_file(self.vit, pretrained_path, "image_encoder")
         self.token_drop, self.grad_checkpointing = float(token_drop), grad_checkpointing
+        self.patched_attention = use_mmvl_attention(self.vit, attention, "image_encoder")
         self.out_dim = hidden_size
         self.grid = tuple(i // p for i, p in zip(self.img_size, self.patch_size, strict=True))
 
