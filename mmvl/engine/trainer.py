@@ -41,8 +41,8 @@ logger = get_logger(__name__)
 
 TRAIN_DEFAULTS: dict[str, Any] = dict(
     max_steps=1000, batch_size=32, num_workers=2, accum_steps=1, grad_clip=1.0, amp=None, seed=0,
-    log_interval=10, val_interval=200, ckpt_interval=200, best_metric="val/i2t_R@5", max_bad_steps=10,
-    deterministic=False, device=None,
+    log_interval=10, val_interval=200, ckpt_interval=200, best_metric="val/i2t_R@5", best_mode="max",
+    max_bad_steps=10, deterministic=False, device=None, vis_interval=0,
 )
 
 
@@ -146,23 +146,28 @@ class Trainer:
         return train_set, val_set
 
     def _prepare_tokenizer(self) -> None:
-        """A text encoder built from a config gets a WordPiece vocabulary trained on the training reports."""
-        text_cfg = self.cfg["model"].get("text_encoder")
-        if not text_cfg or not isinstance(text_cfg.get("tokenizer"), Mapping):
+        """Text encoders and heads (report decoders) whose ``tokenizer`` is a dict get one WordPiece vocabulary,
+        trained on the training reports and shared, in ``<work_dir>/tokenizer``."""
+        model_cfg = self.cfg["model"]
+        heads = model_cfg.get("heads") or []
+        users = [c for c in (model_cfg.get("text_encoder"), *(heads if isinstance(heads, list) else [heads]))
+                 if c and isinstance(c.get("tokenizer"), Mapping)]
+        if not users:
             return
-        options = dict(text_cfg["tokenizer"])
+        options = dict(users[0]["tokenizer"])
         kind = options.pop("type", "wordpiece")
         if kind != "wordpiece":
-            raise ConfigError(f"model.text_encoder.tokenizer.type '{kind}' unknown; use 'wordpiece' or a directory")
+            raise ConfigError(f"model tokenizer type '{kind}' unknown; use dict(type='wordpiece', ...) or a directory")
         out_dir = self.work_dir / "tokenizer"
         if not (out_dir / "tokenizer.json").is_file():
             logger.info("training a WordPiece tokenizer on %d training reports -> %s", len(self.train_set), out_dir)
             train_wordpiece_tokenizer(self.train_set.texts, out_dir, **options)
-        text_cfg["tokenizer"] = str(out_dir)
+        for user in users:
+            user["tokenizer"] = str(out_dir)
 
     def _build_loader(self) -> DataLoader:
         tokenizer = self.model.tokenizer
-        max_length = self.model.text_encoder.max_length if self.model.text_encoder is not None else 128
+        max_length = self.model.max_length
         workers = int(self.train_cfg["num_workers"])
         if workers > 0:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # fast tokenizers + fork
@@ -318,27 +323,62 @@ class Trainer:
             )
         return None
 
-    @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        """Retrieval Recall@1/5/10 (image->text and text->image) on the validation split."""
-        if self.val_set is None:
-            return {}
-        self.model.eval()
-        loader = DataLoader(
+    def _val_loader(self) -> DataLoader:
+        return DataLoader(
             self.val_set, batch_size=int(self.train_cfg["batch_size"]), shuffle=False,
             num_workers=int(self.train_cfg["num_workers"]),
             collate_fn=Collate(self.model.tokenizer, self.loader.collate_fn.max_length),
         )
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """On the validation split: every loss the heads log (``val/loss``, ``val/<head>/loss``...), averaged
+        over samples, and with a contrastive head retrieval Recall@1/5/10 (image->text, text->image)."""
+        if self.val_set is None:
+            return {}
+        self.model.eval()
+        contrastive = any(getattr(h, "is_contrastive", False) for h in self.model.heads.values())
+        totals: dict[str, float] = {}
+        count = 0
         image_embs, text_embs = [], []
-        for batch in loader:
-            if "image" not in batch:
-                continue
-            batch = to_device(batch, self.device)
-            with self._autocast():
-                image_embs.append(self.model.encode_image(batch["image"]).float())
-                text_embs.append(self.model.encode_text(batch).float())
-        metrics = retrieval_metrics(torch.cat(image_embs), torch.cat(text_embs))
-        return {f"val/{k}": v for k, v in metrics.items()}
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # masking heads draw masks: same ones at every validation,
+            torch.manual_seed(int(self.train_cfg["seed"]))  # and training's RNG stream left untouched
+            for batch in self._val_loader():
+                if "image" not in batch:
+                    continue
+                batch = to_device(batch, self.device)
+                n = len(batch["image"])
+                with self._autocast():
+                    out = self.model(batch)
+                    if contrastive and self.model.text_encoder is not None:
+                        image_embs.append(self.model.encode_image(batch["image"]).float())
+                        text_embs.append(self.model.encode_text(batch).float())
+                for key, value in out.items():
+                    if torch.is_tensor(value) and value.numel() == 1:
+                        totals[key] = totals.get(key, 0.0) + float(value) * n
+                count += n
+        metrics = {f"val/{k}": v / max(count, 1) for k, v in totals.items()}
+        if image_embs:
+            metrics.update({f"val/{k}": v for k, v in
+                            retrieval_metrics(torch.cat(image_embs), torch.cat(text_embs)).items()})
+        return metrics
+
+    def visualize(self) -> None:
+        """Heads with a ``visualize`` method draw the first validation batch to ``<work_dir>/vis/``."""
+        heads = [(name, h) for name, h in self.model.heads.items() if hasattr(h, "visualize")]
+        if not heads or self.val_set is None:
+            return
+        batch = next((b for b in self._val_loader() if "image" in b), None)
+        if batch is None:
+            return
+        self.model.eval()
+        batch = to_device(batch, self.device)
+        for name, head in heads:
+            path = self.work_dir / "vis" / f"{name.replace('/', '_')}_step{self.step:07d}.png"
+            path.parent.mkdir(exist_ok=True)
+            with torch.no_grad():
+                head.visualize(self.model, batch, path)
 
     def fit(self) -> dict[str, float]:
         """Train to ``train.max_steps``; returns the last validation metrics."""
@@ -369,6 +409,9 @@ class Trainer:
                     self._log({"step": self.step, **last_val})
                     logger.info("step %d: %s", self.step, ", ".join(f"{k}={v:.3f}" for k, v in last_val.items()))
                     self._maybe_save_best(last_val)
+                vis = int(cfg["vis_interval"] or 0)
+                if vis and (self.step % vis == 0 or self.step == self.max_steps):
+                    self.visualize()
                 if self.step % int(cfg["ckpt_interval"]) == 0 or self.step == self.max_steps:
                     self.save("last.pt")
         finally:
@@ -385,6 +428,12 @@ class Trainer:
         if key not in metrics:
             return
         value = metrics[key]
-        if self.best_value is None or value > self.best_value or math.isnan(self.best_value):
+        if self.train_cfg["best_mode"] not in ("min", "max"):
+            raise ConfigError(f"train.best_mode must be 'min' or 'max', got {self.train_cfg['best_mode']!r}")
+        if self.best_value is None or math.isnan(self.best_value):
+            better = True
+        else:
+            better = value < self.best_value if self.train_cfg["best_mode"] == "min" else value > self.best_value
+        if better:
             self.best_value = value
             self.save("best.pt")

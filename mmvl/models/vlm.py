@@ -18,6 +18,13 @@ class VisionLanguageModel(nn.Module):
 
     ``heads`` is a list of head configs; each may carry ``name`` (log prefix, default its type) and
     ``loss_weight`` (default 1.0). Heads receive both encoders' outputs and the batch.
+
+    Head protocol (all optional beyond ``forward``): ``needs_image_encoder = True`` makes the head get
+    ``image_encoder=`` at build (for its patch grid); a ``mask_ratio`` attribute > 0 makes the image
+    encoder drop that fraction of patch tokens (the largest ratio among the heads wins: CLIP + MAE heads
+    then share one masked encoding, as in FLIP/MedFLIP); ``tokenizer``/``max_length`` attributes provide
+    the report tokenizer when there is no text encoder; ``visualize(model, batch, path)`` writes a picture
+    that the trainer asks for every ``train.vis_interval`` steps.
     """
 
     def __init__(
@@ -41,15 +48,28 @@ class VisionLanguageModel(nn.Module):
             if name in self.heads:
                 raise ConfigError(f"model.heads: two heads named '{name}'; give them distinct 'name' values")
             self.loss_weights[name] = float(head_cfg.pop("loss_weight", 1.0))
+            extra = {}
+            if "type" in head_cfg and getattr(HEADS.get(head_cfg["type"]), "needs_image_encoder", False):
+                extra["image_encoder"] = self.image_encoder
             self.heads[name] = HEADS.build(
                 head_cfg,
                 image_dim=self.image_encoder.out_dim,
                 text_dim=self.text_encoder.out_dim if self.text_encoder is not None else None,
+                **extra,
             )
+        self.mask_ratio = max(float(getattr(head, "mask_ratio", 0.0) or 0.0) for head in self.heads.values())
 
     @property
     def tokenizer(self) -> Any:
-        return None if self.text_encoder is None else self.text_encoder.tokenizer
+        """The report tokenizer: the text encoder's, else the first head's that has one."""
+        if self.text_encoder is not None:
+            return self.text_encoder.tokenizer
+        return next((h.tokenizer for h in self.heads.values() if getattr(h, "tokenizer", None) is not None), None)
+
+    @property
+    def max_length(self) -> int:
+        lengths = [getattr(m, "max_length", None) for m in (self.text_encoder, *self.heads.values())]
+        return max((n for n in lengths if n), default=128)
 
     @property
     def contrastive_head(self) -> nn.Module:
@@ -59,7 +79,10 @@ class VisionLanguageModel(nn.Module):
         raise ConfigError("this model has no contrastive head, so it has no shared image-text embedding")
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        image_out = self.image_encoder(batch["image"])
+        if self.mask_ratio:
+            image_out = self.image_encoder(batch["image"], token_drop=self.mask_ratio)
+        else:
+            image_out = self.image_encoder(batch["image"])
         text_out = None
         if self.text_encoder is not None and "input_ids" in batch:
             text_out = self.text_encoder(batch["input_ids"], batch["attention_mask"])

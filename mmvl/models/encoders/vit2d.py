@@ -65,6 +65,10 @@ class TimmImageEncoder(nn.Module):
         if token_drop and not self.is_vit:
             raise ConfigError(f"image_encoder.token_drop needs a ViT; '{model_name}' has no token sequence to drop")
         self.token_drop = float(token_drop)
+        self.in_chans = in_chans
+        if self.is_vit:  # the patch grid, for heads that work on patches (MAE)
+            self.patch_size = tuple(self.model.patch_embed.patch_size)
+            self.grid = tuple(self.model.patch_embed.grid_size)
 
     def forward(self, images: torch.Tensor, token_drop: float | None = None) -> EncoderOutput:
         if images.ndim != 4:

@@ -86,6 +86,7 @@ class MonaiViTEncoder(nn.Module):
         self.patched_attention = use_mmvl_attention(self.vit, attention, "image_encoder")
         self.out_dim = hidden_size
         self.grid = tuple(i // p for i, p in zip(self.img_size, self.patch_size, strict=True))
+        self.in_chans = in_chans
 
     def forward(self, images: torch.Tensor, token_drop: float | None = None) -> EncoderOutput:
         _check_volume(self, images, self.img_size, 1)
