@@ -69,6 +69,7 @@ class TimmImageEncoder(nn.Module):
         if self.is_vit:  # the patch grid, for heads that work on patches (MAE)
             self.patch_size = tuple(self.model.patch_embed.patch_size)
             self.grid = tuple(self.model.patch_embed.grid_size)
+            self.num_prefix_tokens = int(self.model.num_prefix_tokens)  # class/register tokens before the patches
 
     def forward(self, images: torch.Tensor, token_drop: float | None = None) -> EncoderOutput:
         if images.ndim != 4:

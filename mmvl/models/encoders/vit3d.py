@@ -87,6 +87,7 @@ class MonaiViTEncoder(nn.Module):
         self.out_dim = hidden_size
         self.grid = tuple(i // p for i, p in zip(self.img_size, self.patch_size, strict=True))
         self.in_chans = in_chans
+        self.num_prefix_tokens = 0
 
     def forward(self, images: torch.Tensor, token_drop: float | None = None) -> EncoderOutput:
         _check_volume(self, images, self.img_size, 1)
