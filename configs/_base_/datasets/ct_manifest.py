@@ -27,7 +27,8 @@ data = dict(
         dict(type="Resample", spacing=spacing),
         dict(type="IntensityWindow", low=hu_window[0], high=hu_window[1]),
         dict(type="CropOrPad", size=volume_size, pad_value=0.0),
-        dict(type="RandomAugment3D", flip_axes=(0,), rotate=10.0, scale=0.1, intensity_shift=0.05),
+        # No left-right flip (axis 0 in RAS): reports name the side of effusions, nodules and consolidations.
+        dict(type="RandomAugment3D", flip_axes=(), rotate=10.0, scale=0.1, intensity_shift=0.05),
         dict(type="Normalize", mean=0.5, std=0.25),
     ],
     eval_pipeline=[

@@ -1,5 +1,7 @@
 """Pretraining heads; importing this package registers them in ``mmvl.registry.HEADS``."""
 
-from mmvl.models.heads.contrastive import ContrastiveHead
+from mmvl.models.heads.contrastive import ContrastiveHead, LabelAwareContrastiveHead, SigLipHead
+from mmvl.models.heads.mae import MAEHead
+from mmvl.models.heads.report import ReportGenerationHead
 
-__all__ = ["ContrastiveHead"]
+__all__ = ["ContrastiveHead", "LabelAwareContrastiveHead", "SigLipHead", "MAEHead", "ReportGenerationHead"]
