@@ -40,12 +40,13 @@ def test_ct_clip_configs(name):
 
 @pytest.fixture(scope="module")
 def ct_retrieval_set(tmp_path_factory) -> Path:
-    """100 synthetic CT studies (NIfTI, 32 x 32 matrix): 70 for training, 30 held out for retrieval."""
+    """400 synthetic CT studies (NIfTI, 32 x 32 matrix, ~10 s to write): 320 for training, 80 held out."""
     out = tmp_path_factory.mktemp("ct_clip")
-    manifest = load_script("synthetic_ct").generate_ct(out, n=100, size=32, slices=16, formats=("nifti",))["nifti"]
+    manifest = load_script("synthetic_ct").generate_ct(out, n=400, size=32, slices=16, formats=("nifti",),
+                                                            progress=False)["nifti"]
     rows = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines()]
     for index, row in enumerate(rows):
-        row["split"] = "train" if index < 70 else "val"
+        row["split"] = "train" if index < 320 else "val"
     manifest.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return manifest
 
@@ -58,8 +59,8 @@ def test_tiny_ct_clip_retrieves_held_out_reports_above_chance(ct_retrieval_set, 
         "model.image_encoder.hidden_size=64", "model.image_encoder.mlp_dim=128", "model.image_encoder.num_heads=2",
         "model.text_encoder.config.hidden_size=64",
         "model.text_encoder.config.num_attention_heads=2", "model.text_encoder.config.intermediate_size=128",
-        "model.heads.0.embed_dim=64", "train.batch_size=16", "train.max_steps=120", "train.val_interval=40",
-        "train.ckpt_interval=120", "train.log_interval=20", "optim.warmup_steps=10",
+        "model.heads.0.embed_dim=64", "train.max_steps=300", "train.val_interval=100", "train.ckpt_interval=300",
+        "train.log_interval=20", "optim.warmup_steps=10",
     ])
     work = tmp_path / "run"
     trainer = Trainer(cfg, work)
@@ -67,8 +68,12 @@ def test_tiny_ct_clip_retrieves_held_out_reports_above_chance(ct_retrieval_set, 
     trainer.fit()
     records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     held_out = [r for r in records if "val/i2t_R@5" in r]
-    assert [r["step"] for r in held_out] == [40, 80, 120]
-    chance = 5 / 30
+    assert [r["step"] for r in held_out] == [100, 200, 300]
+    # A random ranking puts the right report in the top 5 of 80 with probability 5/80. Impressions of studies
+    # with the same findings differ only in details a 48^3 volume at 8 mm cannot show (nodule sizes, lobes), and
+    # about a quarter of the studies have no finding at all, so perfect retrieval is out of reach; measured with
+    # seeds 0 and 1: best mean R@5 0.19-0.21 (3x chance), untrained 0.06.
+    chance = 5 / 80
     best = max(held_out, key=lambda r: r["val/i2t_R@5"] + r["val/t2i_R@5"])
     print(f"untrained R@5 i2t {untrained['val/i2t_R@5']:.3f} t2i {untrained['val/t2i_R@5']:.3f}; "
           + "; ".join(f"step {r['step']}: i2t {r['val/i2t_R@5']:.3f} t2i {r['val/t2i_R@5']:.3f}" for r in held_out))
