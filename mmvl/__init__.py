@@ -3,3 +3,12 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``mmvl.zero_shot`` without importing torch and the model code on ``import mmvl``."""
+    if name == "zero_shot":
+        from mmvl.inference import zero_shot
+
+        return zero_shot
+    raise AttributeError(f"module 'mmvl' has no attribute '{name}'")

@@ -141,3 +141,38 @@ def synthetic_cxr(tmp_path_factory) -> Path:
     """200 synthetic DICOM studies at 64 px (manifest path); shared by training and data tests."""
     out = tmp_path_factory.mktemp("synthetic_cxr")
     return Path(load_script("synthetic").generate(out, n=200, size=64, seed=0))
+
+
+# configs/demo/cxr_clip_tiny.py made smaller still (2-layer ViT/BERT of width 64), so CI trains it in seconds.
+TINY_CLIP = [
+    "model.image_encoder.depth=2", "model.image_encoder.embed_dim=64", "model.image_encoder.num_heads=2",
+    "model.text_encoder.config.hidden_size=64", "model.text_encoder.config.intermediate_size=128",
+    "model.text_encoder.config.num_attention_heads=2", "model.heads.0.embed_dim=64",
+    "train.num_workers=0", "train.log_interval=1",
+]
+
+
+def tiny_clip_config(manifest: Path, *options: str):
+    from mmvl.config import Config
+
+    cfg = Config.fromfile(REPO / "configs" / "demo" / "cxr_clip_tiny.py")
+    cfg.merge_options([f"data.manifest={manifest}", *TINY_CLIP, *options])
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(synthetic_cxr, tmp_path_factory):
+    """``(work_dir, final validation metrics)`` of the tiny CLIP model trained for 300 steps on ``synthetic_cxr``
+    (about 30 s on one core); shared by the training, zero-shot and evaluation tests."""
+    from mmvl.engine.trainer import Trainer
+
+    work = tmp_path_factory.mktemp("tiny_clip") / "run"
+    cfg = tiny_clip_config(synthetic_cxr, "train.max_steps=300", "train.batch_size=32", "train.val_interval=300",
+                           "train.ckpt_interval=300", "optim.warmup_steps=30")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        metrics = Trainer(cfg, work).fit()
+    finally:
+        torch.set_num_threads(threads)
+    return work, metrics

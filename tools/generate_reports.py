@@ -4,8 +4,8 @@
         [--manifest test.jsonl] [--method beam|greedy] [--num-beams 4] [--length-penalty 1.0]
         [--no-repeat-ngram-size 3] [--max-length N] [--batch-size 16] [--device cpu] [--limit N]
 
-INPUT may be files or folders: 2D models search folders recursively for DICOM/PNG/JPEG; for 3D models
-each INPUT is one volume (NIfTI file or DICOM series folder). Preprocessing is rebuilt from the model's
+INPUT may be files or folders, searched recursively (``mmvl.inference.find_inputs``): 2D models take
+DICOM/PNG/JPEG files, 3D models NIfTI files and DICOM series folders; other files get an error line. Preprocessing is rebuilt from the model's
 recorded spec. One JSON line per input: ``path``, ``study_id`` (manifest rows), and ``report`` or ``error``;
 the exit code is 1 if any input failed, 2 on bad arguments. A ``.json`` sidecar beside ``--out`` records the
 model and settings. With a manifest that has reports and/or labels, BLEU-1..4 and ROUGE-L against the
@@ -22,46 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 import mmvl
-from mmvl.data.dicom import is_dicom_file
-from mmvl.data.io import RASTER_SUFFIXES
-from mmvl.data.manifest import load_manifest
-from mmvl.data.reports import report_text
-from mmvl.data.transforms import LoadVolume
-from mmvl.errors import ConfigError, DataError, MMVLError
+from mmvl.errors import ConfigError, MMVLError
 from mmvl.evaluation.report_metrics import finding_f1, report_metrics
+from mmvl.inference import find_inputs, iter_batches, manifest_items
 from mmvl.utils import atomic_write_text
 from mmvl.zoo import load_pretrained
-
-
-def find_inputs(inputs: list[str], volumes: bool) -> list[dict[str, Any]]:
-    items = []
-    for entry in inputs:
-        path = Path(entry)
-        if path.is_dir() and not volumes:
-            for file in sorted(p for p in path.rglob("*") if p.is_file()):
-                if file.suffix.lower() in RASTER_SUFFIXES or is_dicom_file(file):
-                    items.append({"path": str(file)})
-        else:
-            items.append({"path": str(path)})  # missing files become error lines
-    return items
-
-
-def manifest_items(manifest: str, sections: Any) -> list[dict[str, Any]]:
-    items = []
-    for row in load_manifest(manifest):
-        item = {"path": row["image"][0], "study_id": row.get("study_id"),
-                "fields": {key: row[key] for key in LoadVolume.FIELDS if row.get(key) is not None}}
-        if row.get("report"):
-            item["reference"] = report_text(row["report"], sections)
-        if row.get("labels"):
-            item["labels"] = row["labels"]
-        if row.get("error"):
-            item["error"] = row["error"]
-        items.append(item)
-    return items
 
 
 def report_head(model: torch.nn.Module) -> Any:
@@ -108,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         items = find_inputs(args.inputs, volumes=loaded.preprocess.kind == "3d")
         if args.manifest:
             sections = loaded.config["data"].get("report_sections", ("findings", "impression"))
-            items += manifest_items(args.manifest, sections)
+            items += manifest_items(args.manifest, sections=sections)
     except MMVLError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -122,31 +89,20 @@ def main(argv: list[str] | None = None) -> int:
     settings = dict(method=args.method, num_beams=args.num_beams, length_penalty=args.length_penalty,
                     no_repeat_ngram_size=args.no_repeat_ngram_size, max_length=max_length)
     rows: list[dict[str, Any]] = []
-    for start in tqdm(range(0, len(items), args.batch_size), desc="reports", unit="batch"):
-        images, kept = [], []
-        for item in items[start:start + args.batch_size]:
-            row = {"path": item["path"], **({"study_id": item["study_id"]} if item.get("study_id") else {})}
-            rows.append(row)
-            if item.get("error"):  # the manifest row itself is unusable (bad encoding...)
-                row["error"] = item["error"]
-                continue
-            try:
-                sample = loaded.preprocess(item["path"], **item.get("fields", {}))
-                images.append(torch.from_numpy(sample["image"]))
-                kept.append(row)
-            except DataError as err:
-                row["error"] = err.problem
-        if images:
+    for batch in iter_batches(loaded.preprocess, items, args.batch_size, args.device, desc="reports"):
+        if batch.images is not None:
+            kept = [batch.rows[index] for index in batch.loaded]
             try:
                 with torch.no_grad():
-                    image_out = model.image_encoder(torch.stack(images).to(args.device))
-                    generated = head.generate(image_out, **settings)
+                    generated = head.generate(model.image_encoder(batch.images), **settings)
             except (RuntimeError, ValueError) as err:  # e.g. a volume of another size than the model's
                 for row in kept:
                     row["error"] = f"generation failed: {err}"
-                continue
-            for row, text, ids in zip(kept, generated.texts, generated.token_ids):
-                row.update(report=text, n_tokens=len(ids))
+            else:
+                for row, text, ids in zip(kept, generated.texts, generated.token_ids):
+                    row.update(report=text, n_tokens=len(ids))
+        for row in batch.rows:  # JSONL rows: study_id only from manifests, error only on failure
+            rows.append({key: value for key, value in row.items() if value != "" or key not in ("study_id", "error")})
 
     out = Path(args.out)
     atomic_write_text(out, "".join(json.dumps(row) + "\n" for row in rows))
@@ -165,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
 def _score(rows: list[dict[str, Any]], items: list[dict[str, Any]]) -> dict[str, Any]:
     """Metrics over the inputs that have a generated report and a reference and/or labels."""
     scored = [(row, item) for row, item in zip(rows, items) if "report" in row]
-    with_text = [(row["report"], item["reference"]) for row, item in scored if item.get("reference")]
-    with_labels = [(row["report"], item["labels"]) for row, item in scored if item.get("labels")]
+    with_text = [(row["report"], item.reference) for row, item in scored if item.reference]
+    with_labels = [(row["report"], item.labels) for row, item in scored if item.labels]
     out: dict[str, Any] = {}
     if with_text:
         text_scores = report_metrics([h for h, _ in with_text], [r for _, r in with_text])

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,6 +49,35 @@ def build_prompts(labels: Sequence[str], preset: str | Mapping[str, Any] = "chex
         if not prompts[label]["positive"]:
             raise ConfigError(f"label '{label}': no positive prompts")
     return prompts
+
+
+def load_prompt_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A prompt set from JSON or YAML: templates ``{"positive": ["{}", ...], "negative": ["no {}", ...]}`` and/or
+    per-label prompt lists ``{"pleural effusion": {"positive": [...], "negative": [...]}}``."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            prompts = yaml.safe_load(text)
+        else:
+            prompts = json.loads(text)
+    except Exception as err:  # json.JSONDecodeError or yaml.YAMLError (which is no ValueError)
+        raise ConfigError(f"{path}: not a valid prompt file: {err}") from err
+    if not isinstance(prompts, Mapping):
+        raise ConfigError(f"{path}: a prompt file holds a mapping (templates or per-label prompts), "
+                          f"got {type(prompts).__name__}")
+    return dict(prompts)
+
+
+def prompts_from(labels: Sequence[str], preset: str | os.PathLike | Mapping[str, Any]) -> dict[str, dict]:
+    """:func:`build_prompts` from a preset name, a prompt dict or the path of a JSON/YAML prompt file."""
+    if isinstance(preset, (str, os.PathLike)) and (str(preset) not in PRESETS):
+        if not Path(preset).is_file():
+            raise ConfigError(f"unknown prompt preset '{preset}': not one of {sorted(PRESETS)} and no such file")
+        preset = load_prompt_file(preset)
+    return build_prompts(labels, preset)
 
 
 @torch.no_grad()

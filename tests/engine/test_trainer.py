@@ -10,22 +10,9 @@ from mmvl.config import Config
 from mmvl.engine.checkpoint import load_checkpoint
 from mmvl.engine.trainer import Trainer
 from mmvl.errors import CheckpointError, ConfigError, ManifestError
+from tests.conftest import tiny_clip_config as tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
-
-# The demo config made smaller still: 2-layer ViT/BERT of width 64, so CI trains in seconds.
-TINY = [
-    "model.image_encoder.depth=2", "model.image_encoder.embed_dim=64", "model.image_encoder.num_heads=2",
-    "model.text_encoder.config.hidden_size=64", "model.text_encoder.config.intermediate_size=128",
-    "model.text_encoder.config.num_attention_heads=2", "model.heads.0.embed_dim=64",
-    "train.num_workers=0", "train.log_interval=1",
-]
-
-
-def tiny_config(manifest: Path, *options: str) -> Config:
-    cfg = Config.fromfile(REPO / "configs" / "demo" / "cxr_clip_tiny.py")
-    cfg.merge_options([f"data.manifest={manifest}", *TINY, *options])
-    return cfg
 
 
 def read_metrics(work_dir: Path) -> list[dict]:
@@ -64,18 +51,15 @@ def test_resume_gives_identical_weights(synthetic_cxr, tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_clip_learns(synthetic_cxr, tmp_path):
-    cfg = tiny_config(synthetic_cxr, "train.max_steps=300", "train.batch_size=32", "train.val_interval=300",
-                      "train.ckpt_interval=300", "optim.warmup_steps=30")
-    metrics = Trainer(cfg, tmp_path / "run").fit()
-    records = read_metrics(tmp_path / "run")
+def test_tiny_clip_learns(synthetic_cxr, tiny_clip):
+    work, metrics = tiny_clip  # 300 steps of the tiny config, batch 32
+    records = read_metrics(work)
     losses = [m["loss"] for m in records if "loss" in m]
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.9 * first, (first, last)  # the contrastive loss falls from log(batch size)
     n_val = sum(1 for line in synthetic_cxr.read_text().splitlines() if '"split": "val"' in line)
     chance = 5 / n_val
     assert metrics["val/i2t_R@5"] >= 2 * chance, (metrics, chance)
-    work = tmp_path / "run"
     for name in ("config.py", "preprocess.json", "tokenizer/tokenizer.json", "checkpoints/last.pt",
                  "checkpoints/best.pt", "train.log"):
         assert (work / name).is_file(), name
