@@ -136,6 +136,14 @@ def load_script(name: str):
     return module
 
 
+def load_tool(name: str):
+    """Import a command-line tool from ``tools/`` (scripts, not a package) to call its ``main(argv)``."""
+    spec = importlib.util.spec_from_file_location(f"mmvl_tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def synthetic_cxr(tmp_path_factory) -> Path:
     """200 synthetic DICOM studies at 64 px (manifest path); shared by training and data tests."""

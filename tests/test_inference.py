@@ -18,20 +18,11 @@ from mmvl.engine.trainer import Trainer
 from mmvl.errors import ConfigError
 from mmvl.evaluation.zero_shot import auroc
 from mmvl.inference import find_inputs, input_kind
-from tests.conftest import load_script
+from tests.conftest import load_script, load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 NIBABEL_DATA = Path(__import__("nibabel").__file__).parent / "tests" / "data"
 CXR_FINDINGS = ["pleural effusion", "cardiomegaly", "pneumothorax", "nodule"]  # drawn by datasets/synthetic.py
-
-
-def load_tool(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"mmvl_tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
