@@ -5,8 +5,9 @@
         [--no-repeat-ngram-size 3] [--max-length N] [--batch-size 16] [--device cpu] [--limit N]
 
 INPUT may be files or folders, searched recursively (``mmvl.inference.find_inputs``): 2D models take
-DICOM/PNG/JPEG files, 3D models NIfTI files and DICOM series folders; other files get an error line. Preprocessing is rebuilt from the model's
-recorded spec. One JSON line per input: ``path``, ``study_id`` (manifest rows), and ``report`` or ``error``;
+DICOM/PNG/JPEG files, 3D models NIfTI files and DICOM series folders; other files get an error line.
+Preprocessing is rebuilt from the model's recorded spec. One JSON line per input: ``path``, ``study_id``
+(manifest rows), and ``report`` or ``error``;
 the exit code is 1 if any input failed, 2 on bad arguments. A ``.json`` sidecar beside ``--out`` records the
 model and settings. With a manifest that has reports and/or labels, BLEU-1..4 and ROUGE-L against the
 reports (the sections the model was trained on) and finding F1 from the keyword labeller against the labels,
@@ -29,14 +30,6 @@ from mmvl.evaluation.report_metrics import finding_f1, report_metrics
 from mmvl.inference import find_inputs, iter_batches, manifest_items
 from mmvl.utils import atomic_write_text
 from mmvl.zoo import load_pretrained
-
-
-def report_head(model: torch.nn.Module) -> Any:
-    for head in model.heads.values():
-        if getattr(head, "generates_reports", False):
-            return head
-    raise ConfigError("this model has no report generation head (type='report_gen'); train one with "
-                      "configs/cxr_report.py")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -68,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         loaded = load_pretrained(args.model, device=args.device)
-        head = report_head(loaded.model)
+        head = loaded.model.report_head
         max_length = head.max_length if args.max_length is None else args.max_length
         if not 2 <= max_length <= head.max_length:
             raise ConfigError(f"--max-length must be in [2, {head.max_length}] for this model, got {max_length}")

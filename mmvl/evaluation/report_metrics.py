@@ -1,95 +1,186 @@
-"""Metrics for generated reports: corpus BLEU-1..4, ROUGE-L, and finding F1 from a keyword labeller with negation.
+"""Metrics for generated reports: BLEU-1..4, METEOR, ROUGE-L and CIDEr (pycocoevalcap), and finding F1 from a
+keyword labeller with negation.
 
-Text is compared as lower-case runs of letters and digits, punctuation dropped (as the PTB tokenizer of
-pycocoevalcap does for captioning metrics), so "2.5 cm;" and a decoder's "2. 5 cm ;" give the same tokens.
-Written with the standard library: no BLEU/ROUGE package is a dependency of mmvl.
+BLEU and ROUGE-L come from pycocoevalcap, the captioning reference implementation (mmvl's own ones agreed with it
+to 1e-9 on fixed inputs and were removed). Where one n-gram order has no match anywhere in the corpus, its
+1e-15 division guard leaves a small positive BLEU (up to ~0.03 when no hypothesis is n words long) instead of 0.
+
+Tokenizers: ``"simple"`` keeps lower-case runs of letters and digits, punctuation dropped, so "2.5 cm;" and a
+decoder's "2. 5 cm ;" give the same tokens; ``"ptb"`` is pycocoevalcap's Stanford PTB tokenizer (as published
+captioning scores use), which needs Java, like METEOR.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 import re
-from collections import Counter
+import shutil
+import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 _WORD = re.compile(r"[a-z0-9]+")
+TOKENIZERS = ("auto", "ptb", "simple")
 
 
 def tokenize_report(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-def _ngrams(tokens: Sequence[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+@functools.lru_cache(maxsize=1)
+def java_problem() -> str | None:
+    """Why Java cannot run pycocoevalcap's PTB tokenizer and METEOR here, or None when it can."""
+    java = shutil.which("java")
+    if java is None:
+        return "no 'java' on PATH (METEOR and the PTB tokenizer are Java programs; install a JRE, e.g. openjdk)"
+    try:
+        result = subprocess.run([java, "-version"], capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"'{java} -version' failed: {err}"
+    if result.returncode != 0:
+        return f"'{java} -version' exited with {result.returncode}: {result.stderr.decode(errors='replace')[:200]}"
+    return None
+
+
+def _as_lists(references: Sequence[str | Sequence[str]]) -> list[list[str]]:
+    out = [[refs] if isinstance(refs, str) else list(refs) for refs in references]
+    if any(not refs for refs in out):
+        raise ValueError("a hypothesis has no reference")
+    return out
+
+
+def tokenize_corpus(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]],
+                    tokenizer: str = "simple") -> tuple[dict[int, list[str]], dict[int, list[str]], str, str | None]:
+    """pycocoevalcap inputs ``(res, gts)``: space-joined tokens keyed by row, and the tokenizer used with the reason
+    for any fallback. ``"auto"``: PTB where Java runs, else simple; ``"ptb"`` falls back to simple likewise."""
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    refs = _as_lists(references)
+    fallback = None
+    if tokenizer != "simple":
+        fallback = java_problem()
+        if fallback is None:
+            from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+            captions = {("hyp", i): [{"caption": text}] for i, text in enumerate(hypotheses)}
+            captions.update({("ref", i): [{"caption": text} for text in texts] for i, texts in enumerate(refs)})
+            try:
+                tokens = PTBTokenizer().tokenize(captions)
+            except OSError as err:  # it writes a temporary file beside its jar: a read-only install fails
+                fallback = f"PTB tokenizer failed: {err}"
+            else:
+                if all(len(tokens.get(key, ())) == len(texts) for key, texts in captions.items()):
+                    res = {i: tokens[("hyp", i)] for i in range(len(hypotheses))}
+                    gts = {i: tokens[("ref", i)] for i in range(len(refs))}
+                    return res, gts, "ptb", None
+                fallback = "PTB tokenizer returned fewer lines than it was given (did the JVM fail?)"
+    res = {i: [" ".join(tokenize_report(text))] for i, text in enumerate(hypotheses)}
+    gts = {i: [" ".join(tokenize_report(text)) for text in texts] for i, texts in enumerate(refs)}
+    return res, gts, "simple", fallback
+
+
+def _bleu(res: dict, gts: dict, max_n: int) -> list[float]:
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    if not res:
+        return [0.0] * max_n
+    scores, _ = Bleu(max_n).compute_score(gts, res, verbose=0)
+    return [float(score) for score in scores]
+
+
+def _rouge_l(res: dict, gts: dict, beta: float = 1.2) -> float:
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    if not res:
+        return 0.0
+    scorer = Rouge()
+    scorer.beta = beta
+    return float(scorer.compute_score(gts, res)[0])
 
 
 def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]],
                 max_n: int = 4) -> dict[str, float]:
-    """Corpus BLEU-1..``max_n`` (Papineni et al. 2002): clipped n-gram precisions summed over the corpus, their
-    geometric mean with uniform weights, times the brevity penalty ``exp(1 - r / c)`` when the candidate length
-    ``c`` is below the effective reference length ``r`` (per sentence the reference length closest to the
-    candidate's, the shorter on ties). No smoothing: a corpus without a matching n-gram scores 0 for that order.
+    """Corpus BLEU-1..``max_n`` (Papineni et al. 2002; pycocoevalcap, simple tokenizer): clipped n-gram precisions
+    summed over the corpus, their geometric mean with uniform weights, times the brevity penalty
+    ``exp(1 - r / c)`` when the candidate length ``c`` is below the effective reference length ``r`` (per sentence
+    the reference length closest to the candidate's, the shorter on ties). No smoothing.
 
     ``references[i]``: one reference text, or a list of several.
     Returns ``{"bleu1": ..., ..., "bleu{max_n}": ...}`` in [0, 1].
     """
-    if len(hypotheses) != len(references):
-        raise ValueError(f"corpus_bleu: {len(hypotheses)} hypotheses but {len(references)} references")
-    matches, totals = [0] * max_n, [0] * max_n
-    hyp_length = ref_length = 0
-    for hypothesis, refs in zip(hypotheses, references):
-        hyp = tokenize_report(hypothesis)
-        ref_tokens = [tokenize_report(ref) for ref in ([refs] if isinstance(refs, str) else refs)]
-        if not ref_tokens:
-            raise ValueError("corpus_bleu: a hypothesis has no reference")
-        hyp_length += len(hyp)
-        ref_length += min((abs(len(ref) - len(hyp)), len(ref)) for ref in ref_tokens)[1]
-        for n in range(1, max_n + 1):
-            counts = _ngrams(hyp, n)
-            most: Counter = Counter()
-            for ref in ref_tokens:
-                most |= _ngrams(ref, n)  # max count of each n-gram over the references
-            matches[n - 1] += sum(min(count, most[gram]) for gram, count in counts.items())
-            totals[n - 1] += max(len(hyp) - n + 1, 0)
-    if hyp_length == 0:
-        return {f"bleu{n}": 0.0 for n in range(1, max_n + 1)}
-    brevity = 1.0 if hyp_length > ref_length else math.exp(1.0 - ref_length / hyp_length)
-    scores, log_sum = {}, 0.0
-    for n in range(1, max_n + 1):
-        if matches[n - 1] == 0:
-            log_sum = float("-inf")
-        else:
-            log_sum += math.log(matches[n - 1] / totals[n - 1])
-        scores[f"bleu{n}"] = brevity * math.exp(log_sum / n) if log_sum > float("-inf") else 0.0
-    return scores
-
-
-def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    previous = [0] * (len(b) + 1)
-    for token in a:
-        current = [0]
-        for j, other in enumerate(b, start=1):
-            current.append(previous[j - 1] + 1 if token == other else max(previous[j], current[j - 1]))
-        previous = current
-    return previous[-1]
+    try:
+        res, gts, _, _ = tokenize_corpus(hypotheses, references, "simple")
+    except ValueError as err:
+        raise ValueError(f"corpus_bleu: {err}") from err
+    return {f"bleu{n}": score for n, score in enumerate(_bleu(res, gts, max_n), start=1)}
 
 
 def rouge_l(hypotheses: Sequence[str], references: Sequence[str], beta: float = 1.2) -> float:
-    """Mean sentence ROUGE-L F-measure (Lin 2004) from the longest common subsequence:
-    ``(1 + beta^2) P R / (R + beta^2 P)`` with ``beta = 1.2`` as in pycocoevalcap."""
-    if len(hypotheses) != len(references):
-        raise ValueError(f"rouge_l: {len(hypotheses)} hypotheses but {len(references)} references")
-    if not hypotheses:
-        return 0.0
-    total = 0.0
-    for hypothesis, reference in zip(hypotheses, references):
-        hyp, ref = tokenize_report(hypothesis), tokenize_report(reference)
-        common = _lcs_length(hyp, ref)
-        if common:
-            precision, recall = common / len(hyp), common / len(ref)
-            total += (1 + beta**2) * precision * recall / (recall + beta**2 * precision)
-    return total / len(hypotheses)
+    """Mean sentence ROUGE-L F-measure (Lin 2004; pycocoevalcap, simple tokenizer) from the longest common
+    subsequence: ``(1 + beta^2) P R / (R + beta^2 P)`` with ``beta = 1.2`` as in pycocoevalcap."""
+    try:
+        res, gts, _, _ = tokenize_corpus(hypotheses, references, "simple")
+    except ValueError as err:
+        raise ValueError(f"rouge_l: {err}") from err
+    return _rouge_l(res, gts, beta)
+
+
+def _meteor(res: dict, gts: dict) -> float:
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    scorer = Meteor()  # starts a JVM (meteor-1.5.jar, -Xmx2G)
+    try:
+        return float(scorer.compute_score(gts, res)[0])
+    finally:
+        # A failed compute_score leaves its lock held, and Meteor.__del__ would then wait on it for ever.
+        if scorer.lock.locked():
+            scorer.lock.release()
+
+
+def _cider(res: dict, gts: dict) -> float:
+    from pycocoevalcap.cider.cider import Cider
+
+    return float(Cider().compute_score(gts, res)[0])
+
+
+def caption_metrics(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]],
+                    tokenizer: str = "auto", meteor: bool = True) -> dict[str, Any]:
+    """BLEU-1..4, METEOR, ROUGE-L and CIDEr (pycocoevalcap; CIDEr as its ``Cider``: tf-idf n-gram cosine, 1-4 grams,
+    x10, with a Gaussian length penalty, idf from these references) over paired hypotheses and references.
+
+    ``tokenizer``: ``"auto"`` (PTB where Java runs, else simple), ``"ptb"`` or ``"simple"``; the result names the
+    one used (``tokenizer``) and why it fell back (``tokenizer_note``). METEOR needs Java: without it, or with
+    ``meteor=False``, ``meteor`` is None and ``unavailable["meteor"]`` says why.
+    """
+    res, gts, used, fallback = tokenize_corpus(hypotheses, references, tokenizer)
+    out: dict[str, Any] = {"n": len(res), "tokenizer": used}
+    if fallback and tokenizer != "simple":
+        out["tokenizer_note"] = f"simple tokenizer used: {fallback}"
+    out.update({f"bleu{n}": score for n, score in enumerate(_bleu(res, gts, 4), start=1)})
+    unavailable: dict[str, str] = {}
+    out["meteor"] = None
+    if not meteor:
+        unavailable["meteor"] = "not requested"
+    elif not res:
+        unavailable["meteor"] = "no reports"
+    elif problem := java_problem():
+        unavailable["meteor"] = problem
+    else:
+        try:
+            out["meteor"] = _meteor(res, gts)
+        except (OSError, ValueError) as err:  # the JVM did not start or answered nothing (e.g. out of memory)
+            unavailable["meteor"] = f"METEOR failed: {err}"
+    out["rouge_l"] = _rouge_l(res, gts)
+    if any(text for texts in gts.values() for text in texts):
+        out["cider"] = _cider(res, gts)
+    else:
+        out["cider"] = None
+        unavailable["cider"] = "every reference is empty after tokenization"
+    if unavailable:
+        out["unavailable"] = unavailable
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -78,6 +78,14 @@ class VisionLanguageModel(nn.Module):
                 return head
         raise ConfigError("this model has no contrastive head, so it has no shared image-text embedding")
 
+    @property
+    def report_head(self) -> nn.Module:
+        for head in self.heads.values():
+            if getattr(head, "generates_reports", False):
+                return head
+        raise ConfigError("this model has no report generation head (type='report_gen'); train one with "
+                          "configs/cxr_report.py")
+
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         if self.mask_ratio:
             image_out = self.image_encoder(batch["image"], token_drop=self.mask_ratio)

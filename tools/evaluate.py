@@ -1,0 +1,427 @@
+"""Evaluate a trained model on a split of a labelled manifest: zero-shot classification, image-text retrieval,
+linear probes on frozen image features, or generated reports.
+
+    python tools/evaluate.py MODEL --manifest FILE --task zero_shot|retrieval|linear_probe|report
+        [--split test] [--val-split val] [--train-split train] [--labels "a,b"] [--preset chexzero]
+        [--mode pairwise|multiclass] [--out metrics.json] [--plots DIR] [--batch-size 32] [--device cpu]
+        [--n-bootstrap 1000] [--seed 0] [--limit N] [--method beam|greedy] [--num-beams 4] [--max-length N]
+        [--tokenizer auto|ptb|simple]
+
+MODEL is a training work dir or a checkpoint file; images go through the model's recorded preprocessing.
+
+zero_shot     per-label AUROC and F1 of the zero-shot probabilities (prompt preset and mode as tools/zero_shot.py),
+              F1 at the threshold that maximises it on --val-split (0.5 where there are no validation rows)
+linear_probe  logistic regression per label on the image encoder's pooled features of 1%, 10% and 100% of the
+              --train-split rows, scored on --split like zero_shot
+retrieval     image-to-report and report-to-image Recall@1/5/10 among the split's studies
+report        reports written by the model's report head (beam search, 4 beams), scored against the split's
+              reports with BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap) and finding F1 (keyword labeller)
+
+Labels default to the manifest's label names; unknown labels (-1) are left out per label. Intervals are percentile
+bootstrap intervals over --n-bootstrap resamples of the studies (seeded). A table is printed and the JSON (--out)
+holds every number with the model, manifest, split sizes, prompts, seed and mmvl version. --plots DIR writes
+roc_<label>.png and calibration.png (zero_shot, linear_probe). Images that cannot be read are listed in the JSON
+with their reason and the rest is evaluated. Exit code: 0 ok, 1 some images failed, 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+import mmvl
+from mmvl.data.manifest import load_manifest
+from mmvl.errors import ConfigError, MMVLError
+from mmvl.evaluation.metrics import PROBE_FRACTIONS, classification_metrics, linear_probe, target_matrix
+from mmvl.evaluation.report_metrics import TOKENIZERS, caption_metrics, finding_f1
+from mmvl.evaluation.retrieval import retrieval_metrics
+from mmvl.evaluation.zero_shot import PRESETS, prompts_from, text_prototypes, zero_shot_probabilities
+from mmvl.inference import InputItem, iter_batches, manifest_items
+from mmvl.utils import atomic_write_text
+from mmvl.zoo import load_pretrained
+
+TASKS = ("zero_shot", "retrieval", "linear_probe", "report")
+RECALL_KS = (1, 5, 10)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="training work dir or checkpoint file")
+    parser.add_argument("--manifest", required=True, help="manifest (JSONL/CSV) with split, labels and reports")
+    parser.add_argument("--task", required=True, choices=TASKS)
+    parser.add_argument("--split", default="test", help="the rows evaluated (manifest 'split')")
+    parser.add_argument("--val-split", default="val", help="rows that choose F1 thresholds and probe C ('' for none)")
+    parser.add_argument("--train-split", default="train", help="linear_probe: rows the probes are trained on")
+    parser.add_argument("--labels", help="comma-separated label names (default: the manifest's)")
+    parser.add_argument("--preset", default="chexzero",
+                        help=f"zero_shot prompt preset ({', '.join(PRESETS)}) or a JSON/YAML prompt file")
+    parser.add_argument("--mode", default="pairwise", choices=["pairwise", "multiclass"])
+    parser.add_argument("--out", default="metrics.json", help="JSON file for the results")
+    parser.add_argument("--plots", help="folder for roc_<label>.png and calibration.png (zero_shot, linear_probe)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples of studies (0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the bootstrap and the probe's training subsets")
+    parser.add_argument("--limit", type=int, help="only the first N rows of each split (quick checks)")
+    parser.add_argument("--method", default="beam", choices=["beam", "greedy"], help="report: search")
+    parser.add_argument("--num-beams", type=int, default=4, help="report: beams")
+    parser.add_argument("--max-length", type=int, help="report: tokens including BOS/EOS (default: the model's)")
+    parser.add_argument("--tokenizer", default="auto", choices=TOKENIZERS,
+                        help="report: 'auto' = pycocoevalcap's PTB tokenizer where Java runs, else 'simple'")
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "num_beams"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.n_bootstrap < 0:
+        parser.error("--n-bootstrap must be >= 0")
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be >= 1")
+    if args.plots and args.task not in ("zero_shot", "linear_probe"):
+        parser.error("--plots applies to --task zero_shot and linear_probe")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rows and images
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_splits(manifest: str, sections: Any, limit: int | None) -> tuple[dict[str, list[InputItem]], list[str]]:
+    """Manifest items by split (with labels, volume fields and the reference report of ``sections``), and the
+    manifest's label names (sorted, as ``ManifestDataset`` orders them)."""
+    rows = load_manifest(manifest)
+    splits: dict[str, list[InputItem]] = {}
+    for row, item in zip(rows, manifest_items(manifest, sections=sections)):
+        splits.setdefault(str(row.get("split") or ""), []).append(item)
+    if limit:
+        splits = {name: items[:limit] for name, items in splits.items()}
+    return splits, sorted({name for row in rows for name in (row.get("labels") or {})})
+
+
+def split_rows(splits: dict[str, list[InputItem]], name: str, manifest: str, option: str) -> list[InputItem]:
+    if name not in splits:
+        found = sorted(split or "(none)" for split in splits)
+        raise ConfigError(f"{manifest}: no rows with split '{name}' ({option}); splits found: {found}")
+    return splits[name]
+
+
+class Runner:
+    """Runs images of manifest items through the model in batches and collects the ones that cannot be read."""
+
+    def __init__(self, loaded: Any, batch_size: int, device: str):
+        self.loaded, self.batch_size, self.device = loaded, batch_size, device
+        self.failed: list[dict[str, str]] = []
+
+    def run(self, items: list[InputItem], compute: Callable[[torch.Tensor], Any], split: str) -> tuple[list, list]:
+        """``(outputs, indices)``: ``compute(images)`` per loaded batch, split per row, and the indices of the
+        items they belong to; failed items are recorded with path and reason."""
+        outputs, indices, offset = [], [], 0
+        for batch in iter_batches(self.loaded.preprocess, items, self.batch_size, self.device,
+                                  desc=f"{split} images"):
+            if batch.images is not None:
+                with torch.no_grad():
+                    outputs.extend(compute(batch.images))
+                indices.extend(offset + index for index in batch.loaded)
+            for row in batch.rows:
+                if row["error"]:
+                    self.failed.append({"split": split, "path": row["path"], "study_id": row["study_id"],
+                                        "reason": row["error"]})
+            offset += len(batch.rows)
+        return outputs, indices
+
+    def features(self, items: list[InputItem], encode: Callable[[torch.Tensor], torch.Tensor],
+                 split: str) -> tuple[np.ndarray, list[InputItem]]:
+        """``(N_loaded, D)`` features and the items that loaded."""
+        outputs, indices = self.run(items, lambda images: encode(images).float().cpu().numpy(), split)
+        features = np.stack(outputs).astype(np.float64) if outputs else np.zeros((0, 0))
+        return features, [items[i] for i in indices]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tasks
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_labels(labels: list[str], known: list[str], manifest: str) -> None:
+    unknown = [label for label in labels if label not in known]
+    if unknown:
+        raise ConfigError(f"{manifest}: no label named {unknown} in the manifest; its labels: {known}")
+    if not labels:
+        raise ConfigError(f"{manifest}: the manifest has no labels; give --labels or use --task retrieval/report")
+
+
+def run_zero_shot(args: argparse.Namespace, loaded: Any, runner: Runner, test: list[InputItem],
+                  val: list[InputItem], labels: list[str]) -> dict[str, Any]:
+    model = loaded.model
+    prompts = prompts_from(labels, args.preset)
+    positive, negative = (side.float().cpu() for side in text_prototypes(model, prompts))
+    scale = float(model.contrastive_head.scale().detach())
+
+    def probabilities(items: list[InputItem], split: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+        embeddings, kept = runner.features(items, model.encode_image, split)
+        if not kept:
+            return None, None
+        scores = zero_shot_probabilities(torch.from_numpy(embeddings), positive, negative, scale, args.mode)
+        return scores.numpy(), target_matrix([item.labels for item in kept], labels)
+
+    scores, targets = probabilities(test, args.split)
+    _require_rows(scores, args.split)
+    val_scores, val_targets = probabilities(val, args.val_split) if val else (None, None)
+    metrics = classification_metrics(scores, targets, labels, val_scores, val_targets, args.n_bootstrap, args.seed)
+    return {"info": {"preset": str(args.preset), "mode": args.mode, "prompts": prompts, "logit_scale": scale,
+                     "embedding": "model.encode_image (the shared image-text space)"},
+            "metrics": metrics, "plot": (scores, targets, labels, metrics, "zero-shot")}
+
+
+def run_linear_probe(args: argparse.Namespace, loaded: Any, runner: Runner, test: list[InputItem],
+                     val: list[InputItem], train: list[InputItem], labels: list[str]) -> dict[str, Any]:
+    # The image encoder's pooled output, not encode_image: it exists for every model (MAE and report models have
+    # no contrastive projection), and CLIP's own linear probes read the features before the projection.
+    def pooled(images: torch.Tensor) -> torch.Tensor:
+        return loaded.model.image_encoder(images).pooled
+
+    sets = {}
+    for name, items in ((args.train_split, train), (args.split, test), (args.val_split, val)):
+        features, kept = runner.features(items, pooled, name) if items else (np.zeros((0, 0)), [])
+        sets[name] = (features, target_matrix([item.labels for item in kept], labels))
+    train_features, train_targets = sets[args.train_split]
+    test_features, test_targets = sets[args.split]
+    val_features, val_targets = sets[args.val_split] if val else (None, None)
+    _require_rows(test_features, args.split)
+    _require_rows(train_features, args.train_split)
+    probe = linear_probe(train_features, train_targets, test_features, test_targets, labels, val_features,
+                         val_targets, fractions=PROBE_FRACTIONS, seed=args.seed, n_bootstrap=args.n_bootstrap)
+    full = probe["fractions"][f"{max(PROBE_FRACTIONS):g}"]
+    plot = None
+    if "metrics" in full:
+        names = list(full["metrics"]["labels"])
+        columns = [labels.index(name) for name in names]
+        plot = (full["test_scores"][:, columns], test_targets[:, columns], names, full["metrics"],
+                f"linear probe {max(PROBE_FRACTIONS):.0%}")
+    for entry in probe["fractions"].values():
+        del entry["test_scores"]
+    return {"info": {"features": "image_encoder(images).pooled (before any projection head)",
+                     "feature_dim": int(train_features.shape[1])},
+            "metrics": probe, "plot": plot}
+
+
+def run_retrieval(args: argparse.Namespace, loaded: Any, runner: Runner, test: list[InputItem]) -> dict[str, Any]:
+    model = loaded.model
+    with_report = [item for item in test if item.reference]
+    images, kept = runner.features(with_report, model.encode_image, args.split)
+    _require_rows(images, args.split)
+    texts = [item.reference for item in kept]
+    with torch.no_grad():
+        text_emb = torch.cat([model.encode_text(texts[i:i + args.batch_size]).float().cpu()
+                              for i in range(0, len(texts), args.batch_size)])
+    metrics = retrieval_metrics(torch.from_numpy(images).float(), text_emb, ks=RECALL_KS)
+    metrics.update(n=len(kept), n_without_report=len(test) - len(with_report))
+    return {"info": {"text": "the manifest reports (sections the model was trained on)"}, "metrics": metrics}
+
+
+def run_report(args: argparse.Namespace, loaded: Any, runner: Runner, test: list[InputItem]) -> dict[str, Any]:
+    model = loaded.model
+    head = model.report_head
+    max_length = head.max_length if args.max_length is None else args.max_length
+    if not 2 <= max_length <= head.max_length:
+        raise ConfigError(f"--max-length must be in [2, {head.max_length}] for this model, got {max_length}")
+    settings = dict(method=args.method, num_beams=args.num_beams, max_length=max_length)
+    with_report = [item for item in test if item.reference]
+    texts, indices = runner.run(with_report, lambda images: head.generate(model.image_encoder(images),
+                                                                          **settings).texts, args.split)
+    _require_rows(texts, args.split)
+    kept = [with_report[i] for i in indices]
+    metrics = caption_metrics(texts, [item.reference for item in kept], tokenizer=args.tokenizer)
+    labelled = [(text, item.labels) for text, item in zip(texts, kept) if item.labels]
+    if labelled:
+        findings = finding_f1([text for text, _ in labelled], [labels for _, labels in labelled])
+        if findings["findings"]:
+            metrics["findings"] = findings
+    metrics["n_without_report"] = len(test) - len(with_report)
+    examples = [{"study_id": item.study_id, "generated": text, "reference": item.reference}
+                for text, item in list(zip(texts, kept))[:5]]
+    return {"info": {"generation": settings}, "metrics": metrics, "examples": examples}
+
+
+def _require_rows(rows: Any, split: str) -> None:
+    if rows is None or not len(rows):
+        raise NoRows(f"no image of split '{split}' could be evaluated (see 'failed' in the JSON)")
+
+
+class NoRows(Exception):
+    """Every image of a split needed for the task failed."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(key): _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    if isinstance(value, (np.floating, float)):
+        return None if math.isnan(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _ci(entry: dict[str, Any], key: str) -> str:
+    ci = entry.get(f"{key}_ci")
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else " " * 14
+
+
+def _value(value: float | None) -> str:
+    return "  -  " if value is None else f"{value:.3f}"
+
+
+def print_classification(metrics: dict[str, Any], title: str) -> None:
+    macro, micro = metrics["macro"], metrics["micro"]
+    macro_name = f"macro ({len(macro['labels'])} label{'' if len(macro['labels']) == 1 else 's'})"
+    width = max(len(macro_name), *(len(name) for name in metrics["labels"]))
+    boot = metrics["bootstrap"]
+    ci = f"{100 * boot['confidence']:g}% CI" if boot["n_resamples"] else "CI"
+    print(f"\n{title}: {metrics['n_rows']} studies; thresholds: {metrics['threshold_source']} "
+          f"({metrics['n_val_rows']} validation studies); CIs from {boot['n_resamples']} bootstrap resamples "
+          f"of studies (seed {boot['seed']})")
+    print(f"  {'label':<{width}}  {'n':>5} {'pos':>5}  AUROC  {ci:<14}  F1     {ci:<14}  threshold")
+    for name, entry in metrics["labels"].items():
+        head = f"  {name:<{width}}  {entry['n']:>5} {entry['n_positive']:>5}  "
+        if "skipped" in entry:
+            print(head + f"skipped: {entry['skipped']}")
+            continue
+        source = "" if entry["threshold_source"] == "val" else " (default)"
+        print(head + f"{entry['auroc']:.3f}  {_ci(entry, 'auroc')}  {entry['f1']:.3f}  {_ci(entry, 'f1')}  "
+                     f"{entry['threshold']:.3f}{source}")
+    print(f"  {macro_name:<{width}}  {'':>5} {'':>5}  {_value(macro['auroc'])}  {_ci(macro, 'auroc')}  "
+          f"{_value(macro['f1'])}  {_ci(macro, 'f1')}")
+    print(f"  {'micro (label-rows)':<{width}}  {micro['n_label_rows']:>5} {micro['n_positive']:>5}  "
+          f"{_value(micro['auroc'])}  {_ci(micro, 'auroc')}  {_value(micro['f1'])}  {_ci(micro, 'f1')}")
+
+
+def print_results(task: str, result: dict[str, Any]) -> None:
+    metrics = result["metrics"]
+    if task == "zero_shot":
+        print_classification(metrics, f"zero-shot ({result['info']['preset']}, {result['info']['mode']})")
+    elif task == "linear_probe":
+        for key, entry in metrics["fractions"].items():
+            sampling = entry["sampling"]
+            print(f"\nlinear probe on {float(key):.0%} of the training studies: {entry['n_train_rows']} studies "
+                  f"({sampling['n_drawn']} drawn, {sampling['n_added']} added for a missing class)")
+            for name, reason in entry["not_trained"].items():
+                print(f"  {name}: no probe, {reason}")
+            if "metrics" in entry:
+                print_classification(entry["metrics"], f"linear probe {float(key):.0%}")
+    elif task == "retrieval":
+        print(f"\nretrieval among {metrics['n']} studies (image <-> report):")
+        for direction, name in (("i2t", "image -> report"), ("t2i", "report -> image")):
+            print(f"  {name}: " + "  ".join(f"R@{k} {metrics[f'{direction}_R@{k}']:.3f}" for k in RECALL_KS))
+    else:
+        print(f"\n{metrics['n']} generated reports (tokenizer: {metrics['tokenizer']}):")
+        print("  " + "  ".join(f"BLEU-{n} {metrics[f'bleu{n}']:.3f}" for n in range(1, 5))
+              + f"  METEOR {_value(metrics['meteor'])}  ROUGE-L {metrics['rouge_l']:.3f}  CIDEr "
+              + _value(metrics["cider"]))
+        for name, reason in metrics.get("unavailable", {}).items():
+            print(f"  {name} unavailable: {reason}")
+        if "findings" in metrics:
+            micro = {column: metrics["findings"][column]["micro"]["f1"]
+                     for column in ("model", "majority_baseline", "all_positive_baseline")}
+            print(f"  finding F1 (keyword labeller, micro): model {micro['model']:.3f}, majority class "
+                  f"{micro['majority_baseline']:.3f}, always present {micro['all_positive_baseline']:.3f}")
+
+
+def write_plots(plot: tuple | None, folder: str) -> list[str]:
+    if plot is None:
+        return []
+    from mmvl.evaluation.plots import plot_calibration, plot_roc_curves
+
+    scores, targets, labels, metrics, title = plot
+    paths = plot_roc_curves(scores, targets, labels, metrics, folder, title=title)
+    paths.append(plot_calibration(scores, targets, labels, folder, title=title))
+    return [str(path) for path in paths]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        loaded = load_pretrained(args.model, device=args.device)
+        if loaded.preprocess is None:
+            raise ConfigError(f"{loaded.source}: this model records no image preprocessing (a text-only model?)")
+        sections = (loaded.config.get("data") or {}).get("report_sections", ("findings", "impression"))
+        splits, manifest_labels = load_splits(args.manifest, sections, args.limit)
+        test = split_rows(splits, args.split, args.manifest, "--split")
+        val = splits.get(args.val_split, []) if args.val_split else []
+        used_splits = [args.split, *([args.val_split] if args.val_split else []),
+                       *([args.train_split] if args.task == "linear_probe" else [])]
+        if len(set(used_splits)) < len(used_splits):
+            raise ConfigError(f"--split, --val-split and --train-split must name different splits, got {used_splits}")
+        labels = manifest_labels
+        if args.labels is not None:
+            labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+        if args.task in ("zero_shot", "linear_probe"):
+            _check_labels(labels, manifest_labels, args.manifest)
+        runner = Runner(loaded, args.batch_size, args.device)
+        if args.task == "zero_shot":
+            result = run_zero_shot(args, loaded, runner, test, val, labels)
+        elif args.task == "linear_probe":
+            train = split_rows(splits, args.train_split, args.manifest, "--train-split")
+            result = run_linear_probe(args, loaded, runner, test, val, train, labels)
+        elif args.task == "retrieval":
+            result = run_retrieval(args, loaded, runner, test)
+        else:
+            result = run_report(args, loaded, runner, test)
+        problem = None
+    except MMVLError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except NoRows as err:
+        result, problem = {"metrics": None}, str(err)
+
+    record: dict[str, Any] = {
+        "task": args.task, "model": loaded.source, "manifest": str(args.manifest), "split": args.split,
+        "val_split": args.val_split or None, "mmvl_version": mmvl.__version__, "seed": args.seed,
+        "n_bootstrap": args.n_bootstrap, "preprocess": loaded.preprocess.kind,
+        "n_rows": {name: len(splits.get(name, [])) for name in used_splits},
+        "n_failed": len(runner.failed), "failed": runner.failed,
+    }
+    if args.task in ("zero_shot", "linear_probe"):
+        record["labels"] = labels
+    if args.task == "linear_probe":
+        record["train_split"] = args.train_split
+    record.update(result.get("info", {}))
+    if problem:
+        record["error"] = problem
+    else:
+        record["metrics"] = result["metrics"]
+        if "examples" in result:
+            record["examples"] = result["examples"]
+        if args.plots:
+            record["plots"] = write_plots(result.get("plot"), args.plots)
+    atomic_write_text(args.out, json.dumps(_json_safe(record), indent=2) + "\n")
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+    else:
+        print_results(args.task, result)
+    for failure in runner.failed[:10]:
+        print(f"  unreadable ({failure['split']}): {failure['path']}: {failure['reason']}")
+    if len(runner.failed) > 10:
+        print(f"  ... and {len(runner.failed) - 10} more (listed in {args.out})")
+    print(f"\nwrote {args.out}" + (f" and {len(record.get('plots', []))} plots in {args.plots}" if args.plots else "")
+          + f" ({len(runner.failed)} images failed)")
+    return 1 if runner.failed or problem else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
