@@ -24,9 +24,12 @@ $(DEMO_DATA)/manifest.jsonl: datasets/synthetic.py | $(STAMP)
 demo: install $(DEMO_DATA)/manifest.jsonl
 	$(PY) tools/check_data.py $(DEMO_DATA)/manifest.jsonl --config configs/demo/cxr_clip_tiny.py
 	$(PY) tools/train.py configs/demo/cxr_clip_tiny.py --work-dir $(DEMO_WORK)
-	$(PY) tools/zero_shot.py $(DEMO_WORK) --manifest $(DEMO_DATA)/test.jsonl --limit 12 \
+	$(PY) tools/zero_shot.py $(DEMO_WORK) --manifest $(DEMO_DATA)/test.jsonl \
 		--labels "$(DEMO_LABELS)" --preset chexzero --out $(DEMO_WORK)/zero_shot_demo.csv
-	@echo "Work directory: $(DEMO_WORK) (config.py, metrics.jsonl, checkpoints/, tokenizer/, zero_shot_demo.csv)"
+	$(PY) tools/evaluate.py $(DEMO_WORK) --manifest $(DEMO_DATA)/manifest.jsonl --task zero_shot \
+		--labels "$(DEMO_LABELS)" --preset chexzero --out $(DEMO_WORK)/eval_zero_shot.json --plots $(DEMO_WORK)/plots
+	@echo "Work directory: $(DEMO_WORK) (config.py, metrics.jsonl, checkpoints/, tokenizer/, zero_shot_demo.csv,"
+	@echo "  eval_zero_shot.json, plots/)"
 
 lint: install
 	$(VENV)/bin/ruff check .
