@@ -1,4 +1,5 @@
-# mmvl: `make demo` trains the tiny CXR CLIP model on synthetic DICOMs; `make test` runs lint and the suite.
+# mmvl: `make demo` trains the tiny CXR CLIP model on synthetic DICOMs, evaluates it, exports it to the model zoo
+# and zero-shot classifies from the zoo entry; `make test` runs lint and the suite.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -28,8 +29,11 @@ demo: install $(DEMO_DATA)/manifest.jsonl
 		--labels "$(DEMO_LABELS)" --preset chexzero --out $(DEMO_WORK)/zero_shot_demo.csv
 	$(PY) tools/evaluate.py $(DEMO_WORK) --manifest $(DEMO_DATA)/manifest.jsonl --task zero_shot \
 		--labels "$(DEMO_LABELS)" --preset chexzero --out $(DEMO_WORK)/eval_zero_shot.json --plots $(DEMO_WORK)/plots
+	$(PY) tools/export.py $(DEMO_WORK) --name cxr_clip_tiny --overwrite
+	$(PY) tools/zero_shot.py cxr_clip_tiny --manifest $(DEMO_DATA)/test.jsonl \
+		--labels "$(DEMO_LABELS)" --preset chexzero --out $(DEMO_WORK)/zero_shot_zoo.csv
 	@echo "Work directory: $(DEMO_WORK) (config.py, metrics.jsonl, checkpoints/, tokenizer/, zero_shot_demo.csv,"
-	@echo "  eval_zero_shot.json, plots/)"
+	@echo "  eval_zero_shot.json, plots/, zero_shot_zoo.csv); zoo entry: model_zoo/cxr_clip_tiny"
 
 lint: install
 	$(VENV)/bin/ruff check .

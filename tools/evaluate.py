@@ -7,7 +7,8 @@ linear probes on frozen image features, or generated reports.
         [--n-bootstrap 1000] [--seed 0] [--limit N] [--method beam|greedy] [--num-beams 4] [--max-length N]
         [--tokenizer auto|ptb|simple]
 
-MODEL is a training work dir or a checkpoint file; images go through the model's recorded preprocessing.
+MODEL is a training work dir, a checkpoint file or a model-zoo entry (folder or name); images go through the
+model's recorded preprocessing.
 
 zero_shot     per-label AUROC and F1 of the zero-shot probabilities (prompt preset and mode as tools/zero_shot.py),
               F1 at the threshold that maximises it on --val-split (0.5 where there are no validation rows)
@@ -53,7 +54,7 @@ RECALL_KS = (1, 5, 10)
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="training work dir or checkpoint file")
+    parser.add_argument("model", help="training work dir, checkpoint file, or model-zoo entry (folder or name)")
     parser.add_argument("--manifest", required=True, help="manifest (JSONL/CSV) with split, labels and reports")
     parser.add_argument("--task", required=True, choices=TASKS)
     parser.add_argument("--split", default="test", help="the rows evaluated (manifest 'split')")

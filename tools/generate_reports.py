@@ -1,9 +1,10 @@
 """Write reports for scans with a trained report-generation model.
 
-    python tools/generate_reports.py WORK_DIR_OR_CHECKPOINT INPUT... --out reports.jsonl
+    python tools/generate_reports.py MODEL INPUT... --out reports.jsonl
         [--manifest test.jsonl] [--method beam|greedy] [--num-beams 4] [--length-penalty 1.0]
         [--no-repeat-ngram-size 3] [--max-length N] [--batch-size 16] [--device cpu] [--limit N]
 
+MODEL is a training work dir, a checkpoint file or a model-zoo entry (folder or name).
 INPUT may be files or folders, searched recursively (``mmvl.inference.find_inputs``): 2D models take
 DICOM/PNG/JPEG files, 3D models NIfTI files and DICOM series folders; other files get an error line.
 Preprocessing is rebuilt from the model's recorded spec. One JSON line per input: ``path``, ``study_id``
@@ -34,7 +35,7 @@ from mmvl.zoo import load_pretrained
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="training work dir or checkpoint file")
+    parser.add_argument("model", help="training work dir, checkpoint file, or model-zoo entry (folder or name)")
     parser.add_argument("inputs", nargs="*", help="image files or folders (3D: volume files or series folders)")
     parser.add_argument("--manifest", help="also run over the rows of a manifest (JSONL/CSV); with reports/labels "
                                            "the generated reports are scored")

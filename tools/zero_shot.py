@@ -5,7 +5,8 @@
         [--out preds.csv] [--batch-size 32] [--device cpu] [--limit N]
     python tools/zero_shot.py MODEL --manifest test.jsonl --labels ...
 
-MODEL is a training work dir or a checkpoint file. INPUT may be files or folders, searched recursively: a 2D
+MODEL is a training work dir, a checkpoint file or a model-zoo entry (folder or name).
+INPUT may be files or folders, searched recursively: a 2D
 model takes DICOM, PNG and JPEG files, a 3D model NIfTI files and DICOM series folders. Preprocessing is rebuilt
 from the model's recorded spec. The CSV has one row per scan (path, study_id, one probability column per label,
 error); a file that cannot be read gets its reason in ``error`` and the run goes on. A ``.json`` sidecar records
@@ -35,7 +36,7 @@ from mmvl.utils import atomic_write_text
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="training work dir or checkpoint file")
+    parser.add_argument("model", help="training work dir, checkpoint file, or model-zoo entry (folder or name)")
     parser.add_argument("inputs", nargs="*", help="scan files or folders")
     parser.add_argument("--manifest", help="also run over the rows of a manifest (JSONL/CSV)")
     parser.add_argument("--labels", required=True, help="comma-separated label names")

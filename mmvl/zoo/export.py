@@ -1,0 +1,540 @@
+"""Export a trained model (work dir or checkpoint) as a model-zoo entry: the mmvl format (safetensors weights,
+a plain-JSON architecture, the preprocessing spec, prompts, tokenizer, model card, SHA-256 sums) and the interop
+formats (open_clip, transformers, MONAI bundle, TorchScript, ONNX), each verified by loading it back with its own
+library and comparing embeddings with mmvl's on the same probe input."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import mmvl
+from mmvl.data.transforms import save_preprocess
+from mmvl.errors import CheckpointError, ConfigError
+from mmvl.utils import atomic_write_text
+from mmvl.zoo import entry as zoo_entry
+from mmvl.zoo.load import LoadedModel, load_pretrained
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("mmvl", "open_clip", "hf", "monai", "torchscript", "onnx")
+MIN_COSINE = 0.9999  # interop embeddings against mmvl's, float32, on the same input
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
+PROBE_TEXTS = ["no acute cardiopulmonary process", "small left pleural effusion", "pneumothorax", "normal study"]
+
+
+class NotExportable(ConfigError):
+    """This model cannot be written in a requested format (the message says why)."""
+
+
+@dataclass
+class ExportContext:
+    """What the format writers get: the loaded ``model`` (eval, CPU, float32), the entry folder being written
+    (``out``), the entry's ``config`` (config.json, without the formats list), and probe inputs."""
+
+    model: nn.Module
+    loaded: LoadedModel
+    out: Path
+    name: str
+    config: dict[str, Any]
+    probe_images: torch.Tensor
+    probe_texts: list[str]
+    final: Path | None = None  # where the entry will be once written (``out`` is a temporary sibling)
+
+    @property
+    def parts(self) -> list[str]:
+        return self.config["parts"]
+
+    @property
+    def input(self) -> dict[str, Any]:
+        return self.config["input"]
+
+
+@dataclass
+class ExportResult:
+    """The entry written: its folder, name, ``config.json`` content, the formats written and those skipped (with
+    the reason), and each format's check against mmvl (cosine, max abs difference, bitwise equality)."""
+
+    path: Path
+    name: str
+    config: dict[str, Any]
+    formats: list[str]
+    skipped: dict[str, str] = field(default_factory=dict)
+    checks: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def files(self) -> list[tuple[str, int]]:
+        """``(relative path, bytes)`` of every file in the entry."""
+        return [(name, (self.path / name).stat().st_size) for name in [*zoo_entry.entry_files(self.path),
+                                                                        zoo_entry.SUMS]]
+
+
+def compare(reference: torch.Tensor, other: torch.Tensor | Any, what: str, threshold: float = MIN_COSINE,
+            ) -> dict[str, Any]:
+    """Row-wise cosine of two embedding batches (float32); refuses the export below ``threshold``."""
+    other = torch.as_tensor(other).float().reshape(reference.shape)
+    reference = reference.float()
+    cosine = torch.nn.functional.cosine_similarity(reference, other, dim=-1).min().item()
+    result = {"cosine_min": round(cosine, 7), "max_abs_diff": float((reference - other).abs().max()),
+              "bitwise_equal": bool(torch.equal(reference, other))}
+    if not cosine >= threshold:
+        raise CheckpointError(f"{what}: embeddings differ from mmvl's (min cosine {cosine:.6f} < {threshold}); "
+                              "the export is wrong, not written")
+    return result
+
+
+# -- the mmvl format -------------------------------------------------------------------------------------------
+def towers(model: nn.Module) -> list[str]:
+    return [part for part, attr in (("image", "image_encoder"), ("text", "text_encoder"))
+            if getattr(model, attr, None) is not None]
+
+
+def _plain(value: Any) -> Any:
+    """Nested dicts/lists/tuples as JSON-ready dicts and lists; anything else must already be JSON data."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ConfigError(f"config value {value!r} ({type(value).__name__}) is not plain data; config.json holds JSON only")
+
+
+def _absolute_paths(value: Any, where: str = "model") -> list[str]:
+    if isinstance(value, Mapping):
+        return [p for k, v in value.items() for p in _absolute_paths(v, f"{where}.{k}")]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _absolute_paths(v, f"{where}.{i}")]
+    if isinstance(value, str) and (os.path.isabs(value) or value.startswith(("local-dir:", "~"))):
+        return [f"{where}={value}"]
+    return []
+
+
+def bert_config_fields(hf_config: Any, tokenizer: Any) -> dict[str, Any] | None:
+    """The ``config=`` fields that rebuild a pretrained BERT-family text model from scratch, or None when
+    ``HFTextEncoder(config=...)`` (a ``BertModel`` sized by the tokenizer) cannot express it."""
+    if hf_config.model_type != "bert" or hf_config.vocab_size != len(tokenizer):
+        return None
+    if hf_config.pad_token_id != tokenizer.pad_token_id:
+        return None
+    fields = hf_config.to_diff_dict()
+    for key in ("vocab_size", "pad_token_id", "architectures", "_name_or_path", "transformers_version", "model_type",
+                "torch_dtype", "dtype", "_attn_implementation_autoset", "add_pooling_layer"):
+        fields.pop(key, None)
+    return _plain(fields)
+
+
+def save_tokenizer(tokenizer: Any, source: Any, folder: Path) -> None:
+    """The tokenizer's own files when it came from a folder (byte-identical; only tokenizer files, the folder may
+    be a whole pretrained model), else ``save_pretrained``."""
+    files = [Path(source) / name for name in TOKENIZER_FILES] if isinstance(source, (str, os.PathLike)) else []
+    files = [file for file in files if file.is_file()]
+    folder.mkdir(parents=True, exist_ok=True)
+    if files:
+        for file in files:
+            shutil.copy2(file, folder / file.name)
+    else:
+        tokenizer.save_pretrained(str(folder))
+
+
+def entry_model_config(model_cfg: Mapping[str, Any], model: nn.Module, parts: Sequence[str],
+                       out: Path) -> tuple[str, dict[str, Any]]:
+    """``(architecture, model dict)`` for config.json: the training config's model dict with local paths removed
+    (pretrained weight files, hub flags), tokenizers saved into ``out`` and named relative to it, and distributed
+    settings dropped. Pretrained BERT text models are rewritten as ``config=`` (their weights are in
+    model.safetensors); other pretrained text models point at the entry's ``text_encoder/`` folder."""
+    cfg = copy.deepcopy(_plain(model_cfg))
+    cfg.pop("type", None)
+    image = cfg.get("image_encoder")
+    if image:
+        image.pop("pretrained_path", None)
+        image["grad_checkpointing"] = False
+        if image.get("type") == "open_clip":
+            if ":" in str(image.get("model_name", "")):
+                raise NotExportable(f"image_encoder.model_name {image['model_name']!r} needs that folder or hub "
+                                    "repo to rebuild; export from an open_clip built-in model name")
+            image["pretrained"] = None
+        elif "pretrained" in image:
+            image["pretrained"] = False
+    text = cfg.get("text_encoder")
+    text_module = getattr(model, "text_encoder", None)
+    tokenizer_sources: dict[str, Any] = {}
+    if text and text_module is not None:
+        source = text.get("tokenizer") or text.get("pretrained")
+        text["grad_checkpointing"] = False
+        if text.get("pretrained") is not None:
+            bert = bert_config_fields(text_module.model.config, text_module.tokenizer)
+            if bert is not None:
+                text.pop("pretrained")
+                text["config"] = bert
+            else:
+                from mmvl.zoo.hf_text import write_text_model
+
+                write_text_model(text_module, out / "text_encoder", source)
+                text["pretrained"] = "text_encoder"
+        save_tokenizer(text_module.tokenizer, source, out / zoo_entry.TOKENIZER)
+        tokenizer_sources[zoo_entry.TOKENIZER] = source
+        text["tokenizer"] = zoo_entry.TOKENIZER
+    heads = cfg.get("heads") or []
+    heads = heads if isinstance(heads, list) else [heads]
+    for head_cfg, (head_name, head) in zip(heads, getattr(model, "heads", {}).items()):
+        for key in ("rank", "world_size", "dist_impl"):
+            head_cfg.pop(key, None)
+        if head_cfg.get("tokenizer") is not None and getattr(head, "tokenizer", None) is not None:
+            source = head_cfg["tokenizer"]
+            shared = next((folder for folder, seen in tokenizer_sources.items() if seen == source), None)
+            if shared is None:
+                shared = zoo_entry.TOKENIZER if not tokenizer_sources else f"tokenizer_{head_name}"
+                save_tokenizer(head.tokenizer, source, out / shared)
+                tokenizer_sources[shared] = source
+            head_cfg["tokenizer"] = shared
+    if "image" not in parts:
+        image = None
+    if "text" not in parts:
+        text = None
+    from mmvl.models import VisionLanguageModel
+
+    if isinstance(model, VisionLanguageModel) and set(parts) == set(towers(model)):
+        architecture = "VisionLanguageModel"
+        entry_cfg = {key: value for key, value in cfg.items() if value is not None}
+    else:
+        architecture = "EncoderModel"
+        head = zoo_entry.contrastive_head(model)
+        entry_cfg = {"image_encoder": image, "text_encoder": text,
+                     "embed_dim": None if head is None else int(head.embed_dim),
+                     "max_logit_scale": 100.0 if head is None else float(math.exp(head.max_log_scale))}
+        for folder in list(tokenizer_sources):
+            if text is None or folder != zoo_entry.TOKENIZER:
+                shutil.rmtree(out / folder, ignore_errors=True)
+    leaks = _absolute_paths(entry_cfg)
+    if leaks:
+        raise NotExportable(f"config.json would embed local paths ({'; '.join(leaks)}); the model cannot be rebuilt "
+                            "from the entry alone")
+    return architecture, entry_cfg
+
+
+def _entry_state(model: nn.Module, architecture: str) -> dict[str, torch.Tensor]:
+    """The loaded model's weights under the entry model's names."""
+    state = model.state_dict()
+    if architecture == "VisionLanguageModel" or isinstance(model, zoo_entry.EncoderModel):
+        return state
+    mapped = {k: v for k, v in state.items() if k.startswith(("image_encoder.", "text_encoder."))}
+    head = zoo_entry.contrastive_head(model)
+    if head is not None:
+        mapped.update({"image_proj.weight": head.image_proj.weight, "text_proj.weight": head.text_proj.weight,
+                       "logit_scale": head.logit_scale})
+    return mapped
+
+
+def rebuild_from_entry(model: nn.Module, architecture: str, entry_cfg: Mapping[str, Any], out: Path) -> nn.Module:
+    """Build the model config.json describes and give it the loaded weights: the check that config.json alone
+    (with the entry's tokenizers) rebuilds the architecture."""
+    rebuilt = zoo_entry.build_entry_model({"architecture": architecture, "model": entry_cfg}, out)
+    own = rebuilt.state_dict()
+    state = {k: v for k, v in _entry_state(model, architecture).items()  # a pretrained BERT's unused pooler goes
+             if k in own or not k.startswith("text_encoder.model.pooler.")}
+    result = rebuilt.load_state_dict(state, strict=False)
+    if architecture == "EncoderModel":  # only the exported towers
+        unexpected = [k for k in result.unexpected_keys if k.split(".")[0] in ("image_encoder", "text_encoder")
+                      and getattr(rebuilt, k.split(".")[0]) is not None]
+    else:
+        unexpected = result.unexpected_keys
+    if result.missing_keys or unexpected:
+        raise CheckpointError(f"the model rebuilt from config.json does not take the trained weights: missing "
+                              f"{result.missing_keys[:5]}, unexpected {unexpected[:5]}")
+    return rebuilt.eval()
+
+
+def input_spec(model: nn.Module, pipeline_spec: Sequence[Mapping[str, Any]], kind: str) -> dict[str, Any]:
+    """``{"kind": "2d"|"3d", "in_chans": C, "spatial_size": [...]}`` of the tensors the image encoder takes."""
+    encoder = getattr(model, "image_encoder", None)
+    size = None
+    for step in pipeline_spec:
+        if step.get("type") == "ResizePad":
+            size = [int(step["size"])] * 2
+        elif step.get("type") == "CropOrPad":
+            size = [int(s) for s in step["size"]]
+    if size is None and encoder is not None:
+        for attr in ("img_size", "image_size"):
+            value = getattr(encoder, attr, None) or getattr(getattr(getattr(encoder, "model", None), "patch_embed",
+                                                                    None), attr, None)
+            if value:
+                size = [int(v) for v in value]
+                break
+    return {"kind": kind, "in_chans": int(getattr(encoder, "in_chans", 1) or 1), "spatial_size": size}
+
+
+def _probe_images(spec: Mapping[str, Any], seed: int = 0) -> torch.Tensor:
+    if not spec.get("spatial_size"):
+        raise NotExportable("the image input size is unknown (no ResizePad/CropOrPad in the pipeline)")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(3, spec["in_chans"], *spec["spatial_size"], generator=generator)
+
+
+@torch.no_grad()
+def _check_rebuilt(model: nn.Module, rebuilt: nn.Module, images: torch.Tensor, texts: list[str],
+                   parts: Sequence[str]) -> dict[str, Any]:
+    """The rebuilt model must give bitwise the same embeddings as the loaded one."""
+    checks = {}
+    if "image" in parts and getattr(model, "image_encoder", None) is not None:
+        expected = (model.encode_image(images) if zoo_entry.contrastive_head(model) is not None
+                    else model.image_encoder(images).pooled)
+        got = (rebuilt.encode_image(images) if zoo_entry.contrastive_head(rebuilt) is not None
+               else rebuilt.image_encoder(images).pooled)
+        if zoo_entry.contrastive_head(model) is None:
+            expected, got = (torch.nn.functional.normalize(t, dim=-1) for t in (expected, got))
+        checks["image"] = compare(expected, got, "mmvl image embeddings")
+    if "text" in parts and getattr(model, "text_encoder", None) is not None and zoo_entry.contrastive_head(model):
+        checks["text"] = compare(model.encode_text(texts), rebuilt.encode_text(texts), "mmvl text embeddings")
+    for part, check in checks.items():
+        if not check["bitwise_equal"]:
+            raise CheckpointError(f"the {part} embeddings of the model rebuilt from config.json + model.safetensors "
+                                  f"differ from the trained model's (max abs diff {check['max_abs_diff']:.3g})")
+    return checks
+
+
+# -- prompts and metrics ----------------------------------------------------------------------------------------
+def _is_prompt_record(data: Any) -> bool:
+    return isinstance(data, dict) and isinstance(data.get("prompts"), dict) and isinstance(data.get("labels"), list)
+
+
+def find_prompts(work_dir: Path | None, prompts: str | os.PathLike | Mapping[str, Any] | None) -> dict | None:
+    """``prompts.json`` content: from ``prompts`` (a zero-shot/evaluation JSON sidecar, a prompt file, or a dict),
+    else from the work dir: the prompts of a ``tools/evaluate.py --task zero_shot`` result, or the newest zero-shot
+    sidecar (``tools/zero_shot.py --out X.csv`` writes ``X.json``)."""
+    from mmvl.evaluation.zero_shot import PRESETS, load_prompt_file
+
+    record: dict[str, Any] | None = None
+    source = None
+    if isinstance(prompts, Mapping):
+        record, source = dict(prompts), "given"
+    elif prompts is not None:
+        path = Path(prompts)
+        data = load_prompt_file(path)
+        record = data if _is_prompt_record(data) else {"templates": data, "labels": [], "prompts": {}}
+        source = path.name
+    elif work_dir is not None and work_dir.is_dir():
+        candidates = []
+        for path in work_dir.glob("*.json"):
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if _is_prompt_record(data):  # an evaluation's prompts first, then the newest
+                candidates.append((data.get("task") == "zero_shot", path.stat().st_mtime, path.name, data))
+        if candidates:
+            *_, source, record = max(candidates, key=lambda c: c[:3])
+    if record is None:
+        return None
+    preset = record.get("preset")
+    templates = record.get("templates")
+    if templates is None and isinstance(preset, str) and preset in PRESETS:
+        templates = PRESETS[preset]
+    return {"preset": preset if isinstance(preset, str) else None, "mode": record.get("mode", "pairwise"),
+            "labels": list(record.get("labels") or []), "prompts": record.get("prompts") or {},
+            "templates": templates, "source": source}
+
+
+def _evaluation_summary(record: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """What the card shows of a ``tools/evaluate.py`` JSON: task, split, sizes, prompts and the metrics (not the
+    model/manifest paths nor the list of unreadable files)."""
+    keep = ("task", "split", "val_split", "n_rows", "preset", "mode", "labels", "n_failed")
+    return {"source": source, **{key: record[key] for key in keep if key in record},
+            "metrics": record.get("metrics")}
+
+
+def find_metrics(work_dir: Path | None, metrics: str | os.PathLike | Mapping[str, Any] | None) -> dict[str, Any]:
+    """``{"validation": {...}, "evaluation": {task: {...}}}``: the last validation record of ``metrics.jsonl``
+    and ``tools/evaluate.py`` results: ``metrics`` (a JSON file or dict), else every JSON file in the work dir that
+    holds a ``task`` and ``metrics`` (the newest per task)."""
+    found: dict[str, Any] = {}
+    if work_dir is not None and (work_dir / "metrics.jsonl").is_file():
+        for line in (work_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            values = {k: v for k, v in record.items() if k.startswith("val/") and isinstance(v, (int, float))}
+            if values:
+                found["validation"] = {"step": record.get("step"), **values}
+    records: list[tuple[str, Any]] = []
+    if isinstance(metrics, Mapping):
+        records.append(("given", dict(metrics)))
+    elif metrics is not None:
+        records.append((Path(metrics).name, json.loads(Path(metrics).read_text(encoding="utf-8"))))
+    elif work_dir is not None and work_dir.is_dir():
+        for path in sorted(work_dir.glob("*.json"), key=lambda p: (p.stat().st_mtime, p.name)):
+            try:
+                records.append((path.name, json.loads(path.read_text(encoding="utf-8"))))
+            except (OSError, ValueError):
+                continue
+    evaluation = {}
+    for source, record in records:
+        if isinstance(record, Mapping) and isinstance(record.get("metrics"), Mapping) and (
+                "task" in record or isinstance(metrics, (str, os.PathLike, Mapping))):
+            evaluation[str(record.get("task", "evaluation"))] = _evaluation_summary(record, source)
+    if evaluation:
+        found["evaluation"] = evaluation
+    return found
+
+
+# -- export ----------------------------------------------------------------------------------------------------
+def _writers() -> dict[str, Callable[[ExportContext], dict[str, Any]]]:
+    from mmvl.zoo.compiled import export_onnx, export_torchscript
+    from mmvl.zoo.hf_text import export_hf_text
+    from mmvl.zoo.monai_bundle import export_monai_bundle
+    from mmvl.zoo.open_clip_format import export_open_clip
+
+    return {"open_clip": export_open_clip, "hf": export_hf_text, "monai": export_monai_bundle,
+            "torchscript": export_torchscript, "onnx": export_onnx}
+
+
+def parse_list(value: str | Sequence[str] | None, allowed: Sequence[str], what: str) -> list[str] | None:
+    if value is None or value == "auto":
+        return None
+    items = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
+    unknown = [v for v in items if v not in allowed]
+    if unknown or not items:
+        raise ConfigError(f"{what}: unknown {unknown or 'empty list'}; choose from {', '.join(allowed)}")
+    return list(dict.fromkeys(items))
+
+
+def export(
+    source: str | os.PathLike | LoadedModel,
+    name: str,
+    out: str | os.PathLike | None = None,
+    parts: str | Sequence[str] | None = None,
+    formats: str | Sequence[str] | None = "auto",
+    prompts: str | os.PathLike | Mapping[str, Any] | None = None,
+    metrics: str | os.PathLike | Mapping[str, Any] | None = None,
+    license: str = "other",
+    description: str | None = None,
+    index: bool = True,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Write the zoo entry ``name`` for ``source`` (a work dir, a checkpoint or a loaded model) to ``out``
+    (default ``model_zoo/NAME``) and add it to ``index.json`` of ``out``'s parent folder.
+
+    ``parts``: ``image`` and/or ``text`` (default: every tower the model has; the heads go with a full export).
+    ``formats``: ``auto`` (mmvl plus every interop format this model can be written in) or a list of
+    ``mmvl, open_clip, hf, monai, torchscript, onnx``; a format named explicitly that does not apply is an error.
+    Every interop format is read back with its own library and compared with mmvl's embeddings before the entry
+    is moved into place; nothing is left behind when a check fails.
+    """
+    zoo_entry.check_name(name)
+    loaded = source if isinstance(source, LoadedModel) else load_pretrained(source)
+    if loaded.config.get("format") == zoo_entry.FORMAT:
+        raise ConfigError(f"{loaded.source} is already a zoo entry; export from its work dir or checkpoint")
+    model = loaded.model.to("cpu").float().eval()
+    available = towers(model)
+    chosen_parts = parse_list(parts, zoo_entry.PARTS, "--parts") or available
+    missing = [p for p in chosen_parts if p not in available]
+    if missing:
+        raise ConfigError(f"--parts {','.join(chosen_parts)}: this model has no {' or '.join(missing)} encoder")
+    chosen_formats = parse_list(formats, FORMATS, "--formats")
+    explicit = chosen_formats is not None
+    chosen_formats = ["mmvl", *[f for f in (chosen_formats or FORMATS) if f != "mmvl"]]
+
+    out = Path(out) if out is not None else Path("model_zoo") / name
+    if out.exists() and not (zoo_entry.is_entry(out) or (out.is_dir() and not any(out.iterdir()))):
+        raise ConfigError(f"--out {out}: exists and is not a zoo entry; choose another folder")
+    if out.exists() and zoo_entry.is_entry(out) and not overwrite:
+        raise ConfigError(f"--out {out}: an entry exists already; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=out.parent))
+    try:
+        result = _write_entry(loaded, model, tmp, out.resolve(), name, chosen_parts, chosen_formats, explicit,
+                              prompts, metrics, license, description)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result.path = out
+    if index:
+        record = {"path": os.path.relpath(out.resolve(), out.parent.resolve()),
+                  "sha256sums": zoo_entry.sha256_file(out / zoo_entry.SUMS), "parts": chosen_parts,
+                  "formats": result.formats, "input": result.config["input"]["kind"],
+                  "mmvl_version": mmvl.__version__,
+                  "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        zoo_entry.update_index(out.parent, name, record)
+    return result
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_entry(loaded: LoadedModel, model: nn.Module, out: Path, final: Path, name: str, parts: list[str],
+                 formats: list[str], explicit: bool, prompts: Any, metrics: Any, license: str,
+                 description: str | None) -> ExportResult:
+    from mmvl.zoo.card import write_model_card
+
+    train_cfg = loaded.config
+    work_dir = Path(loaded.info["work_dir"]) if loaded.info.get("work_dir") else None
+    architecture, entry_cfg = entry_model_config(train_cfg["model"], model, parts, out)
+    rebuilt = rebuild_from_entry(model, architecture, entry_cfg, out)
+    spec = input_spec(model, loaded.preprocess.spec, loaded.preprocess.kind) if "image" in parts else {
+        "kind": "text", "in_chans": None, "spatial_size": None}
+    probe_images = _probe_images(spec) if "image" in parts else torch.empty(0)
+    checks: dict[str, Any] = {"mmvl": _check_rebuilt(model, rebuilt, probe_images, PROBE_TEXTS, parts)}
+    zoo_entry.save_weights(rebuilt, out / zoo_entry.WEIGHTS)
+    if loaded.preprocess is not None:
+        save_preprocess(out / zoo_entry.PREPROCESS, loaded.preprocess.spec, mmvl_version=mmvl.__version__)
+    prompt_record = find_prompts(work_dir, prompts)
+    if prompt_record is not None:
+        atomic_write_text(out / zoo_entry.PROMPTS, json.dumps(prompt_record, indent=2) + "\n")
+    head = zoo_entry.contrastive_head(model)
+    config = {
+        "format": zoo_entry.FORMAT, "format_version": zoo_entry.FORMAT_VERSION, "name": name,
+        "architecture": architecture, "parts": parts, "model": entry_cfg, "input": spec,
+        "embedding": {"dim": int(head.embed_dim) if head is not None else None, "normalized": True,
+                      "logit_scale": float(head.scale().detach()) if head is not None else None},
+        "tokenizer": zoo_entry.TOKENIZER if (out / zoo_entry.TOKENIZER).is_dir() else None,
+        # the report sections the text tower was trained on (tools/evaluate.py, generate_reports.py read them)
+        "data": {key: _plain(value) for key, value in (train_cfg.get("data") or {}).items()
+                 if key == "report_sections"},
+        "license": license, "mmvl_version": mmvl.__version__,
+        "source": {"checkpoint": Path(loaded.source).name, "step": loaded.info.get("step"),
+                   "mmvl_version": loaded.info.get("mmvl_version")},
+    }
+    context = ExportContext(model=model, loaded=loaded, out=out, name=name, config=config,
+                            probe_images=probe_images, probe_texts=list(PROBE_TEXTS), final=final)
+    done, skipped = ["mmvl"], {}
+    writers = _writers()
+    for fmt in formats[1:]:
+        try:
+            checks[fmt] = writers[fmt](context)
+            done.append(fmt)
+        except NotExportable as err:
+            if explicit:
+                raise NotExportable(f"--formats {fmt}: {err}") from err
+            skipped[fmt] = str(err)
+            logger.info("export %s: %s skipped: %s", name, fmt, err)
+    config["formats"] = done
+    atomic_write_text(out / zoo_entry.CONFIG, json.dumps(config, indent=2) + "\n")
+    write_model_card(out, config, train_cfg, model, prompt_record, find_metrics(work_dir, metrics), checks, skipped,
+                     description)
+    zoo_entry.write_checksums(out)
+    zoo_entry.verify_entry(out)
+    return ExportResult(path=out, name=name, config=config, formats=done, skipped=skipped, checks=checks)
