@@ -127,21 +127,28 @@ def make_dicom(tmp_path):
     return _make
 
 
-def load_script(name: str):
-    """Import a script from ``datasets/`` (not a package, so it cannot shadow HF ``datasets``)."""
-    spec = importlib.util.spec_from_file_location(f"mmvl_script_{name}", REPO / "datasets" / f"{name}.py")
+def _load_file(folder: str, name: str):
+    """Import ``<folder>/<name>.py``: the scripts in datasets/, tools/ and benchmarks/ are not packages."""
+    spec = importlib.util.spec_from_file_location(f"mmvl_{folder}_{name}", REPO / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up in sys.modules
     spec.loader.exec_module(module)
     return module
 
 
+def load_script(name: str):
+    """A script from ``datasets/`` (not a package, so it cannot shadow HF ``datasets``)."""
+    return _load_file("datasets", name)
+
+
 def load_tool(name: str):
-    """Import a command-line tool from ``tools/`` (scripts, not a package) to call its ``main(argv)``."""
-    spec = importlib.util.spec_from_file_location(f"mmvl_tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """A command-line tool from ``tools/``, to call its ``main(argv)``."""
+    return _load_file("tools", name)
+
+
+def load_bench(name: str):
+    """A benchmark script from ``benchmarks/``."""
+    return _load_file("benchmarks", name)
 
 
 @pytest.fixture(scope="session")

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("mmvl_bench_data", REPO / "benchmarks" / "bench_data.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_bench
 
 
 def test_bench_data_reports_every_figure(tmp_path, capsys):
-    bench = _bench()
+    bench = load_bench("bench_data")
     out_json = tmp_path / "bench.json"
     report = bench.main([
         "--n", "4", "--size", "64", "--n-3d", "4", "--size-3d", "32", "--slices-3d", "8", "--spacing-3d", "8,8,8",

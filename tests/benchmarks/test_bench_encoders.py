@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import load_bench
+
 CASE_FIGURES = ("ms_per_step", "samples_per_s", "peak_mb", "baseline_mb", "state_mb")
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("mmvl_bench_encoders", REPO / "benchmarks" / "bench_encoders.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_encoders_reports_every_figure(tmp_path, capsys):
-    bench = _bench()
+    bench = load_bench("bench_encoders")
     out_json = tmp_path / "bench.json"
     # One process per case: 4 cases of a one-block 3D ViT (checkpointing x token drop) on sdpa.
     report = bench.main(["--only", "3d96", "--backends", "sdpa", "--depth", "1", "--width", "64", "--warmup", "0",
@@ -58,7 +48,7 @@ def test_bench_encoders_reports_every_figure(tmp_path, capsys):
 
 def test_bench_encoders_case_2d(monkeypatch):
     """One 2D case in this process (the parent runs each in a child): math attention, checkpointing, token drop."""
-    bench = _bench()
+    bench = load_bench("bench_encoders")
     monkeypatch.setenv("MMVL_ATTENTION", "math")
     case = dict(encoder=bench.encoder_config("2d", 1, 64), spatial=[224, 224], batch=2, device="cpu", amp="none",
                 backend="math", grad_checkpointing=True, token_drop=0.5, warmup=0, steps=1, optimizer="adamw")
