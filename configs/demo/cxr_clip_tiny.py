@@ -1,6 +1,6 @@
 # configs/cxr_clip.py shrunk to train on the synthetic DICOM demo set (datasets/synthetic.py) in a few
 # minutes on 2 CPU cores: 64 px input, 4-layer ViT (dim 128), 2-layer BERT (dim 128), batch 32.
-_base_ = ["../cxr_clip.py"]
+_base_ = ["../cxr_clip.py", "_base_/synthetic_cxr_64.py"]
 
 img_size = 64
 model = dict(
@@ -16,21 +16,6 @@ model = dict(
         max_length=64,
     ),
     heads=[dict(type="clip", embed_dim=128)],
-)
-data = dict(
-    manifest="data/synthetic_cxr/manifest.jsonl",
-    prepare_hint="Build it with `python datasets/synthetic.py --out data/synthetic_cxr` (or `make demo`).",
-    train_pipeline=[
-        dict(type="LoadImage", frame=0, voi="auto"),
-        dict(type="ResizePad", size=img_size),
-        dict(type="RandomAugment2D", crop_scale=(0.7, 1.0), rotate=5.0, brightness=0.1, contrast=0.1),
-        dict(type="Normalize", mean=0.5, std=0.25),
-    ],
-    eval_pipeline=[
-        dict(type="LoadImage", frame=0, voi="auto"),
-        dict(type="ResizePad", size=img_size),
-        dict(type="Normalize", mean=0.5, std=0.25),
-    ],
 )
 optim = dict(lr=1e-3, weight_decay=0.05, warmup_steps=30)
 train = dict(max_steps=360, batch_size=32, num_workers=2, amp=None, log_interval=10, val_interval=120,

@@ -2,7 +2,7 @@
 # on 2 CPU cores: 64 px input, 8 px patches (64 patches, 48 masked), 4-layer ViT (dim 128), decoder 128-d x 2
 # blocks x 4 heads, norm_pix_loss, batch 32, 300 steps; reconstructions drawn to <work_dir>/vis/ at the end.
 # Full size: ViT-B/16 at 224 px on MIMIC-CXR, decoder 512-d x 8 x 16, batch 256, 150k steps.
-_base_ = ["../cxr_mae.py"]
+_base_ = ["../cxr_mae.py", "_base_/synthetic_cxr_64.py"]
 
 img_size = 64
 model = dict(
@@ -10,21 +10,6 @@ model = dict(
                        depth=4, num_heads=4),
     heads=[dict(type="mae", mask_ratio=0.75, decoder_dim=128, decoder_depth=2, decoder_heads=4,
                 norm_pix_loss=True)],
-)
-data = dict(
-    manifest="data/synthetic_cxr/manifest.jsonl",
-    prepare_hint="Build it with `python datasets/synthetic.py --out data/synthetic_cxr` (or `make demo`).",
-    train_pipeline=[
-        dict(type="LoadImage", frame=0, voi="auto"),
-        dict(type="ResizePad", size=img_size),
-        dict(type="RandomAugment2D", crop_scale=(0.7, 1.0), rotate=5.0, brightness=0.1, contrast=0.1),
-        dict(type="Normalize", mean=0.5, std=0.25),
-    ],
-    eval_pipeline=[
-        dict(type="LoadImage", frame=0, voi="auto"),
-        dict(type="ResizePad", size=img_size),
-        dict(type="Normalize", mean=0.5, std=0.25),
-    ],
 )
 optim = dict(lr=1e-3, weight_decay=0.05, warmup_steps=30)
 train = dict(max_steps=300, batch_size=32, num_workers=2, amp=None, log_interval=10, val_interval=100,
