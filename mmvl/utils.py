@@ -1,7 +1,8 @@
-"""Small shared helpers: atomic file writes, seeding and the package logger."""
+"""Small shared helpers: atomic file writes, crash-tolerant JSONL logs, seeding and the package logger."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -40,6 +41,39 @@ def _umask() -> int:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def append_lines(path: str | os.PathLike, lines: list[str]) -> None:
+    """Append whole lines in one write. Logs that grow every step are appended, not rewritten (that would cost
+    O(n^2) over a run): a crash can tear only the last line, which :func:`read_jsonl` drops, and the trainer
+    syncs them (:func:`fsync_file`) before each checkpoint, so every line up to a checkpoint survives with it."""
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write("".join(line + "\n" for line in lines))
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush ``path`` from the OS cache to the disk, if it exists."""
+    if os.path.isfile(path):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSONL log; a torn last line (a crash mid-append) is left out."""
+    records = []
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number != len(lines):
+                raise
+    return records
 
 
 def seed_everything(seed: int) -> None:

@@ -1,4 +1,8 @@
-"""Train a model from a config: ``python tools/train.py CONFIG [--work-dir DIR] [--cfg-options k=v ...]``."""
+"""Train a model from a config: ``python tools/train.py CONFIG [--work-dir DIR] [--cfg-options k=v ...]``.
+
+SIGTERM or SIGINT (cluster pre-emption, Ctrl-C) ends the current step, writes a checkpoint and exits with
+status 0; ``--resume`` continues from it. Exit status 2: a configuration, data or training error.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work-dir", help="output directory (default: work_dirs/<config name>)")
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override config values, e.g. train.max_steps=20 model.image_encoder.depth=2")
-    parser.add_argument("--resume", action="store_true", help="continue from WORK_DIR/checkpoints/last.pt")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint in WORK_DIR/checkpoints that verifies")
     parser.add_argument("--seed", type=int, help="random seed (overrides train.seed)")
     return parser.parse_args(argv)
 
@@ -36,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     except MMVLError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if trainer.stop_signal is not None:
+        print(f"stopped by {trainer.stop_signal} at step {trainer.step} of {trainer.max_steps}; checkpoint "
+              f"{trainer.last_checkpoint}; continue with: python tools/train.py {args.config} --work-dir {work_dir} "
+              "--resume")
+        return 0
     summary = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items())
     print(f"done: {trainer.step} steps; {summary or 'no validation split'}; work dir: {work_dir}")
     return 0

@@ -2,9 +2,13 @@
 
 A work directory holds everything needed to repeat or continue a run: ``config.py`` (merged config),
 ``preprocess.json`` (eval pipeline), ``tokenizer/``, ``metrics.jsonl``, ``skipped.jsonl`` (every sample
-left out, with its path and reason), ``tensorboard/``, ``train.log`` and ``checkpoints/{last,best}.pt``.
-``resume=True`` continues from ``last.pt`` exactly: data order, augmentation seeds, dropout RNG, optimizer
-and scheduler state are all restored.
+left out, with its path and reason), ``bad_steps.jsonl`` (steps skipped for a non-finite loss or gradient,
+with their samples), ``tensorboard/``, ``train.log`` and ``checkpoints/``: the last ``train.keep_checkpoints``
+``step_<N>.pt``, ``last.pt`` (the newest of them) and ``best.pt``, each with a ``.sha256`` beside it.
+``resume=True`` continues exactly from the newest checkpoint that verifies: data order, augmentation seeds,
+dropout RNG, optimizer, scheduler and loss-scaler state are all restored, so a run killed at any point and
+resumed ends with the same weights as one never interrupted. SIGTERM or SIGINT (pre-emption, Ctrl-C) ends
+the current step, writes a checkpoint and returns from ``fit()``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -29,21 +35,41 @@ from mmvl.data.datasets import ManifestDataset
 from mmvl.data.loader import Collate, ResumableSampler
 from mmvl.data.tokenizer import train_wordpiece_tokenizer
 from mmvl.data.transforms import save_preprocess
-from mmvl.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from mmvl.engine.checkpoint import (
+    capture_rng_state,
+    link_checkpoint,
+    load_newest_checkpoint,
+    prune_checkpoints,
+    remove_stale_temp_files,
+    restore_rng_state,
+    save_checkpoint,
+    step_checkpoint_name,
+)
 from mmvl.engine.optim import build_optimizer, build_scheduler
 from mmvl.errors import CheckpointError, ConfigError, ManifestError, TrainingError
 from mmvl.evaluation.retrieval import retrieval_metrics
 from mmvl.models import build_model
 from mmvl.registry import DATASETS
-from mmvl.utils import atomic_write_text, get_logger, seed_everything
+from mmvl.utils import append_lines, atomic_write_text, fsync_file, get_logger, read_jsonl, seed_everything
 
 logger = get_logger(__name__)
 
 TRAIN_DEFAULTS: dict[str, Any] = dict(
     max_steps=1000, batch_size=32, num_workers=2, accum_steps=1, grad_clip=1.0, amp=None, seed=0,
     log_interval=10, val_interval=200, ckpt_interval=200, best_metric="val/i2t_R@5", best_mode="max",
-    max_bad_steps=10, deterministic=False, device=None, vis_interval=0,
+    max_bad_steps=10, keep_checkpoints=3, deterministic=False, device=None, vis_interval=0,
 )
+# Below this fp16 loss scale an overflowing gradient is not fixed by scaling down: it counts as a bad step.
+MIN_LOSS_SCALE = 1.0
+JSONL_LOGS = ("metrics.jsonl", "skipped.jsonl", "bad_steps.jsonl")
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker init: SIGTERM/SIGINT are the main process's to handle (Slurm signals every process of
+    the job, a terminal every process of the group); a worker that died of them would fail the step the main
+    process is finishing. Workers still exit with the main process, whatever kills it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
@@ -87,18 +113,24 @@ class Trainer:
         if amp not in (None, "bf16", "fp16"):
             raise ConfigError(f"train.amp must be None, 'bf16' or 'fp16', got {amp!r}")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16" and self.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
 
         self.step, self.epoch, self.position = 0, 0, 0
         self.best_value: float | None = None
-        self.bad_steps = 0
+        self.bad_steps = 0  # consecutive
+        self.skipped_steps = 0  # in the whole run: non-finite loss or gradient
+        self.overflow_steps = 0  # fp16 steps skipped by the loss scaler, which then lowered the scale
         self.skipped_samples = 0
+        self.last_checkpoint: Path | None = None
+        self.stop_signal: str | None = None
+        remove_stale_temp_files(self.ckpt_dir)
         self.skipped_indices: set[int] = set()
         self.max_skip_fraction = float(cfg["data"].get("max_skip_fraction", 0.01))
         if resume:
             self._resume()
         else:
-            (self.work_dir / "skipped.jsonl").unlink(missing_ok=True)
+            for name in ("skipped.jsonl", "bad_steps.jsonl"):
+                (self.work_dir / name).unlink(missing_ok=True)
             self._record_skips([{"step": 0, "split": name, **entry} for name, dataset in
                                 (("train", self.train_set), ("val", self.val_set)) if dataset is not None
                                 for entry in dataset.skipped_rows])
@@ -179,6 +211,7 @@ class Trainer:
             self.train_set, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
             collate_fn=Collate(tokenizer, max_length), drop_last=True, pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0),
+            worker_init_fn=ignore_stop_signals if workers > 0 else None,
         )
 
     # -- checkpoints ---------------------------------------------------------------------------------
@@ -190,6 +223,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "step": self.step, "epoch": self.epoch, "position": self.position,
             "best_value": self.best_value, "skipped_samples": self.skipped_samples,
+            "bad_steps": self.bad_steps, "skipped_steps": self.skipped_steps, "overflow_steps": self.overflow_steps,
             "skipped_indices": sorted(self.skipped_indices),
             "rng": capture_rng_state(),
             "config": self.cfg.to_dict(),
@@ -197,13 +231,22 @@ class Trainer:
         }
 
     def save(self, name: str) -> Path:
+        for log in JSONL_LOGS:  # the log lines up to this checkpoint reach the disk before it does
+            fsync_file(self.work_dir / log)
         return save_checkpoint(self.ckpt_dir / name, self.state_dict())
 
+    def save_checkpoint(self) -> Path:
+        """``step_<N>.pt``, ``last.pt`` pointing at it, and only the newest ``train.keep_checkpoints`` kept."""
+        path = self.save(step_checkpoint_name(self.step))
+        link_checkpoint(path, self.ckpt_dir / "last.pt")
+        prune_checkpoints(self.ckpt_dir, int(self.train_cfg["keep_checkpoints"]))
+        self.last_checkpoint = path
+        return path
+
     def _resume(self) -> None:
-        path = self.ckpt_dir / "last.pt"
-        if not path.is_file():
-            raise CheckpointError(f"--resume: no checkpoint at {path}; start without --resume")
-        state = load_checkpoint(path)
+        if not self.ckpt_dir.is_dir() or not any(self.ckpt_dir.glob("*.pt")):
+            raise CheckpointError(f"--resume: no checkpoint in {self.ckpt_dir}; start without --resume")
+        path, state = load_newest_checkpoint(self.ckpt_dir)
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as err:
@@ -214,17 +257,23 @@ class Trainer:
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.best_value, self.skipped_samples = state["best_value"], state["skipped_samples"]
         self.skipped_indices = set(state.get("skipped_indices", ()))
+        self.bad_steps = state.get("bad_steps", 0)
+        self.skipped_steps, self.overflow_steps = state.get("skipped_steps", 0), state.get("overflow_steps", 0)
+        self.last_checkpoint = path
+        if path.name != "last.pt":  # last.pt may be a link to a newer checkpoint that proved damaged
+            link_checkpoint(path, self.ckpt_dir / "last.pt")
         restore_rng_state(state["rng"])
-        self._truncate_log("metrics.jsonl", self.step)
-        self._truncate_log("skipped.jsonl", self.step)
+        for log in JSONL_LOGS:
+            self._truncate_log(log, self.step)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch, self.position)
 
     def _truncate_log(self, name: str, step: int) -> None:
-        """Drop lines logged after the checkpoint we resume from, so none are counted twice."""
+        """Drop lines logged after the checkpoint we resume from, so none are counted twice (and a line torn by
+        a crash)."""
         path = self.work_dir / name
         if path.is_file():
-            lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-            atomic_write_text(path, "".join(line + "\n" for line in lines))
+            records = [record for record in read_jsonl(path) if record["step"] <= step]
+            atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in records))
 
     # -- loop ----------------------------------------------------------------------------------------
     def _batches(self) -> Iterator[dict[str, Any]]:
@@ -242,8 +291,7 @@ class Trainer:
 
     def _record_skips(self, records: list[dict[str, Any]]) -> None:
         if records:
-            with open(self.work_dir / "skipped.jsonl", "a") as handle:
-                handle.writelines(json.dumps(record) + "\n" for record in records)
+            append_lines(self.work_dir / "skipped.jsonl", [json.dumps(record) for record in records])
 
     def _skipped_in_training(self, batch: dict[str, Any]) -> None:
         """Log unreadable samples to ``skipped.jsonl``; stop once too many distinct ones failed."""
@@ -262,8 +310,7 @@ class Trainer:
             )
 
     def _log(self, record: dict[str, Any]) -> None:
-        with open(self.work_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_lines(self.work_dir / "metrics.jsonl", [json.dumps(record)])
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -303,6 +350,14 @@ class Trainer:
         clip = self.train_cfg["grad_clip"]
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip else float("inf"))
         if not torch.isfinite(grad_norm):
+            scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+            self.scaler.update()  # the inf found by unscale_() lowers the fp16 loss scale; a no-op without fp16
+            if scale is not None and scale > MIN_LOSS_SCALE:
+                self.optimizer.zero_grad(set_to_none=True)
+                self.overflow_steps += 1
+                logger.info("step %d: fp16 gradient overflow at loss scale %g; step skipped, scale now %g",
+                            self.step + 1, scale, self.scaler.get_scale())
+                return None
             return self._bad_step(ids, "non-finite gradient norm")
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -312,14 +367,20 @@ class Trainer:
         return logs
 
     def _bad_step(self, ids: list[Any], reason: str) -> None:
+        """Skip the step (no update), record its samples in ``bad_steps.jsonl``; stop after too many in a row."""
         self.optimizer.zero_grad(set_to_none=True)
         self.bad_steps += 1
-        logger.warning("step %d skipped (%s); samples: %s", self.step, reason, ids)
+        self.skipped_steps += 1
+        logger.warning("step %d skipped (%s); samples: %s", self.step + 1, reason, ids)
+        append_lines(self.work_dir / "bad_steps.jsonl", [json.dumps(
+            {"step": self.step + 1, "epoch": self.epoch, "reason": reason, "samples": ids,
+             "consecutive": self.bad_steps})])
         if self.bad_steps >= int(self.train_cfg["max_bad_steps"]):
-            last = self.ckpt_dir / "last.pt"
+            last = self.last_checkpoint if self.last_checkpoint and self.last_checkpoint.is_file() else "none"
             raise TrainingError(
                 f"{self.bad_steps} consecutive bad steps ending at step {self.step} ({reason}); last samples {ids}; "
-                f"last good checkpoint: {last if last.is_file() else 'none'}. Lower optim.lr or check the data."
+                f"last good checkpoint: {last}. Lower optim.lr or check the data; every skipped step and its "
+                f"samples are in {self.work_dir / 'bad_steps.jsonl'}."
             )
         return None
 
@@ -380,8 +441,30 @@ class Trainer:
             with torch.no_grad():
                 head.visualize(self.model, batch, path)
 
+    def _on_stop_signal(self, signum: int, frame: Any) -> None:
+        """First SIGTERM/SIGINT: finish the step, checkpoint, return. A second one interrupts at once (the
+        last checkpoint on disk stays valid: it was written atomically)."""
+        if self.stop_signal is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+        self.stop_signal = signal.Signals(signum).name
+        logger.warning("%s received: finishing step %d, then writing a checkpoint and stopping (send it again "
+                       "to stop at once)", self.stop_signal, self.step + 1)
+
+    @contextlib.contextmanager
+    def _stop_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+            yield
+            return
+        previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
     def fit(self) -> dict[str, float]:
-        """Train to ``train.max_steps``; returns the last validation metrics."""
+        """Train to ``train.max_steps``, or until SIGTERM/SIGINT (``stop_signal`` then names it); returns the
+        last validation metrics."""
         cfg = self.train_cfg
         batches = self._batches()
         last_val: dict[str, float] = {}
@@ -389,31 +472,40 @@ class Trainer:
                         disable=os.environ.get("MMVL_NO_PROGRESS") == "1")
         started = time.perf_counter()
         try:
-            while self.step < self.max_steps:
-                tick = time.perf_counter()
-                logs = self.train_step(batches)
-                if logs is None:
-                    continue
-                self.step += 1
-                progress.update(1)
-                batch_time = time.perf_counter() - tick
-                progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
-                if self.step % int(cfg["log_interval"]) == 0 or self.step == self.max_steps:
-                    record = {"step": self.step, "epoch": self.epoch, "lr": self.scheduler.get_last_lr()[0],
-                              "batch_time": batch_time, "samples_per_s": logs.pop("samples") / batch_time,
-                              "skipped_samples": self.skipped_samples, **logs}
-                    self._log(record)
-                if self.val_set is not None and (self.step % int(cfg["val_interval"]) == 0
-                                                 or self.step == self.max_steps):
-                    last_val = self.validate()
-                    self._log({"step": self.step, **last_val})
-                    logger.info("step %d: %s", self.step, ", ".join(f"{k}={v:.3f}" for k, v in last_val.items()))
-                    self._maybe_save_best(last_val)
-                vis = int(cfg["vis_interval"] or 0)
-                if vis and (self.step % vis == 0 or self.step == self.max_steps):
-                    self.visualize()
-                if self.step % int(cfg["ckpt_interval"]) == 0 or self.step == self.max_steps:
-                    self.save("last.pt")
+            with self._stop_signals():
+                while self.step < self.max_steps and self.stop_signal is None:
+                    tick = time.perf_counter()
+                    logs = self.train_step(batches)
+                    if logs is None:
+                        continue
+                    self.step += 1
+                    progress.update(1)
+                    batch_time = time.perf_counter() - tick
+                    progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                    if self.step % int(cfg["log_interval"]) == 0 or self.step == self.max_steps:
+                        record = {"step": self.step, "epoch": self.epoch, "lr": self.scheduler.get_last_lr()[0],
+                                  "batch_time": batch_time, "samples_per_s": logs.pop("samples") / batch_time,
+                                  "skipped_samples": self.skipped_samples, "skipped_steps": self.skipped_steps,
+                                  "overflow_steps": self.overflow_steps, **logs}
+                        if self.scaler.is_enabled():
+                            record["loss_scale"] = self.scaler.get_scale()
+                        self._log(record)
+                    if self.val_set is not None and (self.step % int(cfg["val_interval"]) == 0
+                                                     or self.step == self.max_steps):
+                        last_val = self.validate()
+                        self._log({"step": self.step, **last_val})
+                        logger.info("step %d: %s", self.step, ", ".join(f"{k}={v:.3f}" for k, v in last_val.items()))
+                        self._maybe_save_best(last_val)
+                    vis = int(cfg["vis_interval"] or 0)
+                    if vis and (self.step % vis == 0 or self.step == self.max_steps):
+                        self.visualize()
+                    if self.step % int(cfg["ckpt_interval"]) == 0 or self.step == self.max_steps:
+                        self.save_checkpoint()
+                if self.stop_signal is not None:
+                    if self.last_checkpoint is None or self.last_checkpoint.name != step_checkpoint_name(self.step):
+                        self.save_checkpoint()
+                    logger.warning("stopped by %s at step %d of %d; checkpoint %s; continue with --resume",
+                                   self.stop_signal, self.step, self.max_steps, self.last_checkpoint)
         finally:
             progress.close()
             if self.writer is not None:

@@ -30,8 +30,8 @@ def test_resume_gives_identical_weights(synthetic_cxr, tmp_path):
         pass
 
     class KilledAfterFirstCheckpoint(Trainer):
-        def save(self, name):
-            path = super().save(name)
+        def save_checkpoint(self):
+            path = super().save_checkpoint()
             raise Killed(path)
 
     with pytest.raises(Killed):

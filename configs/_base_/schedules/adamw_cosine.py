@@ -5,6 +5,7 @@ train = dict(
     max_steps=50000, batch_size=256, num_workers=8, accum_steps=1, grad_clip=1.0, amp="bf16", seed=0,
     log_interval=50, val_interval=2000, ckpt_interval=1000, best_metric="val/i2t_R@5", best_mode="max",
     vis_interval=0,  # heads that draw (MAE reconstructions) write <work_dir>/vis/*.png this often (0: never)
+    keep_checkpoints=3,  # step_<N>.pt files kept (each with a .sha256); --resume takes the newest that verifies
     max_bad_steps=10,  # consecutive non-finite steps tolerated (each is skipped and logged) before stopping
     deterministic=False,  # torch.use_deterministic_algorithms, for bitwise-repeatable GPU runs
     device=None,  # None: cuda if available, else cpu
