@@ -9,8 +9,10 @@ import argparse
 import csv
 import gzip
 import hashlib
+import hmac
 import json
 import os
+import secrets
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -110,6 +112,7 @@ class ManifestWriter:
             raise MMVLError(f"out={out}: the per-split files take that name; call the manifest manifest.jsonl")
         self.rows_per_split = Counter(dict.fromkeys(SPLIT_NAMES, 0))
         self.studies: set[str] = set()
+        self.image_root: str | None = None  # the deepest folder holding every image written
         self._handles: dict[Path, TextIO] = {}
 
     def __enter__(self) -> ManifestWriter:
@@ -128,7 +131,18 @@ class ManifestWriter:
 
     def relative(self, path: str | os.PathLike) -> str:
         """``path`` relative to the manifest's folder, with forward slashes."""
-        return Path(os.path.relpath(os.path.abspath(path), self.folder)).as_posix()
+        path = os.path.abspath(path)
+        parent = os.path.dirname(path)
+        self.image_root = parent if self.image_root is None else os.path.commonpath([self.image_root, parent])
+        return Path(os.path.relpath(path, self.folder)).as_posix()
+
+    @property
+    def data_root(self) -> str | None:
+        """The ``data.root`` training needs when images lie outside the manifest's folder (mmvl refuses manifest
+        paths outside their root), else None."""
+        if self.image_root is None or os.path.commonpath([self.image_root, str(self.folder)]) == str(self.folder):
+            return None
+        return os.path.commonpath([self.image_root, str(self.folder)])
 
     @property
     def rows(self) -> int:
@@ -157,7 +171,63 @@ class ManifestWriter:
             "skipped": dict(skipped),
             **extra,
             "manifest": str(self.path),
+            "data_root": self.data_root,
         }
+
+
+class Deidentifier:
+    """De-identified copies of DICOM files and stable pseudonyms for identifiers (``--deidentify``).
+
+    Pseudonyms are an HMAC-SHA256 of the identifier under a secret key kept in ``key_file`` (created with 32
+    random bytes when missing): the same identifier maps to the same pseudonym on every run with that key,
+    and nobody without it can recompute the mapping from a guessed identifier. Keep the key private, or
+    delete it to make a later run unlinkable. Copies lose every attribute of ``mmvl.data.dicom.PHI_KEYWORDS``
+    and all private tags (PS3.15 E.1-1 Basic Profile, in part); UIDs are replaced by ``2.25.`` UIDs derived
+    the same way, so slices of one series still share theirs.
+    """
+
+    def __init__(self, key_file: str | os.PathLike):
+        key_file = Path(key_file)
+        if not key_file.is_file():
+            key_file.parent.mkdir(parents=True, exist_ok=True)
+            key_file.write_text(secrets.token_hex(32) + "\n")
+            key_file.chmod(0o600)
+        self.key = bytes.fromhex(key_file.read_text().strip())
+
+    def digest(self, value: str) -> bytes:
+        return hmac.new(self.key, value.encode("utf-8"), hashlib.sha256).digest()
+
+    def pseudonym(self, value: str, prefix: str = "anon-") -> str:
+        return prefix + self.digest(value)[:8].hex()
+
+    def uid(self, value: str) -> str:
+        return "2.25." + str(int.from_bytes(self.digest("uid:" + value)[:16], "big"))  # PS3.5 B.2 UUID-derived
+
+    def copy_dicom(self, source: str | os.PathLike, target: str | os.PathLike, study: str) -> None:
+        """Write ``source`` to ``target`` without PHI; ``study`` (the pseudonymous key) becomes PatientID."""
+        import warnings
+
+        import pydicom
+
+        from mmvl.data.dicom import PHI_KEYWORDS
+
+        with warnings.catch_warnings():  # pydicom's warnings quote element values
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(source)
+            for keyword in PHI_KEYWORDS:
+                if keyword in ds:
+                    delattr(ds, keyword)
+            ds.remove_private_tags()
+            for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"):
+                if keyword in ds:
+                    setattr(ds, keyword, self.uid(str(ds[keyword].value)))
+            if "SOPInstanceUID" in ds and getattr(ds, "file_meta", None) is not None:
+                ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.PatientID = ds.PatientName = study
+            ds.PatientIdentityRemoved = "YES"
+            ds.DeidentificationMethod = "mmvl --deidentify: PS3.15 E.1-1 in part"
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            ds.save_as(target)
 
 
 def progress_bar(items: Iterable, enabled: bool, **tqdm_options) -> tqdm:
@@ -170,11 +240,15 @@ def format_summary(counts: Mapping, unit: str) -> str:
     """The counts returned by a converter as a few readable lines; ``unit`` names a row ("images")."""
     splits = ", ".join(f"{name} {number}" for name, number in counts["splits"].items())
     skipped = ", ".join(f"{reason} {number}" for reason, number in counts["skipped"].items()) or "none"
-    return (
+    text = (
         f"wrote {counts['rows']} {unit} from {counts['studies']} studies to {counts['manifest']}\n"
         f"  per split: {splits}\n"
         f"  skipped {unit}: {skipped}"
     )
+    if counts.get("data_root"):
+        text += ("\n  images lie outside the manifest's folder: train with --cfg-options "
+                 f"data.root={counts['data_root']} (mmvl reads manifest images only inside their data root)")
+    return text
 
 
 def comma_list(text: str) -> list[str]:

@@ -30,6 +30,7 @@ if str(HERE) not in sys.path:  # imported by path (as the tests do): find _conve
     sys.path.insert(0, str(HERE))
 from _converter import (  # noqa: E402
     SPLIT_NAMES,
+    Deidentifier,
     ManifestWriter,
     add_common_arguments,
     check_fractions,
@@ -182,6 +183,8 @@ def convert(
     min_slices: int = 16,
     sections: Sequence[str] = ("findings", "impression"),
     progress: bool = True,
+    deidentify: bool = False,
+    pseudonym_key: str | os.PathLike | None = None,
 ) -> dict:
     """Write the manifest (``out``: a ``.jsonl`` path or a folder) and ``train/val/test.jsonl``; return counts.
 
@@ -190,6 +193,10 @@ def convert(
     Splits come from ``split_column``, else from a hash of the key. Returns ``{"rows", "studies", "splits",
     "skipped": {reason: rows}, "skipped_files": {reason: files}, "unreadable_examples", "unused_reports",
     "manifest"}``; see ``SKIP_REASONS`` and ``FILE_SKIP_REASONS``.
+
+    ``deidentify``: rows point at de-identified copies under ``<manifest folder>/deidentified/`` (see
+    ``_converter.Deidentifier``; one folder per study and series) and ``study_id`` is a stable pseudonym of
+    the key, made with the secret in ``pseudonym_key`` (default ``<manifest folder>/pseudonym.key``).
     """
     if match not in MATCHES:
         raise MMVLError(f"match={match!r}: choose one of {MATCHES}")
@@ -227,6 +234,7 @@ def convert(
 
     skipped = Counter(dict.fromkeys(SKIP_REASONS[kind], 0))
     used_keys: set[str] = set()
+    deidentifier = None
     with ManifestWriter(out) as writer:
         for series_uid, members, image, key in candidates:
             if series_uid is not None:
@@ -244,11 +252,18 @@ def convert(
             if not report.text:
                 skipped["empty_report"] += 1
                 continue
+            study_id = key
+            if deidentify:
+                if deidentifier is None:
+                    deidentifier = Deidentifier(pseudonym_key or writer.folder / "pseudonym.key")
+                study_id = deidentifier.pseudonym(key)
+                image = _deidentified_copy(deidentifier, members, image, series_uid, study_id, writer.folder)
+                series_uid = None  # the copy's folder holds this series alone
             row = {"image": writer.relative(image), "report": report.text}
             if report.labels is not None:
                 row["labels"] = report.labels
             row["split"] = report.split or hashed_split(key, val_fraction, test_fraction)
-            row["study_id"] = key
+            row["study_id"] = study_id
             if series_uid is not None and series_in[image] > 1:  # the loader must pick this series
                 row["series_uid"] = series_uid
             writer.write(row)
@@ -259,6 +274,20 @@ def convert(
         unreadable_examples=unreadable,
         unused_reports=len(report_of.keys() - used_keys),
     )
+
+
+def _deidentified_copy(deidentifier: Deidentifier, members: list[DicomFile], image: Path, series_uid: str | None,
+                       study_id: str, folder: Path) -> Path:
+    """Copy a row's files without PHI; returns what the row points at (the file, or the series folder)."""
+    base = folder / "deidentified" / study_id
+    if series_uid is None:  # 2d: one file
+        target = base / (deidentifier.pseudonym(str(image), "") + ".dcm")
+        deidentifier.copy_dicom(image, target, study_id)
+        return target
+    series = base / deidentifier.pseudonym(series_uid, "series-")
+    for dicom in members:
+        deidentifier.copy_dicom(dicom.path, series / (deidentifier.pseudonym(str(dicom.path), "") + ".dcm"), study_id)
+    return series
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-fraction", type=float, default=0.1, help="hashed split: share of keys in val")
     parser.add_argument("--test-fraction", type=float, default=0.1, help="hashed split: share of keys in test")
     parser.add_argument("--min-slices", type=int, default=16, help="3d: skip series with fewer slices (default 16)")
+    parser.add_argument("--deidentify", action="store_true",
+                        help="point rows at copies without names, ids, dates of birth, accession numbers, "
+                        "institutions, physicians and private tags, under <out>/deidentified/, with pseudonymous "
+                        "study ids and UIDs")
+    parser.add_argument("--pseudonym-key", help="secret key file for --deidentify's stable pseudonyms "
+                        "(default <out>/pseudonym.key, created when missing; keep it private)")
     add_common_arguments(parser)
     return parser
 

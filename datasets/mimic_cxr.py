@@ -26,6 +26,10 @@ except ImportError:  # run as `python datasets/mimic_cxr.py` from a checkout tha
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from mmvl.data.reports import report_text
     from mmvl.errors import DataError, MMVLError
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # imported by path (as the tests do): find _converter.py beside this script
+    sys.path.insert(0, str(HERE))
+from _converter import format_summary  # noqa: E402
 
 # The 14 CheXpert observations of mimic-cxr-2.0.0-chexpert.csv.gz (Irvin et al., AAAI 2019).
 CHEXPERT_LABELS = (
@@ -251,18 +255,14 @@ def convert(
         "splits": dict(rows_per_split),
         "skipped": dict(skipped),
         "manifest": str(out),
+        "data_root": data_root(image_files, out_dir),
     }
 
 
-def format_summary(counts: dict) -> str:
-    """The counts returned by ``convert`` as a few readable lines."""
-    splits = ", ".join(f"{name} {number}" for name, number in counts["splits"].items())
-    skipped = ", ".join(f"{reason} {number}" for reason, number in counts["skipped"].items())
-    return (
-        f"wrote {counts['rows']} images from {counts['studies']} studies to {counts['manifest']}\n"
-        f"  per split: {splits}\n"
-        f"  skipped images: {skipped}"
-    )
+def data_root(images: Path, out_dir: Path) -> str | None:
+    """The ``data.root`` training needs when the images lie outside the manifest's folder, else None."""
+    common = os.path.commonpath([os.path.abspath(images), str(out_dir)])
+    return None if common == str(out_dir) else common
 
 
 def _comma_list(text: str) -> list[str]:
@@ -321,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
     except MMVLError as err:
         sys.exit(f"error: {err}")
-    print(format_summary(counts))
+    print(format_summary(counts, "images"))
     return counts
 
 

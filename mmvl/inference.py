@@ -123,11 +123,13 @@ def find_inputs(inputs: Sequence[PathLike], volumes: bool = False) -> list[Input
     return items
 
 
-def manifest_items(manifest: PathLike, sections: Sequence[str] | None = None) -> list[InputItem]:
+def manifest_items(manifest: PathLike, sections: Sequence[str] | None = None, root: PathLike | None = None,
+                   allow_outside_root: bool = False) -> list[InputItem]:
     """One item per manifest row (its first image), with study id, volume fields, labels and, when ``sections``
-    is given, the reference report text of those sections."""
+    is given, the reference report text of those sections. ``root``/``allow_outside_root``: see
+    :func:`~mmvl.data.manifest.load_manifest`."""
     items = []
-    for row in load_manifest(manifest):
+    for row in load_manifest(manifest, root=root, allow_outside_root=allow_outside_root):
         item = InputItem(path=row["image"][0], study_id=row.get("study_id") or None,
                          fields={key: row[key] for key in LoadVolume.FIELDS if row.get(key) is not None},
                          labels=row.get("labels") or None, error=row.get("error") or None)
@@ -200,6 +202,8 @@ def zero_shot(
     progress: bool = True,
     as_frame: bool = False,
     limit: int | None = None,
+    data_root: PathLike | None = None,
+    allow_outside_root: bool = False,
 ) -> Any:
     """Zero-shot probabilities of ``labels`` for every scan in ``inputs`` (files or folders) and/or ``manifest``.
 
@@ -209,7 +213,8 @@ def zero_shot(
     ``pairwise`` (per label, softmax over its positive and negative prompts) or ``multiclass`` (softmax across
     labels). Returns one dict per scan (``path``, ``study_id``, one probability per label, ``error`` naming why
     a scan could not be read, empty otherwise; probabilities are NaN then), in input order (``limit``: only the
-    first N scans); ``as_frame=True`` gives a pandas DataFrame.
+    first N scans); ``as_frame=True`` gives a pandas DataFrame. ``manifest`` images must lie inside
+    ``data_root`` (default: the manifest's folder) unless ``allow_outside_root``.
     """
     from mmvl.evaluation.zero_shot import prompts_from, text_prototypes, zero_shot_probabilities
 
@@ -224,7 +229,7 @@ def zero_shot(
     items = find_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs),
                         volumes=loaded.preprocess.kind == "3d")
     if manifest is not None:
-        items += manifest_items(manifest)
+        items += manifest_items(manifest, root=data_root, allow_outside_root=allow_outside_root)
     items = items[:limit] if limit else items
     if not items:
         raise ConfigError("zero_shot: no inputs (give files, folders or a manifest)")

@@ -15,6 +15,7 @@ import json
 import sys
 from collections import Counter
 
+from mmvl.data.manifest import add_root_arguments
 from mmvl.errors import MMVLError
 
 
@@ -23,6 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("manifest", help="manifest (.jsonl or .csv)")
     parser.add_argument("--config", help="take the eval pipeline and report sections from this config")
     parser.add_argument("--split", help="check only rows of this split")
+    add_root_arguments(parser)  # with --config, data.root and data.allow_outside_root apply too
     parser.add_argument("--sections", default=None,
                         help="report sections that must not be empty, comma-separated (default: findings,impression)")
     parser.add_argument("--no-read", action="store_true", help="check files exist without reading them")
@@ -67,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmvl.data.check import check_manifest
 
     pipeline, sections = None, ("findings", "impression")
+    root, allow_outside_root = args.data_root, args.allow_outside_root
     try:
         if args.config:
             from mmvl.config import Config
@@ -74,10 +77,13 @@ def main(argv: list[str] | None = None) -> int:
             data = Config.fromfile(args.config)["data"]
             pipeline = list(data["eval_pipeline"])
             sections = tuple(data.get("report_sections", sections))
+            root = root or data.get("root")
+            allow_outside_root = allow_outside_root or bool(data.get("allow_outside_root", False))
         if args.sections is not None:
             sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
         n_rows, problems = check_manifest(args.manifest, pipeline=pipeline, split=args.split,
-                                          report_sections=sections, read=not args.no_read, jobs=args.jobs)
+                                          report_sections=sections, read=not args.no_read, jobs=args.jobs,
+                                          root=root, allow_outside_root=allow_outside_root)
     except MMVLError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

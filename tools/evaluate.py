@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 import mmvl
-from mmvl.data.manifest import load_manifest
+from mmvl.data.manifest import add_root_arguments, load_manifest
 from mmvl.errors import ConfigError, MMVLError
 from mmvl.evaluation.metrics import PROBE_FRACTIONS, classification_metrics, linear_probe, target_matrix
 from mmvl.evaluation.report_metrics import TOKENIZERS, caption_metrics, finding_f1
@@ -56,6 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="training work dir, checkpoint file, or model-zoo entry (folder or name)")
     parser.add_argument("--manifest", required=True, help="manifest (JSONL/CSV) with split, labels and reports")
+    add_root_arguments(parser)
     parser.add_argument("--task", required=True, choices=TASKS)
     parser.add_argument("--split", default="test", help="the rows evaluated (manifest 'split')")
     parser.add_argument("--val-split", default="val", help="rows that choose F1 thresholds and probe C ('' for none)")
@@ -94,12 +95,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def load_splits(manifest: str, sections: Any, limit: int | None) -> tuple[dict[str, list[InputItem]], list[str]]:
+def load_splits(manifest: str, sections: Any, limit: int | None, root: str | None = None,
+                allow_outside_root: bool = False) -> tuple[dict[str, list[InputItem]], list[str]]:
     """Manifest items by split (with labels, volume fields and the reference report of ``sections``), and the
     manifest's label names (sorted, as ``ManifestDataset`` orders them)."""
-    rows = load_manifest(manifest)
+    rows = load_manifest(manifest, root=root, allow_outside_root=allow_outside_root)
     splits: dict[str, list[InputItem]] = {}
-    for row, item in zip(rows, manifest_items(manifest, sections=sections)):
+    for row, item in zip(rows, manifest_items(manifest, sections=sections, root=root,
+                                              allow_outside_root=allow_outside_root)):
         splits.setdefault(str(row.get("split") or ""), []).append(item)
     if limit:
         splits = {name: items[:limit] for name, items in splits.items()}
@@ -361,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         if loaded.preprocess is None:
             raise ConfigError(f"{loaded.source}: this model records no image preprocessing (a text-only model?)")
         sections = (loaded.config.get("data") or {}).get("report_sections", ("findings", "impression"))
-        splits, manifest_labels = load_splits(args.manifest, sections, args.limit)
+        splits, manifest_labels = load_splits(args.manifest, sections, args.limit, args.data_root,
+                                               args.allow_outside_root)
         test = split_rows(splits, args.split, args.manifest, "--split")
         val = splits.get(args.val_split, []) if args.val_split else []
         used_splits = [args.split, *([args.val_split] if args.val_split else []),

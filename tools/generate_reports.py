@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 import mmvl
+from mmvl.data.manifest import add_root_arguments
 from mmvl.errors import ConfigError, MMVLError
 from mmvl.evaluation.report_metrics import finding_f1, report_metrics
 from mmvl.inference import find_inputs, iter_batches, manifest_items
@@ -39,6 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("inputs", nargs="*", help="image files or folders (3D: volume files or series folders)")
     parser.add_argument("--manifest", help="also run over the rows of a manifest (JSONL/CSV); with reports/labels "
                                            "the generated reports are scored")
+    add_root_arguments(parser)
     parser.add_argument("--out", default="reports.jsonl", help="output JSONL (a .json sidecar is written beside it)")
     parser.add_argument("--method", default="beam", choices=["beam", "greedy"])
     parser.add_argument("--num-beams", type=int, default=4)
@@ -69,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         items = find_inputs(args.inputs, volumes=loaded.preprocess.kind == "3d")
         if args.manifest:
             sections = loaded.config["data"].get("report_sections", ("findings", "impression"))
-            items += manifest_items(args.manifest, sections=sections)
+            items += manifest_items(args.manifest, sections=sections, root=args.data_root,
+                                    allow_outside_root=args.allow_outside_root)
     except MMVLError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

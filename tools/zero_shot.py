@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 import mmvl
+from mmvl.data.manifest import add_root_arguments
 from mmvl.errors import MMVLError
 from mmvl.evaluation.zero_shot import PRESETS, auroc, prompts_from
 from mmvl.inference import load_model, manifest_items, zero_shot
@@ -39,6 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("model", help="training work dir, checkpoint file, or model-zoo entry (folder or name)")
     parser.add_argument("inputs", nargs="*", help="scan files or folders")
     parser.add_argument("--manifest", help="also run over the rows of a manifest (JSONL/CSV)")
+    add_root_arguments(parser)
     parser.add_argument("--labels", required=True, help="comma-separated label names")
     parser.add_argument("--preset", default="chexzero",
                         help=f"prompt preset ({', '.join(PRESETS)}) or a JSON/YAML prompt file")
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_model(args.model, device=args.device)
         prompts = prompts_from(labels, args.preset)
         rows = zero_shot(loaded, args.inputs, labels, preset=args.preset, mode=args.mode, manifest=args.manifest,
-                         batch_size=args.batch_size, device=args.device, limit=args.limit)
+                         batch_size=args.batch_size, device=args.device, limit=args.limit,
+                         data_root=args.data_root, allow_outside_root=args.allow_outside_root)
     except MMVLError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -74,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(out.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
     truth = {}
     if args.manifest:
-        truth = {(item.path, item.study_id or ""): item.labels for item in manifest_items(args.manifest)
+        truth = {(item.path, item.study_id or ""): item.labels for item in manifest_items(
+            args.manifest, root=args.data_root, allow_outside_root=args.allow_outside_root)
                  if item.labels}
     _print_summary(rows, labels, truth)
     print(f"wrote {out} and {out.with_suffix('.json')} ({n_failed} of {len(rows)} failed)")

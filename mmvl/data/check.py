@@ -58,10 +58,14 @@ def check_manifest(
     read: bool = True,
     jobs: int = 1,
     progress: bool = True,
+    root: str | os.PathLike | None = None,
+    allow_outside_root: bool = False,
 ) -> tuple[int, list[Problem]]:
     """Rows checked and the problems found. ``pipeline``: the deterministic steps to run on each image
-    (default: just the reader); ``read=False`` checks presence only; ``jobs`` worker processes."""
-    rows = load_manifest(manifest)  # a malformed manifest is an error, not a per-row problem
+    (default: just the reader); ``read=False`` checks presence only; ``jobs`` worker processes; ``root`` and
+    ``allow_outside_root`` as for :func:`~mmvl.data.manifest.load_manifest`."""
+    # a malformed manifest (or one pointing outside its root) is an error, not a per-row problem
+    rows = load_manifest(manifest, root=root, allow_outside_root=allow_outside_root)
     if split is not None:
         rows = [row for row in rows if row.get("split") == split]
     problems: list[Problem] = []

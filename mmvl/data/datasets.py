@@ -65,6 +65,9 @@ class ManifestDataset(Dataset):
     cannot be read raises, or with ``on_error="skip"`` yields ``{"skipped": {"path", "line", "reason",
     "index"}}``, which :class:`~mmvl.data.loader.Collate` drops and reports.
 
+    Image paths outside ``root`` (default: the manifest's folder) are refused unless ``allow_outside_root``
+    (config ``data.root`` / ``data.allow_outside_root``; see :func:`~mmvl.data.manifest.load_manifest`).
+
     ``cache="memory"`` keeps the output of the deterministic steps in RAM (MONAI ``CacheDataset``, filled
     at start-up); ``cache="disk"`` stores it under ``cache_dir`` (MONAI ``PersistentDataset``), keyed by
     path, file size and mtime and the deterministic part of the pipeline spec. Random steps always run
@@ -84,6 +87,8 @@ class ManifestDataset(Dataset):
         cache: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         cache_workers: int = 0,
+        root: str | os.PathLike | None = None,
+        allow_outside_root: bool = False,
     ):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -95,7 +100,7 @@ class ManifestDataset(Dataset):
         self.split = split
         self.on_error = on_error
         self.pipeline = Pipeline(pipeline)
-        rows = load_manifest(manifest)
+        rows = load_manifest(manifest, root=root, allow_outside_root=allow_outside_root)
         if split is not None:
             rows = [row for row in rows if row.get("split") == split]
             if not rows:

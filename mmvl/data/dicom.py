@@ -7,6 +7,8 @@ Only geometry and acquisition attributes go into the returned metadata, never pa
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from typing import Any, Literal
 
 import numpy as np
@@ -14,6 +16,54 @@ import numpy as np
 from mmvl.errors import DicomError
 
 VoiMode = Literal["auto", "window", "lut", "minmax"]
+
+# Attributes that identify a patient or the people and places of their care (PS3.15 E.1-1, the Basic
+# Application Level Confidentiality Profile, for the ones a chest X-ray or CT export carries). Their values
+# never go into metadata, logs or error messages; ``datasets/`` converters strip them with ``--deidentify``.
+PHI_KEYWORDS = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientBirthTime", "PatientAddress",
+    "PatientTelephoneNumbers", "OtherPatientIDs", "OtherPatientNames", "OtherPatientIDsSequence",
+    "PatientBirthName", "PatientMotherBirthName", "MedicalRecordLocator", "IssuerOfPatientID",
+    "AccessionNumber", "StudyID", "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
+    "ReferringPhysicianName", "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers",
+    "PerformingPhysicianName", "NameOfPhysiciansReadingStudy", "OperatorsName", "PhysiciansOfRecord",
+    "RequestingPhysician", "ScheduledPerformingPhysicianName", "StationName", "DeviceSerialNumber",
+    "RequestAttributesSequence", "ReferencedPatientSequence", "EthnicGroup", "Occupation",
+    "AdditionalPatientHistory", "PatientComments", "ResponsiblePerson", "MilitaryRank", "BranchOfService",
+    "CountryOfResidence", "RegionOfResidence", "CurrentPatientLocation", "PatientInstitutionResidence",
+)
+_QUOTED = re.compile(r"""(['"])(?:(?!\1).){1,200}?\1""")
+
+
+def phi_values(ds: Any) -> set[str]:
+    """The text of every PHI attribute in ``ds`` (person names also split at ``^``), to keep out of messages."""
+    values: set[str] = set()
+    for keyword in PHI_KEYWORDS:
+        if keyword.endswith("Sequence"):
+            continue  # nested items: readers' errors do not quote them
+        try:
+            element = ds.get(keyword)
+            text = "" if element is None else str(element).strip()
+        except Exception:  # a value too malformed to convert: pydicom's error quotes nothing of it
+            continue
+        for part in {text, *text.split("^")}:
+            if len(part.strip()) >= 2:
+                values.add(part.strip())
+    return values
+
+
+def redact(message: str, ds: Any = None) -> str:
+    """``message`` without any PHI value of ``ds``; with no dataset (the header could not be parsed), without
+    any quoted text, since that is where pydicom and numpy quote element values."""
+    if ds is None:
+        return _QUOTED.sub("'<redacted>'", message)
+    try:
+        values = phi_values(ds)
+    except Exception:
+        return _QUOTED.sub("'<redacted>'", message)
+    for value in sorted(values, key=len, reverse=True):
+        message = message.replace(value, "<redacted>")
+    return message
 
 
 def is_dicom_file(path: str | os.PathLike) -> bool:
@@ -88,7 +138,36 @@ def _decode_error(ds: Any, path: str, err: Exception) -> DicomError:
     if decoder is not None and not decoder.is_available:
         needs = "; ".join(decoder.missing_dependencies)
         return DicomError(path, f"no installed plugin decodes transfer syntax '{name}'; install one of: {needs}")
-    return DicomError(path, f"cannot decode pixel data with transfer syntax '{name}': {err}")
+    return DicomError(path, redact(f"cannot decode pixel data with transfer syntax '{name}': {err}", ds))
+
+
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"  # ISO/IEC 15444-1 I.5.1 signature box
+
+
+def check_jpeg2000_boxes(ds: Any, path: str) -> None:
+    """Refuse a JPEG 2000 frame whose JP2 boxes before the codestream have a length below 8.
+
+    pydicom (3.0) walks those boxes to find the codestream and loops forever on a zero length
+    (``pydicom.pixels.utils.get_j2k_parameters``); a damaged file must be an error, not a hang. Lengths 0
+    ("to the end of the file") and 1 (64-bit XLBox) are legal (I.4) but never precede the jp2c box.
+    """
+    from pydicom.encaps import generate_frames
+    from pydicom.uid import JPEG2000TransferSyntaxes
+
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax not in JPEG2000TransferSyntaxes or "PixelData" not in ds:
+        return
+    n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    for index, data in enumerate(generate_frames(ds.PixelData, number_of_frames=n_frames)):
+        if not data.startswith(_JP2_SIGNATURE[:8]):
+            continue  # a bare J2K codestream: no boxes to walk
+        offset = 12
+        while offset < len(data) and data[offset + 4:offset + 8] != b"jp2c":
+            length = int.from_bytes(data[offset:offset + 4], "big")
+            if length < 8:
+                raise DicomError(path, f"frame {index}: JPEG 2000 box at byte {offset} has length {length} before "
+                                       "the codestream (damaged JP2 header)")
+            offset += length
 
 
 def _decode(ds: Any, path: str, frame: int) -> np.ndarray:
@@ -100,6 +179,7 @@ def _decode(ds: Any, path: str, frame: int) -> np.ndarray:
     n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     if not -n_frames <= frame < n_frames:
         raise DicomError(path, f"frame {frame} requested but the file has {n_frames} frame(s) (0028,0008)")
+    check_jpeg2000_boxes(ds, path)
     try:
         arr = pixel_array(ds, index=frame % n_frames) if n_frames > 1 else ds.pixel_array
     except Exception as err:  # pydicom raises RuntimeError/NotImplementedError/ValueError by decoder
@@ -116,8 +196,27 @@ def check_modality(path: str, modality: str, allowed: Any) -> None:
         raise DicomError(path, f"modality '{modality or 'missing'}' but this pipeline expects {sorted(allowed)}")
 
 
+def _header_phi(path: str) -> Any:
+    """Just the PHI attributes of a file whose full header failed to parse, to redact its error; None if
+    even they cannot be read."""
+    import pydicom
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(path, force=True, stop_before_pixels=True, specific_tags=list(PHI_KEYWORDS))
+    except Exception:
+        return None
+
+
 def read_dataset(path: str) -> Any:
-    """``pydicom.dcmread`` with errors that name the file; refuses objects without PixelData."""
+    """``pydicom.dcmread`` with errors that name the file (never a PHI value); refuses objects without PixelData."""
+    with warnings.catch_warnings():  # pydicom's warnings quote element values, names included
+        warnings.simplefilter("ignore")
+        return _read_dataset(path)
+
+
+def _read_dataset(path: str) -> Any:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -126,15 +225,19 @@ def read_dataset(path: str) -> Any:
     try:
         ds = pydicom.dcmread(path)
     except InvalidDicomError as err:
-        raise DicomError(path, f"not a DICOM file ({err})") from err
+        raise DicomError(path, redact(f"not a DICOM file ({err})", _header_phi(path))) from err
     except Exception as err:  # truncated or corrupt headers raise a range of errors
-        raise DicomError(path, f"corrupt DICOM header: {type(err).__name__}: {err}") from err
+        message = f"corrupt DICOM header: {type(err).__name__}: {err}"
+        raise DicomError(path, redact(message, _header_phi(path))) from err
     if "PixelData" not in ds:
-        sop_class = ds.get("SOPClassUID")
-        if sop_class is None:
+        try:
+            sop_class = ds.get("SOPClassUID")
+            kind = None if sop_class is None else getattr(sop_class, "name", str(sop_class))
+        except Exception:  # a malformed UID value
+            kind = "unreadable (0008,0016) SOPClassUID"
+        if kind is None:
             raise DicomError(path, "corrupt or truncated DICOM: neither (0008,0016) SOPClassUID nor PixelData")
-        kind = getattr(sop_class, "name", str(sop_class))
-        raise DicomError(path, f"no (7FE0,0010) PixelData: not an image ({kind})")
+        raise DicomError(path, redact(f"no (7FE0,0010) PixelData: not an image ({kind})", ds))
     return ds
 
 
@@ -155,10 +258,22 @@ def read_dicom_image(
     Compressed transfer syntaxes decode when a pydicom plugin for them is installed (see
     :func:`decoder_support`); otherwise the error says what to install.
     """
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
     path = os.fspath(path)
     ds = read_dataset(path)
+    try:
+        with warnings.catch_warnings():  # pydicom's warnings quote element values, names included
+            warnings.simplefilter("ignore")
+            return _read_image(ds, path, frame, voi, window_index, modalities)
+    except DicomError as err:
+        raise DicomError(path, redact(err.problem, ds)) from err
+    except Exception as err:  # a hostile or damaged header breaks the pipeline in many ways; name the file
+        message = f"malformed DICOM attribute values: {type(err).__name__}: {err}"
+        raise DicomError(path, redact(message, ds)) from err
+
+
+def _read_image(ds: Any, path: str, frame: int, voi: VoiMode, window_index: int, modalities: Any):
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
     check_modality(path, str(getattr(ds, "Modality", "")), modalities)
 
     stored = _decode(ds, path, frame)

@@ -4,12 +4,18 @@ JSONL or CSV. Paths are relative to the manifest's folder unless absolute. In CS
 separated by ``;`` and ``labels`` is a JSON object string. 3D rows point at a NIfTI file or a DICOM series
 folder and may add ``series_uid``, ``spacing`` and ``rescale`` (see ``datasets/README.md``).
 
+Image paths must lie inside the data root: the manifest's folder, or ``root`` (config ``data.root``). A path
+that escapes it (``../``, or an absolute path elsewhere) is refused unless ``allow_outside_root=True``
+(``data.allow_outside_root``), so a manifest from elsewhere cannot make mmvl read arbitrary files. The check
+is on the path text after normalisation; symbolic links inside the root are followed as they are.
+
 Manifests must be UTF-8. A row holding bytes that are not UTF-8 (typically a report exported as
 Latin-1) is kept with an ``error`` entry, so datasets skip and count it and ``tools/check_data.py`` lists it.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -42,7 +48,12 @@ def _readable(value: Any) -> Any:
     return value
 
 
-def _parse_row(raw: dict[str, Any], path: Path, line: int, csv_row: bool) -> dict[str, Any]:
+def _inside(path: str, root: str) -> bool:
+    path, root = os.path.normpath(path), os.path.normpath(root)
+    return os.path.commonpath([path, root]) == root if os.path.isabs(path) == os.path.isabs(root) else False
+
+
+def _parse_row(raw: dict[str, Any], path: Path, line: int, csv_row: bool, root: str | None) -> dict[str, Any]:
     problem = _encoding_problem(raw)
     raw = {key: _readable(value) for key, value in raw.items()}
     missing = [key for key in REQUIRED_KEYS if key not in raw or raw[key] in (None, "")]
@@ -56,7 +67,15 @@ def _parse_row(raw: dict[str, Any], path: Path, line: int, csv_row: bool) -> dic
         images = [images]
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
         raise ManifestError(path, f"row {line}: 'image' must be a path or a list of paths, got {images!r}")
-    row["image"] = [p if os.path.isabs(p) else str(path.parent / p) for p in images]
+    row["image"] = [os.path.normpath(p if os.path.isabs(p) else str(path.parent / p)) for p in images]
+    if root is not None:
+        for image in row["image"]:
+            if not _inside(os.path.abspath(image), root):
+                common = os.path.commonpath([os.path.abspath(image), root])
+                raise ManifestError(path, f"row {line}: image path {image} lies outside the data root {root}; "
+                                          f"set data.root (--data-root) to a folder holding every image, such as "
+                                          f"{common}, or data.allow_outside_root=True (--allow-outside-root) if "
+                                          "the manifest is trusted")
     row["report"] = "" if raw.get("report") is None else str(raw["report"])
     labels = raw.get("labels")
     if csv_row and isinstance(labels, str):
@@ -81,11 +100,18 @@ def _parse_row(raw: dict[str, Any], path: Path, line: int, csv_row: bool) -> dic
     return row
 
 
-def load_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read a ``.jsonl`` or ``.csv`` manifest into rows with absolute image paths (files not checked)."""
+def load_manifest(
+    path: str | os.PathLike, *, root: str | os.PathLike | None = None, allow_outside_root: bool = False
+) -> list[dict[str, Any]]:
+    """Read a ``.jsonl`` or ``.csv`` manifest into rows with absolute image paths (files not checked).
+
+    ``root``: the folder every image must lie in (default the manifest's folder); a row pointing outside
+    it is a :class:`ManifestError` unless ``allow_outside_root``.
+    """
     path = Path(path)
     if not path.is_file():
         raise ManifestError(path, "manifest not found")
+    data_root = None if allow_outside_root else os.path.abspath(root if root is not None else path.parent)
     rows: list[dict[str, Any]] = []
     try:
         text = path.read_bytes().decode("utf-8", errors="surrogateescape")
@@ -97,7 +123,7 @@ def load_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
             raise ManifestError(path, f"CSV manifest needs an 'image' column, found {reader.fieldnames}")
         try:
             for raw in reader:
-                rows.append(_parse_row(raw, path, reader.line_num, csv_row=True))
+                rows.append(_parse_row(raw, path, reader.line_num, csv_row=True, root=data_root))
         except csv.Error as err:
             raise ManifestError(path, f"line {reader.line_num}: malformed CSV ({err})") from err
     else:
@@ -110,7 +136,16 @@ def load_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
                 raise ManifestError(path, f"line {line}: invalid JSON ({err.msg})") from err
             if not isinstance(raw, dict):
                 raise ManifestError(path, f"line {line}: expected a JSON object, got {type(raw).__name__}")
-            rows.append(_parse_row(raw, path, line, csv_row=False))
+            rows.append(_parse_row(raw, path, line, csv_row=False, root=data_root))
     if not rows:
         raise ManifestError(path, "manifest has no rows")
     return rows
+
+
+def add_root_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--data-root`` and ``--allow-outside-root`` for the tools that read a manifest (as ``data.root`` and
+    ``data.allow_outside_root`` in a config)."""
+    parser.add_argument("--data-root", help="folder every manifest image must lie in (default: the manifest's "
+                        "folder); paths outside it are refused")
+    parser.add_argument("--allow-outside-root", action="store_true",
+                        help="read manifest images wherever they are (only for a manifest you trust)")

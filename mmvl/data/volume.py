@@ -15,12 +15,20 @@ NIfTI files are read with MONAI's ``NibabelReader``. Metadata never carries pati
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from mmvl.data.dicom import _decode_error, check_modality, is_dicom_file
+from mmvl.data.dicom import (
+    _decode_error,
+    _header_phi,
+    check_jpeg2000_boxes,
+    check_modality,
+    is_dicom_file,
+    redact,
+)
 from mmvl.errors import DataError, DicomError
 from mmvl.utils import get_logger
 
@@ -65,7 +73,8 @@ def _dicom_headers(folder: str) -> dict[str, list[tuple[str, Any]]]:
         try:
             ds = pydicom.dcmread(path, defer_size="64 KB")
         except Exception as err:  # corrupt headers raise a range of errors
-            raise DicomError(path, f"corrupt DICOM header in series folder: {type(err).__name__}: {err}") from err
+            message = f"corrupt DICOM header in series folder: {type(err).__name__}: {err}"
+            raise DicomError(path, redact(message, _header_phi(path))) from err
         uid = str(ds.get("SeriesInstanceUID", ""))
         if "PixelData" in ds:
             series.setdefault(uid, []).append((path, ds))
@@ -165,12 +174,33 @@ def read_dicom_series(
     metadata with the RAS ``affine``, ``spacing`` (mm), ``orientation`` codes and the steps applied.
     With several series in the folder the largest is read unless ``series_uid`` picks one.
     """
-    from pydicom.pixels import apply_modality_lut
-
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise DataError(folder, "DICOM series folder not found")
+    slices: list[tuple[str, Any]] = []
+    try:
+        with warnings.catch_warnings():  # pydicom's warnings quote element values, names included
+            warnings.simplefilter("ignore")
+            return _read_series(folder, series_uid, modalities, allow_gaps, spacing_tolerance, slices)
+    except DataError as err:
+        raise type(err)(err.path, _redact_series(err.problem, slices)) from err
+    except Exception as err:  # a hostile or damaged header breaks the assembly in many ways; name the folder
+        message = f"malformed DICOM attribute values in the series: {type(err).__name__}: {err}"
+        raise DicomError(folder, _redact_series(message, slices) if slices else redact(message)) from err
+
+
+def _redact_series(message: str, slices: list[tuple[str, Any]]) -> str:
+    for _path, ds in slices:  # slices of one series usually share their PHI; errors are rare, so check all
+        message = redact(message, ds)
+    return message
+
+
+def _read_series(folder: str, series_uid: str | None, modalities: Sequence[str] | None, allow_gaps: bool,
+                 spacing_tolerance: float, slices_out: list) -> tuple[np.ndarray, dict[str, Any]]:
+    from pydicom.pixels import apply_modality_lut
+
     all_series = _dicom_headers(folder)
+    slices_out.extend(ds for files in all_series.values() for ds in files)
     _uid, slices = _select_series(folder, all_series, series_uid)
     modality = str(slices[0][1].get("Modality", ""))
     check_modality(folder, modality, modalities)
@@ -191,6 +221,7 @@ def read_dicom_series(
 
     planes = []
     for path, ds in slices:
+        check_jpeg2000_boxes(ds, path)
         try:
             stored = ds.pixel_array
         except Exception as err:  # decoder errors vary by plugin
@@ -235,6 +266,34 @@ def read_dicom_series(
 
 
 # -- NIfTI -----------------------------------------------------------------------------------------------
+DEFLATE_MAX_RATIO = 1032  # zlib's limit on deflate's compression ratio (zlib technical details)
+
+
+def _check_nifti_size(path: str) -> None:
+    """Refuse a header whose dim/bitpix promise more bytes than the file can hold, before nibabel allocates
+    them: a damaged or hostile ``dim`` field would otherwise ask for terabytes. Uncompressed: the file size;
+    gzip: the ISIZE trailer (RFC 1952, uncompressed size mod 2**32) and deflate's maximum ratio."""
+    import nibabel
+
+    header = nibabel.load(path).header  # reads the header only
+    shape = header.get_data_shape()
+    itemsize = header.get_data_dtype().itemsize
+    needed = int(np.prod([int(n) for n in shape], dtype=object)) * itemsize + int(header.get_data_offset())
+    size = os.path.getsize(path)
+    compressed = path.lower().endswith(".gz")
+    if compressed:
+        with open(path, "rb") as handle:
+            handle.seek(max(size - 4, 0))
+            isize = int.from_bytes(handle.read(4), "little")
+        short = needed > size * DEFLATE_MAX_RATIO or (needed < 2**32 and isize < needed)
+    else:
+        short = needed > size
+    if short:
+        raise DataError(path, f"NIfTI header promises {needed} bytes (dim {list(shape)}, {itemsize}-byte voxels) "
+                              f"but the file holds fewer ({size} bytes{', compressed' if compressed else ''}): "
+                              "truncated or damaged header")
+
+
 def read_nifti(path: str | os.PathLike, *, nan_value: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """A 3D NIfTI-1/2 file via MONAI's ``NibabelReader`` (scl_slope/scl_inter applied) with its RAS affine.
 
@@ -248,10 +307,13 @@ def read_nifti(path: str | os.PathLike, *, nan_value: float | None = None) -> tu
         raise DataError(path, "file not found")
     reader = NibabelReader(squeeze_non_spatial_dims=True)
     try:
+        _check_nifti_size(path)
         image = reader.read(path)
         array, header = reader.get_data(image)
         volume = np.asarray(array, dtype=np.float32)
-    except Exception as err:  # nibabel raises ImageFileError, EOFError, zlib.error, ValueError, ...
+    except DataError:
+        raise
+    except Exception as err:  # nibabel raises ImageFileError, EOFError, zlib.error, ValueError, MemoryError...
         raise DataError(path, f"cannot read NIfTI: {type(err).__name__}: {err}") from err
     if volume.ndim != 3:
         raise DataError(path, f"expected a 3D volume, got shape {volume.shape}")

@@ -166,6 +166,8 @@ class Trainer:
             cache=data.get("cache"),
             cache_dir=cache_dir if data.get("cache") == "disk" else None,
             cache_workers=int(data.get("cache_workers", 0)),
+            root=data.get("root"),
+            allow_outside_root=bool(data.get("allow_outside_root", False)),
         )
         kind = data.get("type", "manifest")
         train_set = DATASETS.build(dict(type=kind, split=data.get("train_split", "train"),

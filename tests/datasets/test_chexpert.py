@@ -144,7 +144,7 @@ def rows_with_reports(uncertain: str, val: bool = False) -> list[dict]:
 
 
 @pytest.mark.parametrize("uncertain", ["ones", "zeros", "drop"])
-def test_frontal_rows_labels_and_skips(layout: dict[str, Path], uncertain: str) -> None:
+def test_frontal_rows_labels_and_skips(layout: dict[str, Path], uncertain: str, tmp_path: Path) -> None:
     counts = chexpert.convert(
         layout["root"], layout["out"], reports=layout["reports"], uncertain=uncertain, progress=False
     )
@@ -159,6 +159,7 @@ def test_frontal_rows_labels_and_skips(layout: dict[str, Path], uncertain: str) 
         "skipped": {"other_view": 2, "missing_report": 1, "empty_report": 1, "missing_image": 1},
         "without_report": 0,
         "manifest": str(manifest),
+        "data_root": str(tmp_path),  # images outside the manifest's folder: the root training needs
     }
     for row in read_jsonl(manifest):
         assert (manifest.parent / row["image"]).is_file()

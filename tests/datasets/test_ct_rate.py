@@ -138,7 +138,7 @@ ROW_VALID_1A1 = {
 }
 
 
-def test_first_reconstruction_per_scan(dataset: Path) -> None:
+def test_first_reconstruction_per_scan(dataset: Path, tmp_path: Path) -> None:
     out = dataset.parents[1] / "data" / "ct_rate"
     counts = ct_rate.convert(dataset, out, progress=False)
     manifest = out / "manifest.jsonl"
@@ -151,6 +151,7 @@ def test_first_reconstruction_per_scan(dataset: Path) -> None:
         # findings nor impression; train_3_a_1 has no metadata; train_2_a_1 is not on disk.
         "skipped": {"other_reconstruction": 2, "empty_report": 1, "missing_metadata": 1, "missing_volume": 1},
         "manifest": str(manifest),
+        "data_root": str(tmp_path),  # images outside the manifest's folder: the root training needs
     }
     assert read_jsonl(out / "val.jsonl") == [ROW_1A1]
     assert read_jsonl(out / "train.jsonl") == [ROW_2A2, ROW_5A1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +154,7 @@ def test_2d_one_row_per_image_joined_by_folder(
         "unreadable_examples": ["S009/broken.dcm (NotImplementedError)"],
         "unused_reports": 1,  # S004
         "manifest": str(out / "manifest.jsonl"),
+        "data_root": str(tmp_path),  # images outside the manifest's folder: the root training needs
     }
     for name in ("train", "val", "test"):
         assert read_jsonl(out / f"{name}.jsonl") == [row for row in rows if row["split"] == name]
@@ -161,6 +163,7 @@ def test_2d_one_row_per_image_joined_by_folder(
     assert "skipped files: not_dicom 1, unreadable 1, no_pixel_data 1" in captured.out
     assert "unreadable, e.g.: S009/broken.dcm (NotImplementedError)" in captured.out
     assert "reports matching no images: 1" in captured.out
+    assert f"train with --cfg-options data.root={tmp_path}" in captured.out
     assert_private_values_absent((out / "manifest.jsonl").read_text(encoding="utf-8"), captured.out, captured.err)
     assert STUDY["S001"] not in (out / "manifest.jsonl").read_text(encoding="utf-8")
 
@@ -279,3 +282,47 @@ def test_bad_arguments_and_nothing_to_write(export: Path, reports: Path, tmp_pat
     ):
         dicom_folder.main(argv)  # every series is below the default 16 slices
     assert not list(out.glob("*"))
+
+
+def _all_bytes(folder: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())
+
+
+@pytest.mark.parametrize("kind", ["2d", "3d"])
+def test_deidentify_copies_without_phi_and_stable_pseudonyms(
+    export: Path, reports: Path, tmp_path: Path, kind: str
+) -> None:
+    """--deidentify: rows point at copies inside the manifest folder; no PHI value, original key or UID is in
+    the copies or the manifest; the copies still read, and a second run gives the same pseudonyms."""
+    import pydicom
+
+    from mmvl.data.manifest import load_manifest
+
+    argv = [str(export), "--reports", str(reports), "--kind", kind, "--min-slices", "1", "--deidentify",
+            "--no-progress"]
+    dicom_folder.main([*argv, "--out", str(tmp_path / "a")])
+    dicom_folder.main([*argv, "--out", str(tmp_path / "b"), "--pseudonym-key", str(tmp_path / "a" / "pseudonym.key")])
+    rows = read_jsonl(tmp_path / "a" / "manifest.jsonl")
+    again = read_jsonl(tmp_path / "b" / "manifest.jsonl")
+    assert rows and [r["study_id"] for r in rows] == [r["study_id"] for r in again]
+    assert all(r["study_id"].startswith("anon-") and r["image"].startswith("deidentified/") for r in rows)
+    assert all("series_uid" not in r for r in rows)
+    output = _all_bytes(tmp_path / "a" / "deidentified") + (tmp_path / "a" / "manifest.jsonl").read_bytes()
+    for value in (*PRIVATE.values(), "PID-SECRET-0001", "SECRET"):
+        assert value.encode() not in output, value
+    for uid in (*STUDY.values(), CT_SERIES, DX_SERIES):  # whole UIDs: pydicom's own 1.2.826.0.1.3680043... stays
+        assert not re.search(re.escape(uid.encode()) + rb"(?![0-9.])", output), uid
+    for key in ("S001", "S005", "S007"):
+        assert f'"{key}"'.encode() not in output
+    loaded = load_manifest(tmp_path / "a" / "manifest.jsonl")  # inside the manifest's folder: no root error
+    copy = Path(loaded[0]["image"][0])
+    if kind == "2d":
+        ds = pydicom.dcmread(copy)
+        assert ds.PatientIdentityRemoved == "YES" and ds.PatientID == rows[0]["study_id"]
+        assert "PatientBirthDate" not in ds and "AccessionNumber" not in ds and "InstitutionName" not in ds
+    else:  # the fixture's slices carry no geometry, so check the series stays one series
+        uids = {str(pydicom.dcmread(p).SeriesInstanceUID) for p in copy.iterdir()}
+        assert len(uids) == 1 and uids.pop().startswith("2.25.")
+    # without the flag nothing is copied
+    dicom_folder.main([*argv[:-2], "--no-progress", "--out", str(tmp_path / "c")])
+    assert not (tmp_path / "c" / "deidentified").exists() and not (tmp_path / "c" / "pseudonym.key").exists()

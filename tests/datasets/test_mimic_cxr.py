@@ -207,7 +207,7 @@ def run(layout: dict[str, Path], **kwargs) -> dict:
 
 
 @pytest.mark.parametrize("uncertain", ["ones", "zeros", "drop"])
-def test_frontal_rows_and_uncertain_label_policy(layout: dict[str, Path], uncertain: str) -> None:
+def test_frontal_rows_and_uncertain_label_policy(layout: dict[str, Path], uncertain: str, tmp_path: Path) -> None:
     counts = run(layout, views=["PA", "AP"], ext="jpg", uncertain=uncertain)
     rows = read_jsonl(layout["out"])
     assert rows == frontal_rows(uncertain)
@@ -225,6 +225,7 @@ def test_frontal_rows_and_uncertain_label_policy(layout: dict[str, Path], uncert
             "missing_image": 1,
         },
         "manifest": str(layout["out"]),
+        "data_root": str(tmp_path),  # images outside the manifest's folder: the root training needs
     }
     for row in rows:
         assert (layout["out"].parent / row["image"]).is_file()

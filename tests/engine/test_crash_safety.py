@@ -292,3 +292,31 @@ def test_fp16_overflow_lowers_the_loss_scale_without_counting_a_bad_step(synthet
     assert scales[0] <= 65536 / 2  # GradScaler's initial scale, halved by the overflow
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert state["scaler"]["scale"] == scales[-1] and state["overflow_steps"] == trainer.overflow_steps
+
+
+class _Payload:
+    """Unpickling this runs code: what a hostile checkpoint would carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_never_runs_it(tmp_path):
+    """weights_only=True everywhere: a pickled payload with a valid checksum is a CheckpointError and does not run,
+    in load_checkpoint (which every loader goes through, zoo included) and in --resume's search."""
+    from mmvl.engine.checkpoint import load_newest_checkpoint, save_checkpoint
+
+    marker = tmp_path / "ran"
+    ckpt_dir = tmp_path / "work" / "checkpoints"
+    path = save_checkpoint(ckpt_dir / "step_1.pt", {"model": {}, "step": 1, "x": _Payload(marker)})
+    assert verify_checksum(path) is True
+    with pytest.raises(CheckpointError, match="step_1.pt"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        load_newest_checkpoint(ckpt_dir)
+    assert not marker.exists()
+    torch.load(ckpt_dir / "step_1.pt.corrupt", weights_only=False)  # the same file, unpickled unsafely: runs
+    assert marker.read_text() == "pwned"

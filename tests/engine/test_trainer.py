@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -137,8 +138,12 @@ def test_unreadable_samples_are_skipped_logged_and_limited(synthetic_cxr, tmp_pa
     from mmvl.errors import TrainingError
 
     manifest = _manifest_with_bad_rows(synthetic_cxr, tmp_path, n_corrupt=2)
-    options = ["train.batch_size=16", "train.val_interval=100", "data.max_skip_fraction=0.05"]
-    trainer = Trainer(tiny_config(manifest, "train.max_steps=11", *options), tmp_path / "skip")
+    with pytest.raises(ManifestError, match="outside the data root"):  # the rows point at synthetic_cxr's folder
+        Trainer(tiny_config(manifest), tmp_path / "refused").fit()
+    root = os.path.commonpath([synthetic_cxr.parent, tmp_path])
+    options = ["train.batch_size=16", "train.val_interval=100", f"data.root={root}"]
+    trainer = Trainer(tiny_config(manifest, "train.max_steps=11", *options, "data.max_skip_fraction=0.05"),
+                      tmp_path / "skip")
     trainer.fit()  # 11 steps of 16 > one epoch of the 160 training rows: every corrupt file was met
     skipped = [json.loads(line) for line in (tmp_path / "skip" / "skipped.jsonl").read_text().splitlines()]
     at_load = [s for s in skipped if s["step"] == 0]
@@ -150,7 +155,7 @@ def test_unreadable_samples_are_skipped_logged_and_limited(synthetic_cxr, tmp_pa
     assert all("not a DICOM file" in s["reason"] or "corrupt" in s["reason"] for s in in_training)
     assert [m for m in read_metrics(tmp_path / "skip") if "loss" in m][-1]["skipped_samples"] == 2
 
-    strict = Trainer(tiny_config(manifest, "train.max_steps=11", *options[:2], "data.max_skip_fraction=0.005"),
+    strict = Trainer(tiny_config(manifest, "train.max_steps=11", *options, "data.max_skip_fraction=0.005"),
                      tmp_path / "strict")
     expected = r"1 of 160 training samples could not be read.*corrupt.\.dcm: corrupt.*check_data.py"
     with pytest.raises(TrainingError, match=expected):

@@ -95,7 +95,7 @@ def test_linear_probe(tiny_clip, synthetic_cxr, tmp_path, one_thread):
         assert set(entry["C"]) == {"pleural effusion", "cardiomegaly"}
 
 
-def test_unreadable_images_are_listed_and_the_rest_evaluated(tiny_clip, synthetic_cxr, tmp_path, one_thread):
+def test_unreadable_images_are_listed_and_the_rest_evaluated(tiny_clip, synthetic_cxr, tmp_path, one_thread, capsys):
     rows = [json.loads(line) for line in synthetic_cxr.read_text().splitlines()]
     for row in rows:
         row["image"] = str(synthetic_cxr.parent / row["image"])
@@ -106,7 +106,10 @@ def test_unreadable_images_are_listed_and_the_rest_evaluated(tiny_clip, syntheti
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "zero_shot.json"
-    code = evaluate(tiny_clip[0], "--manifest", manifest, "--task", "zero_shot", "--out", out, "--n-bootstrap", "0")
+    args = ("--manifest", manifest, "--task", "zero_shot", "--out", out, "--n-bootstrap", "0")
+    assert evaluate(tiny_clip[0], *args) == 2  # absolute paths into synthetic_cxr's folder: outside the root
+    assert "outside the data root" in capsys.readouterr().err and not out.exists()
+    code = evaluate(tiny_clip[0], *args, "--allow-outside-root")
     assert code == 1
     record = json.loads(out.read_text())
     assert record["n_failed"] == 1

@@ -13,6 +13,11 @@ data = dict(
         "at your own manifest with --cfg-options data.manifest=PATH, or build the synthetic CT set with "
         "`python datasets/synthetic.py --kind ct --out data/synthetic_ct`."
     ),
+    # Manifest images must lie inside root (None: the manifest's folder); a path escaping it is refused unless
+    # allow_outside_root=True, so a manifest from elsewhere cannot make a run read arbitrary files. The
+    # converters print the root to set when the images live outside the manifest's folder.
+    root=None,
+    allow_outside_root=False,
     train_split="train",
     val_split="val",
     report_sections=("findings", "impression"),

@@ -9,6 +9,11 @@ data = dict(
         "(see datasets/mimic_cxr.md), point data.manifest at your own manifest with "
         "--cfg-options data.manifest=PATH, or run `make demo` to train on the synthetic demo set."
     ),
+    # Manifest images must lie inside root (None: the manifest's folder); a path escaping it is refused unless
+    # allow_outside_root=True, so a manifest from elsewhere cannot make a run read arbitrary files. The
+    # converters print the root to set when the images live outside the manifest's folder.
+    root=None,
+    allow_outside_root=False,
     train_split="train",
     val_split="val",
     report_sections=("findings", "impression"),

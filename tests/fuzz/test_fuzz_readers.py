@@ -1,0 +1,91 @@
+"""The DICOM and NIfTI readers on mutated real files: every outcome is an image or an mmvl DataError naming the
+file, never another exception, a hang (10 s per file) or a dead process. Bounded for CI (4,500 mutated files,
+about 20 s); run ``python tests/fuzz/run_fuzz.py --minutes N`` for a long run."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.fuzz.harness import Reader, mutate, seed_files, suffix_of
+
+SEEDS = seed_files()
+OPERATIONS = st.lists(st.tuples(st.integers(0, 5), st.integers(0, 2**20), st.integers(0, 2**16)),
+                      min_size=1, max_size=8)
+
+
+@pytest.fixture(scope="module")
+def reader():
+    reader = Reader(timeout=10.0)
+    yield reader
+    reader.close()
+
+
+def test_seed_files_found():
+    assert len(SEEDS["dicom"]) >= 40, SEEDS["dicom"]
+    assert len(SEEDS["nifti"]) >= 4, SEEDS["nifti"]
+
+
+@pytest.mark.parametrize("kind", ["dicom", "nifti"])
+def test_unmutated_seeds(reader, kind):
+    """The seeds themselves: readable, or refused with a DataError (RGB, SR, deflated, 4D ...)."""
+    outcomes = {path.name: reader.read(kind, path.read_bytes(), suffix_of(kind, path)) for path in SEEDS[kind]}
+    bad = {name: o for name, o in outcomes.items() if o.status not in ("ok", "data_error")}
+    assert not bad
+    assert sum(o.status == "ok" for o in outcomes.values()) >= (10 if kind == "dicom" else 2)
+
+
+@pytest.mark.parametrize("kind,examples", [("dicom", 3000), ("nifti", 1500)])
+def test_mutated_files(reader, kind, examples):
+    @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(seed=st.sampled_from(SEEDS[kind]), operations=OPERATIONS)
+    def check(seed, operations):
+        outcome = reader.read(kind, mutate(seed.read_bytes(), operations), suffix_of(kind, seed))
+        assert outcome.status in ("ok", "data_error"), f"{seed.name} {operations}: {outcome.status}\n{outcome.detail}"
+
+    check()
+
+
+def test_regression_jp2_box_of_length_zero(reader):
+    """Found by run_fuzz.py: a JP2 box of length 0 before the codestream made pydicom's JPEG 2000 header walk
+    loop forever; it is now a DicomError."""
+    seed = next(p for p in SEEDS["dicom"] if p.name == "GDCMJ2K_TextGBR.dcm")
+    operations = [(1, 873683, 27996), (2, 401455, 24914), (4, 351703, 13258), (3, 483167, 61112),
+                  (4, 540346, 42625), (4, 645916, 52844)]
+    outcome = reader.read("dicom", mutate(seed.read_bytes(), operations), ".dcm")
+    assert outcome.status == "data_error" and "JPEG 2000 box" in outcome.detail, outcome
+
+
+def test_harness_tells_hangs_crashes_and_wrong_errors_apart(monkeypatch):
+    """The outcomes the fuzz tests fail on are detected: a reader that sleeps, dies, raises a non-mmvl error or
+    a DataError naming another file."""
+    import os
+    import time
+
+    from mmvl.errors import DataError
+    from tests.fuzz import harness
+
+    def misbehaving(path):
+        data = open(path, "rb").read()
+        if data == b"hang":
+            time.sleep(60)
+        elif data == b"crash":
+            os._exit(3)
+        elif data == b"wrong":
+            raise ValueError("not an mmvl error")
+        elif data == b"other":
+            raise DataError("elsewhere.dcm", "names another file")
+        elif data == b"bad":
+            raise DataError(path, "refused")
+
+    monkeypatch.setattr(harness, "READERS", {"dicom": misbehaving})
+    reader = harness.Reader(timeout=1.0)  # forks after the patch: the worker runs ``misbehaving``
+    try:
+        outcomes = [reader.read("dicom", data, ".dcm").status
+                    for data in (b"fine", b"bad", b"hang", b"crash", b"wrong", b"other", b"fine")]
+    finally:
+        reader.close()
+    assert outcomes == ["ok", "data_error", "hang", "crash", "wrong_error", "wrong_error", "ok"]
+    assert reader.started == 3  # restarted after the hang and after the crash
