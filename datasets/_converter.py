@@ -13,6 +13,7 @@ import hmac
 import json
 import os
 import secrets
+import shutil
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -228,6 +229,40 @@ class Deidentifier:
             ds.DeidentificationMethod = "mmvl --deidentify: PS3.15 E.1-1 in part"
             Path(target).parent.mkdir(parents=True, exist_ok=True)
             ds.save_as(target)
+
+
+def _extension(name: str) -> str:
+    """``".nii.gz"`` for a gzipped NIfTI, else the last suffix (``".jpg"``, ``".dcm"``; ``""`` for none)."""
+    return ".nii.gz" if name.lower().endswith(".nii.gz") else Path(name).suffix
+
+
+def deidentified_copy(
+    deidentifier: Deidentifier, source: Path, original: str, study_id: str, folder: Path, dicom: bool = False
+) -> Path:
+    """The file a ``--deidentify`` row points at: ``folder/deidentified/<study_id>/<pseudonym of original><ext>``.
+
+    ``original`` is the source's path as the dataset names it (it carries the ids). A DICOM is rewritten
+    without PHI by ``Deidentifier.copy_dicom``; any other file is hard-linked (copied where the file system
+    cannot link), replacing what a previous run left there. The MIMIC-CXR, CheXpert and CT-RATE converters use it.
+    """
+    target = folder / "deidentified" / study_id / (deidentifier.pseudonym(original, "") + _extension(source.name))
+    if dicom:
+        try:
+            deidentifier.copy_dicom(source, target, study_id)
+        except Exception as err:  # pydicom raises many types; its messages may quote header values
+            raise DataError(source, f"cannot write a de-identified copy ({type(err).__name__})") from None
+        return target
+    if target.exists() and os.path.samefile(source, target):
+        return target  # linked by an earlier run
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".tmp")
+    partial.unlink(missing_ok=True)
+    try:
+        os.link(source, partial)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(source, partial)
+    os.replace(partial, target)
+    return target
 
 
 def progress_bar(items: Iterable, enabled: bool, **tqdm_options) -> tqdm:

@@ -24,9 +24,11 @@ except ImportError:  # run as `python datasets/chexpert.py` from a checkout that
 if str(HERE) not in sys.path:  # imported by path (as the tests do): find the modules beside this script
     sys.path.insert(0, str(HERE))
 from _converter import (  # noqa: E402
+    Deidentifier,
     ManifestWriter,
     add_common_arguments,
     check_fractions,
+    deidentified_copy,
     format_summary,
     hashed_split,
     parse_label,
@@ -34,7 +36,11 @@ from _converter import (  # noqa: E402
     read_csv,
     run_cli,
 )
-from mimic_cxr import CHEXPERT_LABELS, UNCERTAIN_POLICIES, apply_uncertain_policy  # noqa: E402
+from mimic_cxr import (  # noqa: E402
+    CHEXPERT_LABELS,
+    UNCERTAIN_POLICIES,
+    apply_uncertain_policy,
+)
 
 RELEASE_FOLDERS = ("CheXpert-v1.0-small", "CheXpert-v1.0")
 SOURCES = (("train.csv", "train"), ("valid.csv", "test"))  # CheXpert's validation set is mmvl's test split
@@ -96,6 +102,8 @@ def convert(
     sections: Sequence[str] = ("findings", "impression"),
     allow_missing_report: bool = False,
     progress: bool = True,
+    deidentify: bool = False,
+    pseudonym_key: str | os.PathLike | None = None,
 ) -> dict:
     """Write the manifest (``out``: a ``.jsonl`` path or a folder) and ``train/val/test.jsonl``; return counts.
 
@@ -103,7 +111,12 @@ def convert(
     Plus CSV. ``val_fraction`` of the train.csv patients (by a hash of the patient id) become "val";
     valid.csv is "test". Rows without a report are skipped unless ``allow_missing_report``, which keeps them
     with ``"report": ""``. Returns ``{"rows", "studies", "splits", "skipped": {reason: images},
-    "without_report", "manifest"}``; skip reasons are ``SKIP_REASONS``.
+    "without_report", "manifest", "data_root"}``; skip reasons are ``SKIP_REASONS``.
+
+    ``deidentify``: ``study_id`` becomes a stable pseudonym of ``<patient>_<study>`` and rows point at hard
+    links (or copies) under ``<manifest folder>/deidentified/<study pseudonym>/``, named by a pseudonym of the
+    image's path, so no patient id is written; the key is ``pseudonym_key`` (default ``<manifest
+    folder>/pseudonym.key``, see ``_converter.Deidentifier``). The val split is still drawn from the patient id.
     """
     if views not in VIEWS:
         raise MMVLError(f"views={views!r}: choose one of {VIEWS}")
@@ -120,6 +133,7 @@ def convert(
     label_names = [name.lower() for name in LABEL_COLUMNS]
     skipped = Counter(dict.fromkeys(SKIP_REASONS, 0))
     without_report = 0
+    deidentifier = None
     with ManifestWriter(out) as writer:
         for csv_name, source_split in SOURCES:
             csv_path = release / csv_name
@@ -143,13 +157,20 @@ def convert(
                 values = [parse_label(row[name], csv_path, line, name, CHEXPERT_VALUES) for name in LABEL_COLUMNS]
                 _split_folder, patient, study, _view_file = key.parts
                 without_report += not text
+                study_id = f"{patient}_{study}"
+                if deidentify:
+                    if deidentifier is None:
+                        deidentifier = Deidentifier(pseudonym_key or writer.folder / "pseudonym.key")
+                    study_id = deidentifier.pseudonym(study_id)
+                    image = deidentified_copy(deidentifier, image, str(key), study_id, writer.folder)
                 writer.write(
                     {
                         "image": writer.relative(image),
                         "report": text or "",
                         "labels": apply_uncertain_policy(label_names, values, uncertain),
+                        # by the original patient id: the same split with or without --deidentify
                         "split": hashed_split(patient, val_fraction) if source_split == "train" else source_split,
-                        "study_id": f"{patient}_{study}",
+                        "study_id": study_id,
                         "view": row["AP/PA"].strip() or row["Frontal/Lateral"].strip() or None,
                     }
                 )
@@ -161,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Convert CheXpert (with CheXpert Plus reports) to an mmvl manifest.",
         epilog="Rows hold image (relative to the manifest), report, labels, split, study_id and view; no age, "
-        "sex or other patient data. valid.csv becomes the test split. See datasets/chexpert.md.",
+        "sex or other patient data (and, with --deidentify, no patient id). valid.csv becomes the test split. "
+        "See datasets/chexpert.md.",
     )
     parser.add_argument("root", help="the CheXpert-v1.0-small (or CheXpert-v1.0) folder, or the folder holding it")
     parser.add_argument("--reports", help="CheXpert Plus df_chexpert_plus_240401.csv, matched on the image path")
@@ -185,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.05,
         help="fraction of train.csv patients put in val, by a hash of the patient id (default 0.05)",
     )
+    parser.add_argument("--deidentify", action="store_true",
+                        help="pseudonymous study ids, and rows pointing at hard links (or copies) under "
+                        "<out>/deidentified/ named by pseudonyms: no patient or study id in the manifest")
+    parser.add_argument("--pseudonym-key", help="secret key file for --deidentify's stable pseudonyms "
+                        "(default <out>/pseudonym.key, created when missing; keep it private)")
     add_common_arguments(parser)
     return parser
 

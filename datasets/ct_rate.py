@@ -25,9 +25,11 @@ except ImportError:  # run as `python datasets/ct_rate.py` from a checkout that 
 if str(HERE) not in sys.path:  # imported by path (as the tests do): find _converter.py beside this script
     sys.path.insert(0, str(HERE))
 from _converter import (  # noqa: E402
+    Deidentifier,
     ManifestWriter,
     add_common_arguments,
     check_fractions,
+    deidentified_copy,
     format_summary,
     hashed_split,
     parse_label,
@@ -170,13 +172,22 @@ def convert(
     sections: Sequence[str] = ("findings", "impression"),
     check_files: bool = True,
     progress: bool = True,
+    deidentify: bool = False,
+    pseudonym_key: str | os.PathLike | None = None,
 ) -> dict:
     """Write the manifest (``out``: a ``.jsonl`` path or a folder) and ``train/val/test.jsonl``; return counts.
 
     ``root`` is CT-RATE's ``dataset`` folder (or the folder holding it). ``reconstructions="first"`` keeps
     the lowest-numbered usable reconstruction of each scan, ``"all"`` every one. ``val_fraction`` of the
     train patients (by a hash of ``train_<n>``) become "val"; CT-RATE's validation set is "test". Returns
-    ``{"rows", "studies", "splits", "skipped": {reason: volumes}, "manifest"}``; reasons are ``SKIP_REASONS``.
+    ``{"rows", "studies", "splits", "skipped": {reason: volumes}, "manifest", "data_root"}``; reasons are
+    ``SKIP_REASONS``.
+
+    ``deidentify``: ``study_id`` becomes a stable pseudonym of the scan (``train_1_a``) and rows point at hard
+    links (or copies) under ``<manifest folder>/deidentified/<study pseudonym>/``, named by a pseudonym of the
+    volume's path, so no volume, scan or patient name is written; the key is ``pseudonym_key`` (default
+    ``<manifest folder>/pseudonym.key``, see ``_converter.Deidentifier``). The val split is still drawn from the
+    patient. The volumes must be on disk (no ``check_files=False``).
     """
     if reconstructions not in RECONSTRUCTIONS:
         raise MMVLError(f"reconstructions={reconstructions!r}: choose one of {RECONSTRUCTIONS}")
@@ -186,8 +197,11 @@ def convert(
     if unknown or not sections:
         raise MMVLError(f"sections={list(sections)}: choose from {list(SECTIONS)}")
     check_fractions(val_fraction)
+    if deidentify and not check_files:
+        raise MMVLError("deidentify links every volume into the output folder: they must be on disk (check_files)")
     dataset = find_dataset(root)
     skipped = Counter(dict.fromkeys(SKIP_REASONS, 0))
+    deidentifier = None
     with ManifestWriter(out) as writer:
         for folder, reports_csv, labels_csv, metadata_csv, source_split in SOURCES:
             scans = read_reports(dataset / reports_csv, sections)
@@ -213,13 +227,21 @@ def convert(
                     if check_files and not path.is_file():
                         skipped["missing_volume"] += 1
                         continue
+                    study_id = scan
+                    if deidentify:
+                        if deidentifier is None:
+                            deidentifier = Deidentifier(pseudonym_key or writer.folder / "pseudonym.key")
+                        study_id = deidentifier.pseudonym(scan)
+                        original = path.relative_to(dataset).as_posix()  # train/train_1/train_1_a/train_1_a_1.nii.gz
+                        path = deidentified_copy(deidentifier, path, original, study_id, writer.folder)
                     writer.write(
                         {
                             "image": writer.relative(path),
                             "report": text,
                             "labels": labels_of.get(name, {}),
+                            # by the original patient: the same split with or without --deidentify
                             "split": hashed_split(patient, val_fraction) if source_split == "train" else source_split,
-                            "study_id": scan,
+                            "study_id": study_id,
                             **metadata_of[name],
                         }
                     )
@@ -232,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Convert CT-RATE chest CT volumes with reports and abnormality labels to an mmvl manifest.",
         epilog="Rows hold image (a .nii.gz relative to the manifest), report, labels, split, study_id, spacing "
-        "and rescale; no patient data. CT-RATE's validation set becomes the test split. See datasets/ct_rate.md.",
+        "and rescale; no patient data (and, with --deidentify, no volume or scan name). CT-RATE's validation set "
+        "becomes the test split. See datasets/ct_rate.md.",
     )
     parser.add_argument("root", help="CT-RATE's dataset folder (holding train/, valid/, radiology_text_reports/)")
     parser.add_argument(
@@ -253,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="skip (and count) volumes not on disk (default on; --no-check-files for a partial download)",
     )
+    parser.add_argument("--deidentify", action="store_true",
+                        help="pseudonymous study ids, and rows pointing at hard links (or copies) under "
+                        "<out>/deidentified/ named by pseudonyms: no volume, scan or patient name in the manifest "
+                        "(needs the volumes on disk)")
+    parser.add_argument("--pseudonym-key", help="secret key file for --deidentify's stable pseudonyms "
+                        "(default <out>/pseudonym.key, created when missing; keep it private)")
     add_common_arguments(parser, section_names=list(SECTIONS))
     return parser
 

@@ -29,7 +29,7 @@ except ImportError:  # run as `python datasets/mimic_cxr.py` from a checkout tha
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # imported by path (as the tests do): find _converter.py beside this script
     sys.path.insert(0, str(HERE))
-from _converter import format_summary  # noqa: E402
+from _converter import Deidentifier, deidentified_copy, format_summary  # noqa: E402
 
 # The 14 CheXpert observations of mimic-cxr-2.0.0-chexpert.csv.gz (Irvin et al., AAAI 2019).
 CHEXPERT_LABELS = (
@@ -156,13 +156,20 @@ def convert(
     uncertain: str = "drop",
     limit: int | None = None,
     progress: bool = True,
+    deidentify: bool = False,
+    pseudonym_key: str | os.PathLike | None = None,
 ) -> dict:
     """Write the manifest ``out`` (and ``train/val/test.jsonl`` in its folder); return the counts.
 
     ``images`` and ``reports`` are the download roots holding ``files/p10/...`` (or those ``files/`` folders).
     ``views`` keeps only those ViewPosition values (e.g. ``("PA", "AP")``; None keeps all); ``limit`` stops
     after that many rows. Returns ``{"rows", "studies", "splits": {split: rows}, "skipped": {reason: images},
-    "manifest"}``; skip reasons are ``SKIP_REASONS``.
+    "manifest", "data_root"}``; skip reasons are ``SKIP_REASONS``.
+
+    ``deidentify``: ``study_id`` becomes a stable pseudonym of ``s<study>`` and rows point at copies under
+    ``<manifest folder>/deidentified/<study pseudonym>/`` (hard links to the JPEGs, DICOMs rewritten without
+    PHI by ``_converter.Deidentifier``), named by a pseudonym of their PhysioNet path, so no subject, study or
+    dicom id is written; the key is ``pseudonym_key`` (default ``<manifest folder>/pseudonym.key``).
     """
     if ext not in EXTENSIONS:
         raise MMVLError(f"ext={ext!r}: choose one of {EXTENSIONS}")
@@ -195,6 +202,7 @@ def convert(
     rows_per_split = Counter({name: 0 for name in SPLITS.values()})
     skipped = Counter({reason: 0 for reason in SKIP_REASONS})
     studies_written: set[str] = set()
+    deidentifier = None
     quiet = not progress or os.environ.get("MMVL_NO_PROGRESS") == "1"
     bar = tqdm(studies.items(), total=len(studies), desc="MIMIC-CXR", unit="study", disable=quiet)
     try:
@@ -226,12 +234,20 @@ def convert(
                 if not image_path.is_file():
                     skipped["missing_image"] += 1
                     continue
+                study_id = f"s{study}"
+                if deidentify:
+                    if deidentifier is None:
+                        deidentifier = Deidentifier(pseudonym_key or out_dir / "pseudonym.key")
+                    study_id = deidentifier.pseudonym(study_id)
+                    original = (study_dir / image_path.name).as_posix()  # p10/p10000032/s50414267/<dicom_id>.jpg
+                    image_path = deidentified_copy(deidentifier, image_path, original, study_id, out_dir, ext == "dcm")
                 relative = Path(os.path.relpath(os.path.abspath(image_path), out_dir)).as_posix()
                 row: dict = {"image": relative, "report": text}
                 if chexpert is not None:  # a study the labeller skipped gets no labels, not all-negative ones
                     values = labels_of.get(study, ())
                     row["labels"] = apply_uncertain_policy(label_names, values, uncertain)
-                row.update(split=split_of[dicom_id], study_id=f"s{study}", view=view or None)
+                # the official split, by dicom_id: the same with or without --deidentify
+                row.update(split=split_of[dicom_id], study_id=study_id, view=view or None)
                 line = json.dumps(row, ensure_ascii=False) + "\n"
                 handles[out].write(line)
                 handles[split_paths[row["split"]]].write(line)
@@ -255,7 +271,7 @@ def convert(
         "splits": dict(rows_per_split),
         "skipped": dict(skipped),
         "manifest": str(out),
-        "data_root": data_root(image_files, out_dir),
+        "data_root": None if deidentify else data_root(image_files, out_dir),
     }
 
 
@@ -273,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Convert MIMIC-CXR / MIMIC-CXR-JPG with reports and CheXpert labels to an mmvl manifest.",
         epilog="Rows hold image (relative to the manifest), report, labels, split, study_id and view; "
-        "no subject_id and no DICOM header data. See datasets/mimic_cxr.md.",
+        "no subject_id and no DICOM header data (and, with --deidentify, no PhysioNet id at all). "
+        "See datasets/mimic_cxr.md.",
     )
     parser.add_argument("--images", required=True, help="download root holding files/p10/... with the images")
     parser.add_argument("--reports", required=True, help="mimic-cxr-reports root holding files/p10/...txt")
@@ -297,6 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="CheXpert -1.0 (uncertain) becomes 1, 0, or is left out (default drop)",
     )
     parser.add_argument("--limit", type=int, help="stop after this many images (for a quick try)")
+    parser.add_argument("--deidentify", action="store_true",
+                        help="pseudonymous study ids, and rows pointing at copies under <out folder>/deidentified/ "
+                        "named by pseudonyms (hard links to JPEGs; DICOMs rewritten without names, ids, dates of "
+                        "birth, accession numbers, institutions, physicians and private tags): no subject, study "
+                        "or dicom id in the manifest")
+    parser.add_argument("--pseudonym-key", help="secret key file for --deidentify's stable pseudonyms "
+                        "(default <out folder>/pseudonym.key, created when missing; keep it private)")
     parser.add_argument("--out", required=True, help="manifest to write, e.g. data/mimic_cxr/manifest.jsonl")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -318,6 +342,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             uncertain=args.uncertain,
             limit=args.limit,
             progress=not args.no_progress,
+            deidentify=args.deidentify,
+            pseudonym_key=args.pseudonym_key,
         )
     except MMVLError as err:
         sys.exit(f"error: {err}")

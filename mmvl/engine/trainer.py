@@ -50,7 +50,15 @@ from mmvl.errors import CheckpointError, ConfigError, ManifestError, TrainingErr
 from mmvl.evaluation.retrieval import retrieval_metrics
 from mmvl.models import build_model
 from mmvl.registry import DATASETS
-from mmvl.utils import append_lines, atomic_write_text, fsync_file, get_logger, read_jsonl, seed_everything
+from mmvl.utils import (
+    append_lines,
+    atomic_directory,
+    atomic_write_text,
+    fsync_file,
+    get_logger,
+    read_jsonl,
+    seed_everything,
+)
 
 logger = get_logger(__name__)
 
@@ -195,7 +203,8 @@ class Trainer:
         out_dir = self.work_dir / "tokenizer"
         if not (out_dir / "tokenizer.json").is_file():
             logger.info("training a WordPiece tokenizer on %d training reports -> %s", len(self.train_set), out_dir)
-            train_wordpiece_tokenizer(self.train_set.texts, out_dir, **options)
+            with atomic_directory(out_dir) as tmp:  # a resumed run never finds half a tokenizer
+                train_wordpiece_tokenizer(self.train_set.texts, tmp, **options)
         for user in users:
             user["tokenizer"] = str(out_dir)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -290,3 +292,39 @@ def test_nothing_to_write_is_an_error_and_keeps_the_previous_manifest(layout: di
         chexpert.main([str(layout["root"]), "--out", str(layout["out"]), "--reports", str(layout["reports"])])
     assert (layout["out"] / "manifest.jsonl").read_text(encoding="utf-8") == before
     assert not list(layout["out"].glob("*.tmp"))
+
+
+def test_deidentify_pseudonyms_links_and_unchanged_splits(
+    layout: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--deidentify: no patient id in the manifests, file names or console; the same key gives the same
+    pseudonyms; one pseudonym per study; the patient-level split is the one without the flag."""
+    options = ["--reports", str(layout["reports"]), "--views", "all", "--allow-missing-report", "--val-fraction", "0.1"]
+    plain = chexpert.main([str(layout["root"]), "--out", str(layout["out"]), *options, "--no-progress"])
+    expected = read_jsonl(layout["out"] / "manifest.jsonl")
+    capsys.readouterr()
+    argv = [str(layout["root"]), *options, "--no-progress", "--deidentify"]
+    chexpert.main([*argv, "--out", str(tmp_path / "anon1")])
+    key = tmp_path / "anon1" / "pseudonym.key"
+    chexpert.main([*argv, "--out", str(tmp_path / "anon2"), "--pseudonym-key", str(key)])
+    printed = capsys.readouterr()
+    rows, again = read_jsonl(tmp_path / "anon1" / "manifest.jsonl"), read_jsonl(tmp_path / "anon2" / "manifest.jsonl")
+    assert [(row["study_id"], row["image"]) for row in rows] == [(row["study_id"], row["image"]) for row in again]
+    assert len(rows) == len(expected) == plain["rows"] == 8
+    assert {row["split"] for row in rows} == {"train", "val", "test"}
+    for row, original in zip(rows, expected):
+        assert {**row, "image": None, "study_id": None} == {**original, "image": None, "study_id": None}
+        assert re.fullmatch(rf"deidentified/{row['study_id']}/[0-9a-f]{{16}}\.jpg", row["image"])
+        copy = tmp_path / "anon1" / row["image"]
+        assert os.path.samefile(copy, layout["out"] / original["image"]) or copy.read_bytes() == (
+            layout["out"] / original["image"]
+        ).read_bytes()
+    pairs = {(original["study_id"], row["study_id"]) for row, original in zip(rows, expected)}
+    assert len(pairs) == len(dict(pairs)) == len({pseudonym for _, pseudonym in pairs}) == 6  # one per study
+    for name in ("train", "val", "test"):
+        assert len(read_jsonl(tmp_path / "anon1" / f"{name}.jsonl")) == plain["splits"][name]
+    for folder in (tmp_path / "anon1", tmp_path / "anon2"):
+        output = b"".join(path.read_bytes() for path in folder.glob("*.jsonl"))
+        output += "\n".join(path.relative_to(folder).as_posix() for path in folder.rglob("*")).encode()
+        for value in ("patient", "study1", "study2", "view1", "view2"):
+            assert value.encode() not in output.lower() and value not in (printed.out + printed.err).lower(), value

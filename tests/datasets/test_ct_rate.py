@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -249,3 +251,39 @@ def test_bad_arguments_and_missing_dataset(dataset: Path) -> None:
     with pytest.raises(DataError, match=r"no rows to write \(skipped: empty_report 1, missing_metadata 1, "):
         ct_rate.convert(dataset, out, progress=False)
     assert not list(out.glob("*"))
+
+
+def test_deidentify_pseudonyms_links_and_unchanged_splits(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--deidentify: no volume, scan or patient name in the manifests, file names or console; the same key
+    gives the same pseudonyms; reconstructions of one scan share one; the split is the one without the flag."""
+    options = ["--reconstructions", "all", "--no-progress"]
+    plain = ct_rate.main([str(dataset), "--out", str(tmp_path / "plain"), *options])
+    expected = read_jsonl(tmp_path / "plain" / "manifest.jsonl")
+    capsys.readouterr()
+    argv = [str(dataset), *options, "--deidentify"]
+    ct_rate.main([*argv, "--out", str(tmp_path / "anon1")])
+    key = tmp_path / "anon1" / "pseudonym.key"
+    ct_rate.main([*argv, "--out", str(tmp_path / "anon2"), "--pseudonym-key", str(key)])
+    printed = capsys.readouterr()
+    rows, again = read_jsonl(tmp_path / "anon1" / "manifest.jsonl"), read_jsonl(tmp_path / "anon2" / "manifest.jsonl")
+    assert [(row["study_id"], row["image"]) for row in rows] == [(row["study_id"], row["image"]) for row in again]
+    assert len(rows) == len(expected) == plain["rows"] == 6
+    assert {row["split"] for row in rows} == {"train", "val", "test"}
+    for row, original in zip(rows, expected):
+        assert {**row, "image": None, "study_id": None} == {**original, "image": None, "study_id": None}
+        assert re.fullmatch(rf"deidentified/{row['study_id']}/[0-9a-f]{{16}}\.nii\.gz", row["image"])
+        copy, source = tmp_path / "anon1" / row["image"], tmp_path / "plain" / original["image"]
+        assert os.path.samefile(copy, source) or copy.read_bytes() == source.read_bytes()
+    pairs = {(original["study_id"], row["study_id"]) for row, original in zip(rows, expected)}
+    assert len(pairs) == len(dict(pairs)) == len({pseudonym for _, pseudonym in pairs}) == 4  # one per scan
+    for name in ("train", "val", "test"):
+        assert len(read_jsonl(tmp_path / "anon1" / f"{name}.jsonl")) == plain["splits"][name]
+    for folder in (tmp_path / "anon1", tmp_path / "anon2"):
+        output = b"".join(path.read_bytes() for path in folder.glob("*.jsonl"))
+        output += "\n".join(path.relative_to(folder).as_posix() for path in folder.rglob("*")).encode()
+        for value in ("train_", "valid_"):
+            assert value.encode() not in output and value not in printed.out + printed.err, value
+    with pytest.raises(SystemExit, match="must be on disk"):
+        ct_rate.main([*argv, "--no-check-files", "--out", str(tmp_path / "anon3")])

@@ -6,8 +6,10 @@ import csv
 import gzip
 import importlib.util
 import json
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -355,3 +357,63 @@ def test_bad_arguments(layout: dict[str, Path]) -> None:
     ]
     with pytest.raises(SystemExit, match="error: .*gone.csv: CSV file not found"):
         mimic_cxr.main(argv)
+
+
+def _manifests_and_names(folder: Path) -> bytes:
+    """Every byte of the manifests in ``folder``, and the relative path of every file below it."""
+    data = b"".join(path.read_bytes() for path in sorted(folder.glob("*.jsonl")))
+    return data + "\n".join(p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*"))).encode()
+
+
+@pytest.mark.parametrize("ext", ["jpg", "dcm"])
+def test_deidentify_pseudonyms_copies_and_unchanged_splits(
+    layout: dict[str, Path], tmp_path: Path, make_dicom, capsys: pytest.CaptureFixture[str], ext: str
+) -> None:
+    """--deidentify: no subject, study or dicom id in the manifests, file names or console; the same key gives
+    the same pseudonyms; one pseudonym per study; the official split per row is unchanged."""
+    import pydicom
+
+    images = layout["images"] if ext == "jpg" else layout["dicoms"]
+    if ext == "dcm":  # real DICOMs, with the subject id where PhysioNet's headers have theirs
+        for number in ("01", "02"):
+            make_dicom(f"physionet/mimic-cxr/2.0.0/files/p10/p10000032/s50000001/{ID}{number}.dcm",
+                       np.full((4, 4), 7, np.uint16), PatientID="10000032", PatientName="SUBJECT^10000032",
+                       StudyID="50000001", AccessionNumber="50000001")
+    plain = run(layout, images=images, ext=ext)
+    expected = read_jsonl(layout["out"])
+    argv = [
+        *("--images", str(images), "--reports", str(layout["reports"]), "--ext", ext),
+        *("--metadata", str(layout["metadata"]), "--split", str(layout["split"])),
+        *("--chexpert", str(layout["chexpert"]), "--no-progress", "--deidentify"),
+    ]
+    first, second = tmp_path / "anon1" / "manifest.jsonl", tmp_path / "anon2" / "manifest.jsonl"
+    capsys.readouterr()
+    counts = mimic_cxr.main([*argv, "--out", str(first)])
+    mimic_cxr.main([*argv, "--out", str(second), "--pseudonym-key", str(first.with_name("pseudonym.key"))])
+    printed = capsys.readouterr()
+    rows, again = read_jsonl(first), read_jsonl(second)
+    assert [(row["study_id"], row["image"]) for row in rows] == [(row["study_id"], row["image"]) for row in again]
+    assert len(rows) == len(expected) == plain["rows"] == (6 if ext == "jpg" else 2)
+    assert counts["data_root"] is None and counts["splits"] == plain["splits"]
+    for row, original in zip(rows, expected):
+        assert {**row, "image": None, "study_id": None} == {**original, "image": None, "study_id": None}
+        assert re.fullmatch(rf"deidentified/{row['study_id']}/[0-9a-f]{{16}}\.{ext}", row["image"])
+        assert re.fullmatch(r"anon-[0-9a-f]{16}", row["study_id"]) and (first.parent / row["image"]).is_file()
+    pairs = {(original["study_id"], row["study_id"]) for row, original in zip(rows, expected)}
+    assert len(pairs) == len(dict(pairs)) == len({pseudonym for _, pseudonym in pairs})  # one per study
+    for name in ("train", "val", "test"):
+        assert len(read_jsonl(first.with_name(f"{name}.jsonl"))) == plain["splits"][name]
+    ids = {value for image in IMAGES for value in image[:3]}
+    output = _manifests_and_names(first.parent) + _manifests_and_names(second.parent)
+    for value in ids:
+        assert value.encode() not in output and value not in printed.out + printed.err, value
+    if ext == "dcm":
+        for row in rows:
+            copy = first.parent / row["image"]
+            ds = pydicom.dcmread(copy)
+            assert ds.PatientID == ds.PatientName == row["study_id"] and ds.PatientIdentityRemoved == "YES"
+            assert "StudyID" not in ds and "AccessionNumber" not in ds
+            assert b"10000032" not in copy.read_bytes() and b"50000001" not in copy.read_bytes()
+    else:
+        copy, source = first.parent / rows[0]["image"], layout["out"].parent / expected[0]["image"]
+        assert copy.read_bytes() == source.read_bytes()
