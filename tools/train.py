@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from mmvl.config import Config
+from mmvl.engine.dist import shutdown_distributed
 from mmvl.errors import MMVLError
 
 
@@ -28,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    trainer, finished = None, False
     try:
         cfg = Config.fromfile(args.config)
         cfg.merge_options(args.cfg_options)
@@ -38,9 +40,16 @@ def main(argv: list[str] | None = None) -> int:
 
         trainer = Trainer(cfg, work_dir, resume=args.resume)
         metrics = trainer.fit()
+        finished = True
     except MMVLError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if trainer is not None:
+            trainer.train_model = None  # the DDP wrapper goes before the process group (see shutdown_distributed)
+        shutdown_distributed(wait=finished)  # after an error the other ranks may never reach a barrier
+    if not trainer.dist.is_main:
+        return 0
     if trainer.stop_signal is not None:
         print(f"stopped by {trainer.stop_signal} at step {trainer.step} of {trainer.max_steps}; checkpoint "
               f"{trainer.last_checkpoint}; continue with: python tools/train.py {args.config} --work-dir {work_dir} "

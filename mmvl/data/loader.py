@@ -16,23 +16,42 @@ class ResumableSampler(Sampler):
     The order and the augmentation seed of every sample depend only on (seed, epoch, position), so a
     resumed run sees exactly the samples and augmentations an uninterrupted run would have seen,
     whatever the number of loader workers.
+
+    With ``world_size > 1`` the epoch's order is cut into global batches of ``batch_size * world_size``
+    and rank ``r`` takes the ``r``-th ``batch_size`` samples of each (an incomplete last global batch is
+    dropped): the ranks together see the samples, in the order and with the seeds, that one process with
+    batch ``batch_size * world_size`` would. ``start`` counts samples of the whole epoch, so a run resumed
+    with another number of processes continues where it stopped.
     """
 
-    def __init__(self, size: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, size: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1,
+                 batch_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
         self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return self.size - self.start
+        if self.world_size == 1:
+            return max(self.size - self.start, 0)
+        return (max(self.size - self.start, 0) // (self.batch_size * self.world_size)) * self.batch_size
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(self.size) if self.shuffle else np.arange(self.size)
         seeds = rng.integers(0, 2**31 - 1, size=self.size)
-        for position in range(self.start, self.size):
+        if self.world_size == 1:
+            positions = range(self.start, self.size)
+        else:
+            span = self.batch_size * self.world_size
+            first = self.start + self.rank * self.batch_size
+            positions = (chunk + offset for chunk in range(first, self.size - span + self.rank * self.batch_size + 1,
+                                                           span) for offset in range(self.batch_size))
+        for position in positions:
             yield int(order[position]), int(seeds[position])
 
 

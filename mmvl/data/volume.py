@@ -294,6 +294,17 @@ def _check_nifti_size(path: str) -> None:
                               "truncated or damaged header")
 
 
+def _check_affine(path: str, affine: np.ndarray) -> None:
+    """Refuse a voxel-to-world affine that is not finite or maps a voxel axis to no world direction (a zero
+    column, or axes that collapse onto each other): no orientation or spacing can be derived from it."""
+    import nibabel
+
+    codes = nibabel.aff2axcodes(affine) if np.isfinite(affine).all() else (None,)
+    if affine.shape != (4, 4) or None in codes or len(set(codes)) < 3:
+        raise DataError(path, f"degenerate or non-finite affine (orientation {codes}); check the header's "
+                              f"sform/qform and pixdim:\n{np.array2string(affine, precision=4)}")
+
+
 def read_nifti(path: str | os.PathLike, *, nan_value: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """A 3D NIfTI-1/2 file via MONAI's ``NibabelReader`` (scl_slope/scl_inter applied) with its RAS affine.
 
@@ -327,6 +338,7 @@ def read_nifti(path: str | os.PathLike, *, nan_value: float | None = None) -> tu
         volume[bad] = nan_value
         steps.append({"op": "replace_nan", "value": float(nan_value), "count": int(bad.sum())})
     affine = np.asarray(header["affine"], dtype=np.float64)
+    _check_affine(path, affine)
     meta = {
         "path": path,
         "format": "nifti",

@@ -12,8 +12,9 @@ from mmvl.errors import ConfigError
 
 
 def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
-    """``cfg``: lr, weight_decay, betas, eps. Biases, norms and the logit scale get no weight decay
-    (as in open_clip's training script)."""
+    """``cfg``: lr, weight_decay, betas, eps, fused. Biases, norms and the logit scale get no weight decay
+    (as in open_clip's training script). ``fused`` (default: when every parameter is a plain CUDA tensor) runs
+    AdamW as one fused CUDA kernel per step instead of torch's per-tensor (foreach) loop."""
     cfg = dict(cfg)
     kind = cfg.pop("type", "adamw").lower()
     if kind != "adamw":
@@ -27,6 +28,9 @@ def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimi
             continue
         (no_decay if param.ndim < 2 or "logit_scale" in name or "norm" in name.lower() else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.get("fused") is None:
+        params = decay + no_decay
+        cfg["fused"] = bool(params) and all(p.is_cuda and type(p) is nn.Parameter for p in params) or None
     try:
         return torch.optim.AdamW(groups, **cfg)
     except TypeError as err:

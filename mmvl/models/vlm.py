@@ -59,6 +59,16 @@ class VisionLanguageModel(nn.Module):
             )
         self.mask_ratio = max(float(getattr(head, "mask_ratio", 0.0) or 0.0) for head in self.heads.values())
 
+    def set_world(self, rank: int, world_size: int) -> None:
+        """Tell heads whose loss spans ranks (contrastive) where this process sits; the trainer calls it."""
+        for head in self.heads.values():
+            if hasattr(head, "set_world"):
+                head.set_world(rank, world_size)
+
+    @property
+    def world_size(self) -> int:
+        return max((getattr(head, "world_size", 1) for head in self.heads.values()), default=1)
+
     @property
     def tokenizer(self) -> Any:
         """The report tokenizer: the text encoder's, else the first head's that has one."""

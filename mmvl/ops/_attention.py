@@ -47,6 +47,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -374,31 +375,43 @@ _PATCHABLE = (
 
 
 @functools.cache
-def _patch_table() -> dict[type, tuple[type, Callable[[nn.Module], str | None]]]:
-    """``{library class: (patched subclass, check)}``, built on first use so that importing mmvl.ops stays light."""
+def _patched_class(index: int) -> tuple[type, type, Callable[[nn.Module], str | None]] | None:
+    """``(library class, patched subclass, check)`` for entry ``index`` of ``_PATCHABLE`` (None if the library or
+    the class is missing, or its forward changed), built on first use so that importing mmvl.ops stays light."""
     import importlib
 
+    module_name, class_name, patched_name, forward, unsupported = _PATCHABLE[index]
+    try:
+        base = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError):
+        return None
+    expected = list(inspect.signature(forward).parameters)
+    found = list(inspect.signature(base.forward).parameters)
+    if found != expected:  # a new forward argument (rope, ...) would be dropped silently: refuse the class
+        logger.warning(
+            "%s.%s.forward%s differs from the %s mmvl.ops reproduces; those modules keep their own attention",
+            module_name, class_name, tuple(found), tuple(expected),
+        )
+        return None
+    patched = type(patched_name, (base,), {
+        "forward": forward,
+        "__module__": __name__,
+        "__doc__": f"{module_name}.{class_name} computing attention through mmvl.ops.attention.",
+    })
+    globals()[patched_name] = patched  # importable by name, so a patched model pickles
+    return base, patched, unsupported
+
+
+def _patch_table(loaded_only: bool = False) -> dict[type, tuple[type, Callable[[nn.Module], str | None]]]:
+    """``{library class: (patched subclass, check)}``. ``loaded_only``: only libraries already imported (a model
+    holding a MONAI block has imported MONAI; a 2D timm model need not pay MONAI's import, ~190 MB and seconds)."""
     table = {}
-    for module_name, class_name, patched_name, forward, unsupported in _PATCHABLE:
-        try:
-            base = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError):
+    for index, (module_name, *_rest) in enumerate(_PATCHABLE):
+        if loaded_only and module_name.split(".")[0] not in sys.modules:
             continue
-        expected = list(inspect.signature(forward).parameters)
-        found = list(inspect.signature(base.forward).parameters)
-        if found != expected:  # a new forward argument (rope, ...) would be dropped silently: refuse the class
-            logger.warning(
-                "%s.%s.forward%s differs from the %s mmvl.ops reproduces; those modules keep their own attention",
-                module_name, class_name, tuple(found), tuple(expected),
-            )
-            continue
-        patched = type(patched_name, (base,), {
-            "forward": forward,
-            "__module__": __name__,
-            "__doc__": f"{module_name}.{class_name} computing attention through mmvl.ops.attention.",
-        })
-        globals()[patched_name] = patched  # importable by name, so a patched model pickles
-        table[base] = (patched, unsupported)
+        entry = _patched_class(index)
+        if entry is not None:
+            table[entry[0]] = entry[1:]
     return table
 
 
@@ -418,7 +431,7 @@ def patch_attention(model: nn.Module) -> int:
     options the patch does not reproduce keep their own forward (logged at debug level): MONAI ``save_attn=True``,
     ``rel_pos_embedding``, ``attention_dtype``.
     """
-    table = _patch_table()
+    table = _patch_table(loaded_only=True)
     patched = 0
     for name, module in model.named_modules():
         entry = table.get(type(module))

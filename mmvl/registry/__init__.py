@@ -85,7 +85,7 @@ def build(cfg: Mapping[str, Any], registry: Registry, **extra: Any) -> Any:
 
 ENCODERS = Registry("encoder", locations=["mmvl.models.encoders"])
 HEADS = Registry("head", locations=["mmvl.models.heads"])
-DATASETS = Registry("dataset", locations=["mmvl.data.datasets"])
+DATASETS = Registry("dataset", locations=["mmvl.data.datasets", "mmvl.data.shards"])
 TRANSFORMS = Registry("transform", locations=["mmvl.data.transforms"])
 
 __all__ = ["Registry", "build", "ENCODERS", "HEADS", "DATASETS", "TRANSFORMS"]

@@ -89,3 +89,12 @@ def test_harness_tells_hangs_crashes_and_wrong_errors_apart(monkeypatch):
         reader.close()
     assert outcomes == ["ok", "data_error", "hang", "crash", "wrong_error", "wrong_error", "ok"]
     assert reader.started == 3  # restarted after the hang and after the crash
+
+
+def test_regression_nifti_affine_without_an_orientation(reader):
+    """Found by run_fuzz.py (1.1 M inputs, 25 min): a sform whose third axis maps to no world direction made
+    the orientation lookup raise TypeError; it is now a DataError naming the affine."""
+    seed = next(p for p in SEEDS["nifti"] if p.name == "reoriented_anat_moved.nii")
+    operations = [(2, 571732, 52691), (2, 745402, 21000), (1, 874755, 1861), (1, 342327, 2649)]
+    outcome = reader.read("nifti", mutate(seed.read_bytes(), operations), ".nii")
+    assert outcome.status == "data_error" and "degenerate or non-finite affine" in outcome.detail, outcome

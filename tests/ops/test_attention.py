@@ -8,6 +8,7 @@ import copy
 import importlib
 import logging
 import pickle
+import subprocess
 import sys
 import types
 
@@ -380,8 +381,8 @@ def test_a_class_whose_forward_changed_is_refused(monkeypatch):
     monkeypatch.setattr(OPS, "_PATCHABLE", (("fake_timm_layers", "Attention", "PatchedFake", OPS._timm_forward,
                                              OPS._timm_unsupported),))
     with mmvl_records() as records:
-        table = OPS._patch_table.__wrapped__()
-    assert table == {} and "PatchedFake" not in vars(OPS)
+        entry = OPS._patched_class.__wrapped__(0)
+    assert entry is None and "PatchedFake" not in vars(OPS)
     assert any("keep their own attention" in r.getMessage() and r.levelno == logging.WARNING for r in records)
 
 
@@ -503,3 +504,12 @@ def test_xformers_matches_math_on_cuda(dtype, kind):
                  for b in ("xformers", "math")]
         finite = torch.isfinite(mask)
         torch.testing.assert_close(grads[0].float()[finite], grads[1].float()[finite], **tolerance)
+
+
+def test_patching_a_2d_model_does_not_import_monai():
+    """patch_attention looks only at libraries already imported: a timm model never pays MONAI's import."""
+    code = ("import sys, timm; from mmvl.ops import patch_attention; "
+            "print(patch_attention(timm.create_model('vit_tiny_patch16_224', img_size=32, depth=2)), "
+            "any(name == 'monai' or name.startswith('monai.') for name in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["2", "False"]

@@ -43,6 +43,20 @@ class JointEmbeddingHead(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(init_logit_scale)))
         self.max_log_scale = math.log(max_logit_scale)
         self.embed_dim = embed_dim
+        self.rank, self.world_size = 0, 1
+
+    def set_world(self, rank: int, world_size: int) -> None:
+        """Where this process sits among ``world_size`` training processes: with more than one, the loss gathers
+        every rank's embeddings (the trainer sets it; validation runs with ``world_size=1``, on local batches)."""
+        self.rank, self.world_size = rank, world_size
+
+    def gather(self, embeddings: torch.Tensor, with_grad: bool = True) -> tuple[torch.Tensor, int]:
+        """Every rank's rows and the index of this rank's first one (itself and 0 in one process)."""
+        if self.world_size == 1:
+            return embeddings, 0
+        from mmvl.ops.gather import all_gather_rows
+
+        return all_gather_rows(embeddings, with_grad=with_grad)
 
     def project_image(self, image: EncoderOutput) -> torch.Tensor:
         return F.normalize(self.image_proj(image.pooled), dim=-1)
@@ -60,6 +74,16 @@ class JointEmbeddingHead(nn.Module):
                              "the batch")
         return self.project_image(image).float(), self.project_text(text).float()
 
+    def forward(self, image: EncoderOutput, text: EncoderOutput | None, batch: dict[str, Any]) -> dict[str, Any]:
+        image_emb, text_emb = self.embed(image, text)
+        return self.loss_from_embeddings(image_emb, text_emb, batch)
+
+    def loss_from_embeddings(self, image_emb: torch.Tensor, text_emb: torch.Tensor, batch: dict[str, Any]
+                             ) -> dict[str, Any]:
+        """The loss (and logged values) of embeddings from :meth:`embed`: what gradient caching needs, as it
+        computes the embeddings of a large batch in chunks, then the loss of the whole batch at once."""
+        raise NotImplementedError
+
     @staticmethod
     @torch.no_grad()
     def retrieval_accuracy(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
@@ -73,9 +97,13 @@ class ContrastiveHead(JointEmbeddingHead):
     """Symmetric InfoNCE with a learnable temperature (CLIP, Radford et al. 2021) through open_clip's ``ClipLoss``.
 
     ``loss = (CE(t * X Y^T, I) + CE(t * Y X^T, I)) / 2`` for L2-normalised image and text embeddings ``X``,
-    ``Y`` of a batch and ``t = scale()``; open_clip's loss already handles ``local_loss`` and
-    ``gather_with_grad`` for multi-GPU runs. The scale starts at 1/0.07 and is clamped to
-    ``max_logit_scale`` (100 in CLIP).
+    ``Y`` of a batch and ``t = scale()``. The scale starts at 1/0.07 and is clamped to ``max_logit_scale``
+    (100 in CLIP).
+
+    In a ``torchrun`` run the negatives come from every rank: embeddings are all-gathered with gradients
+    (``gather_with_grad``, as open_clip), ranks may hold different batch sizes (after unreadable samples),
+    and with ``local_loss`` each rank computes only its own rows' terms against all columns (less memory;
+    the same gradients once DDP averages them). ``rank``/``world_size`` are set by the trainer.
     """
 
     def __init__(
@@ -93,13 +121,30 @@ class ContrastiveHead(JointEmbeddingHead):
         super().__init__(image_dim, text_dim, embed_dim, init_logit_scale, max_logit_scale)
         from open_clip.loss import ClipLoss
 
-        self.loss_fn = ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=True,
-                                rank=rank, world_size=world_size)
+        self.loss_fn = ClipLoss(cache_labels=True)  # one process; set_world() switches to the gathering path
+        self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
+        self.set_world(rank, world_size)
 
-    def forward(self, image: EncoderOutput, text: EncoderOutput | None, batch: dict[str, Any]) -> dict[str, Any]:
-        image_emb, text_emb = self.embed(image, text)
+    def logits(self, image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """``(logits per image, logits per text, first global row, rows)``: the whole gathered batch, or with
+        ``local_loss`` this rank's rows against every rank's columns."""
+        all_image, offset = self.gather(image_emb, self.gather_with_grad)
+        all_text, _ = self.gather(text_emb, self.gather_with_grad)
+        if self.local_loss and self.world_size > 1:
+            return scale * image_emb @ all_text.T, scale * text_emb @ all_image.T, offset, len(image_emb)
+        logits = scale * all_image @ all_text.T
+        return logits, logits.T, 0, len(all_image)
+
+    def loss_from_embeddings(self, image_emb: torch.Tensor, text_emb: torch.Tensor, batch: dict[str, Any]
+                             ) -> dict[str, Any]:
         scale = self.scale()
-        loss = self.loss_fn(image_emb, text_emb, scale)
+        if self.world_size == 1:
+            loss = self.loss_fn(image_emb, text_emb, scale)
+        else:
+            per_image, per_text, first, rows = self.logits(image_emb, text_emb, scale)
+            target = torch.arange(first, first + rows, device=image_emb.device)
+            loss = 0.5 * (F.cross_entropy(per_image, target) + F.cross_entropy(per_text, target))
         return {"loss": loss, "logit_scale": scale.detach(), "i2t_acc": self.retrieval_accuracy(image_emb, text_emb)}
 
 
@@ -111,8 +156,9 @@ class SigLipHead(JointEmbeddingHead):
     and -1 otherwise, learnable ``t = exp(logit_scale)`` (starts at 10, clamped to ``max_logit_scale``) and
     learnable bias ``b`` (starts at -10, the paper's values: with B-1 negatives per row the positives are rare,
     so the loss starts near its prior instead of pushing every pair apart). No softmax over the batch:
-    each pair is its own binary problem, and with ``world_size > 1`` open_clip exchanges text features
-    between neighbouring ranks (``dist_impl``) instead of gathering a global similarity matrix.
+    each pair is its own binary problem. In a ``torchrun`` run each rank scores its images against every
+    rank's texts (gathered with gradients), normalised by its own image count, as open_clip's distributed
+    SigLIP loss does.
     """
 
     def __init__(
@@ -125,18 +171,25 @@ class SigLipHead(JointEmbeddingHead):
         max_logit_scale: float = 100.0,
         rank: int = 0,
         world_size: int = 1,
-        dist_impl: str | None = None,
     ):
         super().__init__(image_dim, text_dim, embed_dim, init_logit_scale, max_logit_scale)
         from open_clip.loss import SigLipLoss
 
         self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
-        self.loss_fn = SigLipLoss(rank=rank, world_size=world_size, dist_impl=dist_impl)
+        self.loss_fn = SigLipLoss()  # one process; set_world() switches to the gathering path
+        self.set_world(rank, world_size)
 
-    def forward(self, image: EncoderOutput, text: EncoderOutput | None, batch: dict[str, Any]) -> dict[str, Any]:
-        image_emb, text_emb = self.embed(image, text)
+    def loss_from_embeddings(self, image_emb: torch.Tensor, text_emb: torch.Tensor, batch: dict[str, Any]
+                             ) -> dict[str, Any]:
         scale = self.scale()
-        loss = self.loss_fn(image_emb, text_emb, scale, self.logit_bias)
+        if self.world_size == 1:
+            loss = self.loss_fn(image_emb, text_emb, scale, self.logit_bias)
+        else:
+            all_text, first = self.gather(text_emb)
+            logits = scale * image_emb @ all_text.T + self.logit_bias
+            signs = -torch.ones_like(logits)
+            signs[torch.arange(len(image_emb)), torch.arange(first, first + len(image_emb))] = 1.0
+            loss = -F.logsigmoid(signs * logits).sum() / len(image_emb)
         return {"loss": loss, "logit_scale": scale.detach(), "logit_bias": self.logit_bias.detach(),
                 "i2t_acc": self.retrieval_accuracy(image_emb, text_emb)}
 
@@ -199,8 +252,8 @@ class LabelAwareContrastiveHead(ContrastiveHead):
     tau = 1). Identical label vectors get equal targets; studies with disjoint findings (and a normal study
     against an abnormal one) get none, i.e. stay negatives. A batch without ``labels``, rows whose labels are all
     unknown, and (with the default normalisation) batches whose label vectors are pairwise disjoint give exactly
-    the CLIP loss. With ``world_size > 1`` the logits come from open_clip's ``ClipLoss.get_logits`` (gathering
-    features, with ``local_loss`` rows for this rank only) and the labels are all-gathered to match.
+    the CLIP loss. In a ``torchrun`` run the logits span every rank's batch (``ContrastiveHead.logits``, with
+    ``local_loss`` rows for this rank only) and the labels are all-gathered to match.
     """
 
     def __init__(self, image_dim: int, text_dim: int, soft_target_weight: float = 0.5,
@@ -213,28 +266,17 @@ class LabelAwareContrastiveHead(ContrastiveHead):
         self.soft_target_weight = float(soft_target_weight)
         self.label_temperature = label_temperature
 
-    def _gather_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        if self.loss_fn.world_size == 1:
-            return labels
-        import torch.distributed as dist
-
-        gathered = [torch.empty_like(labels) for _ in range(self.loss_fn.world_size)]
-        dist.all_gather(gathered, labels.contiguous())
-        return torch.cat(gathered)
-
-    def forward(self, image: EncoderOutput, text: EncoderOutput | None, batch: dict[str, Any]) -> dict[str, Any]:
+    def loss_from_embeddings(self, image_emb: torch.Tensor, text_emb: torch.Tensor, batch: dict[str, Any]
+                             ) -> dict[str, Any]:
         labels = batch.get("labels")
         if labels is None:
-            return super().forward(image, text, batch)
-        image_emb, text_emb = self.embed(image, text)
+            return super().loss_from_embeddings(image_emb, text_emb, batch)
         scale = self.scale()
-        logits_per_image, logits_per_text = self.loss_fn.get_logits(image_emb, text_emb, scale)
-        targets = label_aware_targets(self._gather_labels(labels), self.soft_target_weight, self.label_temperature)
+        logits_per_image, logits_per_text, first, rows = self.logits(image_emb, text_emb, scale)
+        all_labels, _ = self.gather(labels.float(), with_grad=False)
+        targets = label_aware_targets(all_labels, self.soft_target_weight, self.label_temperature)
         soft_mass = 1.0 - targets.diagonal().mean()  # target mass on other studies' reports
-        if self.loss_fn.local_loss and self.loss_fn.world_size > 1:  # this rank's rows of the global targets
-            start = self.loss_fn.rank * len(image_emb)
-            targets = targets[start:start + len(image_emb)]
-        targets = targets.to(logits_per_image.dtype)
+        targets = targets[first:first + rows].to(logits_per_image.dtype)  # with local_loss: this rank's rows
         loss = 0.5 * (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets))
         return {"loss": loss, "logit_scale": scale.detach(), "soft_target_mass": soft_mass,
                 "i2t_acc": self.retrieval_accuracy(image_emb, text_emb)}
