@@ -707,12 +707,18 @@ class Trainer:
                 head.visualize(self.model, batch, path)
 
     def _on_stop_signal(self, signum: int, frame: Any) -> None:
-        """First SIGTERM/SIGINT: finish the step, checkpoint, return. A second one interrupts at once (the
-        last checkpoint on disk stays valid: it was written atomically)."""
+        """First SIGTERM/SIGINT: finish the step, checkpoint, return. A second SIGINT (Ctrl-C again) interrupts
+        at once (the last checkpoint on disk stays valid: it was written atomically). A repeated SIGTERM is
+        ignored: SLURM signals every process of a job step and torchrun forwards its own SIGTERM too, so one
+        pre-emption can deliver two, and the checkpoint must still be written."""
+        name = signal.Signals(signum).name
         if self.stop_signal is not None:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
-        self.stop_signal = signal.Signals(signum).name
-        logger.warning("%s received: finishing step %d, then writing a checkpoint and stopping (send it again "
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt(f"second {name}")
+            logger.warning("%s received again: still finishing step %d and writing a checkpoint", name, self.step + 1)
+            return
+        self.stop_signal = name
+        logger.warning("%s received: finishing step %d, then writing a checkpoint and stopping (Ctrl-C again "
                        "to stop at once)", self.stop_signal, self.step + 1)
 
     @contextlib.contextmanager

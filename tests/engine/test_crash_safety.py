@@ -221,6 +221,31 @@ def test_sigint_ends_the_step_and_checkpoints_in_process(synthetic_cxr, tmp_path
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 3
 
 
+def test_a_repeated_sigterm_still_checkpoints_but_a_second_sigint_stops_at_once(synthetic_cxr, tmp_path, one_thread):
+    """SLURM signals every process and torchrun forwards its own SIGTERM: two SIGTERMs must still checkpoint.
+    Ctrl-C twice means "now"."""
+    trainer = Trainer(tinier_config(synthetic_cxr, "train.max_steps=50", "train.ckpt_interval=50"), tmp_path / "term")
+    step = trainer.train_step
+
+    def twice(batches, sig=signal.SIGTERM):
+        if trainer.step == 2:
+            os.kill(os.getpid(), sig)
+            os.kill(os.getpid(), sig)
+        return step(batches)
+
+    trainer.train_step = twice
+    trainer.fit()
+    assert trainer.stop_signal == "SIGTERM" and trainer.step == 3
+    assert load_checkpoint(tmp_path / "term" / "checkpoints" / "last.pt")["step"] == 3
+
+    trainer = Trainer(tinier_config(synthetic_cxr, "train.max_steps=50", "train.ckpt_interval=50"), tmp_path / "int")
+    step = trainer.train_step
+    trainer.train_step = lambda batches: twice(batches, signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt, match="second SIGINT"):
+        trainer.fit()
+    assert not (tmp_path / "int" / "checkpoints" / "last.pt").exists()
+
+
 # -- numerical guards ------------------------------------------------------------------------------------------
 def test_nan_batch_and_inf_gradient_are_skipped_logged_and_counted(synthetic_cxr, tmp_path, one_thread):
     trainer = Trainer(tinier_config(synthetic_cxr, "train.max_steps=3"), tmp_path / "run")
