@@ -76,6 +76,8 @@ TRAIN_DEFAULTS: dict[str, Any] = dict(
     # gradient caching (Gao et al. 2021): encoders run over the batch in this many chunks, the contrastive loss
     # over the whole batch; activation memory of one chunk, the gradients of the whole batch (0: off)
     grad_cache_chunks=0,
+    # CPU: glibc keeps freed step buffers for reuse instead of returning them to the OS and faulting them back in
+    keep_freed_memory=True,
 )
 # Below this fp16 loss scale an overflowing gradient is not fixed by scaling down: it counts as a bad step.
 MIN_LOSS_SCALE = 1.0
@@ -121,6 +123,8 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(int(self.train_cfg["seed"]))  # the same on every rank: identical initial weights
         self.device = self._device()
+        if self.device.type == "cpu" and self.train_cfg["keep_freed_memory"]:
+            keep_freed_memory()
 
         self.train_set, self.val_set = self._build_datasets(cfg["data"])
         self._prepare_tokenizer()
@@ -829,3 +833,21 @@ def _to_bytes(state: Any) -> bytes:
 
 def _from_bytes(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), weights_only=True)
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to keep freed memory below 1 GiB for reuse and to serve allocations below 32 MiB from
+    its heap (``mallopt`` M_TRIM_THRESHOLD / M_MMAP_THRESHOLD, as the MALLOC_*_ environment variables would).
+    A CPU training step frees and re-allocates the same activation buffers every step; by default glibc returns
+    many of them to the OS and page-faults them back in (~10k faults per step in benchmarks/bench_train.py).
+    False where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_trim_threshold, 1 << 30)) and bool(mallopt(m_mmap_threshold, 32 << 20))

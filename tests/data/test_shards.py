@@ -171,3 +171,28 @@ def test_unreadable_rows_skipped_and_counted(synthetic_cxr, tmp_path):
     assert summary["skipped"] == [entry]
     dataset = ShardDataset(tmp_path / "out", split="train", pipeline=EVAL)
     assert len(dataset) == 3 and sorted(_indices(dataset)) == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_trainer_streams_shards_and_resumes_mid_epoch(shards, synthetic_cxr, tmp_path, one_thread):
+    """data.type=shards in a config: training and validation from the shards, and a run stopped after 3 steps
+    and resumed ends where an uninterrupted one does (same batches, same augmentation)."""
+    from mmvl.engine.checkpoint import load_checkpoint
+    from mmvl.engine.trainer import Trainer
+    from tests.conftest import tiny_clip_config
+
+    def config(steps):
+        return tiny_clip_config(synthetic_cxr, "data.type=shards", f"data.shards={shards}", "data.shuffle_buffer=20",
+                                f"train.max_steps={steps}", "train.batch_size=8", "train.val_interval=3",
+                                "train.ckpt_interval=3", "optim.warmup_steps=1", "optim.min_lr_ratio=1.0",
+                                "train.deterministic=True")  # constant LR: the runs differ in max_steps
+
+    straight = Trainer(config(6), tmp_path / "straight")
+    assert type(straight.train_set).__name__ == "ShardDataset" and len(straight.train_set) == 160
+    metrics = straight.fit()
+    assert "val/i2t_R@5" in metrics  # validation read the val shards
+    Trainer(config(3), tmp_path / "stopped").fit()
+    Trainer(config(6), tmp_path / "stopped", resume=True).fit()
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(a[name], b[name]) for name in a)

@@ -62,3 +62,11 @@ def test_gradient_caching_refuses_models_it_cannot_split(synthetic_cxr, tmp_path
     cfg["model"]["heads"].append(dict(type="mae", mask_ratio=0.75))
     with pytest.raises(ConfigError, match="one contrastive head"):
         Trainer(cfg, tmp_path / "x")
+
+
+def test_keep_freed_memory_applies_on_glibc():
+    import platform
+
+    from mmvl.engine.trainer import keep_freed_memory
+
+    assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")

@@ -18,6 +18,11 @@ data = dict(
     # converters print the root to set when the images live outside the manifest's folder.
     root=None,
     allow_outside_root=False,
+    # type="shards" streams the webdataset shards tools/make_shards.py wrote into `shards` instead of reading the
+    # manifest: split over ranks and loader workers, shuffled through a buffer, or drawn with replacement
+    shards=None,
+    shuffle_buffer=1000,
+    resampled=False,
     train_split="train",
     val_split="val",
     report_sections=("findings", "impression"),
