@@ -205,7 +205,14 @@ class Deidentifier:
         return "2.25." + str(int.from_bytes(self.digest("uid:" + value)[:16], "big"))  # PS3.5 B.2 UUID-derived
 
     def copy_dicom(self, source: str | os.PathLike, target: str | os.PathLike, study: str) -> None:
-        """Write ``source`` to ``target`` without PHI; ``study`` (the pseudonymous key) becomes PatientID."""
+        """Write ``source`` to ``target`` without PHI; ``study`` (the pseudonymous key) becomes PatientID. A file
+        pydicom cannot read or write is a DataError naming it, without pydicom's message (it may quote values)."""
+        try:
+            self._copy_dicom(source, target, study)
+        except Exception as err:  # pydicom raises many types
+            raise DataError(source, f"cannot write a de-identified copy ({type(err).__name__})") from None
+
+    def _copy_dicom(self, source: str | os.PathLike, target: str | os.PathLike, study: str) -> None:
         import warnings
 
         import pydicom
@@ -247,10 +254,7 @@ def deidentified_copy(
     """
     target = folder / "deidentified" / study_id / (deidentifier.pseudonym(original, "") + _extension(source.name))
     if dicom:
-        try:
-            deidentifier.copy_dicom(source, target, study_id)
-        except Exception as err:  # pydicom raises many types; its messages may quote header values
-            raise DataError(source, f"cannot write a de-identified copy ({type(err).__name__})") from None
+        deidentifier.copy_dicom(source, target, study_id)
         return target
     if target.exists() and os.path.samefile(source, target):
         return target  # linked by an earlier run

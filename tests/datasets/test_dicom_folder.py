@@ -326,3 +326,16 @@ def test_deidentify_copies_without_phi_and_stable_pseudonyms(
     # without the flag nothing is copied
     dicom_folder.main([*argv[:-2], "--no-progress", "--out", str(tmp_path / "c")])
     assert not (tmp_path / "c" / "deidentified").exists() and not (tmp_path / "c" / "pseudonym.key").exists()
+
+
+def test_deidentified_copy_of_an_unwritable_file_is_a_data_error_without_its_content(tmp_path: Path) -> None:
+    """pydicom's own messages may quote header values: copy_dicom names the file and the error type only."""
+    from mmvl.errors import DataError
+
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"no preamble, no DICM: Doe^SECRETNAME")  # pydicom raises InvalidDicomError
+    deidentifier = dicom_folder.Deidentifier(tmp_path / "key")
+    with pytest.raises(DataError, match="cannot write a de-identified copy") as info:
+        deidentifier.copy_dicom(bad, tmp_path / "out" / "x.dcm", "anon-1")
+    assert info.value.path == str(bad) and "SECRETNAME" not in str(info.value)
+    assert not (tmp_path / "out" / "x.dcm").exists()
