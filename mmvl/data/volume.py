@@ -294,15 +294,17 @@ def _check_nifti_size(path: str) -> None:
                               "truncated or damaged header")
 
 
-def _check_affine(path: str, affine: np.ndarray) -> None:
-    """Refuse a voxel-to-world affine that is not finite or maps a voxel axis to no world direction (a zero
-    column, or axes that collapse onto each other): no orientation or spacing can be derived from it."""
+def _orientation(path: str, affine: np.ndarray) -> str:
+    """The affine's orientation letters (as :func:`axcodes`); refuses one that is not finite or maps a voxel axis
+    to no world direction (a zero column, or axes that collapse onto each other): no orientation or spacing can
+    be derived from it."""
     import nibabel
 
     codes = nibabel.aff2axcodes(affine) if np.isfinite(affine).all() else (None,)
     if affine.shape != (4, 4) or None in codes or len(set(codes)) < 3:
         raise DataError(path, f"degenerate or non-finite affine (orientation {codes}); check the header's "
                               f"sform/qform and pixdim:\n{np.array2string(affine, precision=4)}")
+    return "".join(codes)
 
 
 def read_nifti(path: str | os.PathLike, *, nan_value: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
@@ -338,7 +340,6 @@ def read_nifti(path: str | os.PathLike, *, nan_value: float | None = None) -> tu
         volume[bad] = nan_value
         steps.append({"op": "replace_nan", "value": float(nan_value), "count": int(bad.sum())})
     affine = np.asarray(header["affine"], dtype=np.float64)
-    _check_affine(path, affine)
     meta = {
         "path": path,
         "format": "nifti",
@@ -347,7 +348,7 @@ def read_nifti(path: str | os.PathLike, *, nan_value: float | None = None) -> tu
         "shape": list(volume.shape),
         "affine": affine.tolist(),
         "spacing": _spacing(affine),
-        "orientation": axcodes(affine),
+        "orientation": _orientation(path, affine),
         "value_range": [float(volume.min()), float(volume.max())],
         "preprocessing": steps,
     }
