@@ -58,3 +58,31 @@ class CosineWarmup:
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict[str, Any], total_steps: int):
     schedule = CosineWarmup(int(cfg.get("warmup_steps", 0)), total_steps, float(cfg.get("min_lr_ratio", 0.0)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def config_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Any) -> list[dict[str, Any]]:
+    """What the config set in each parameter group (before a checkpoint's states are loaded over it)."""
+    return [{"weight_decay": group["weight_decay"], "betas": group["betas"], "eps": group["eps"], "initial_lr": base}
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs)]
+
+
+def apply_config_after_resume(optimizer: torch.optim.Optimizer, scheduler: Any, fresh: list[dict[str, Any]],
+                              cfg: dict[str, Any], total_steps: int) -> tuple[float, float]:
+    """After loading a checkpoint's optimizer and scheduler states, make the current config's values take effect
+    (a resume may change them through ``--resume-override``): the optimizer's hyperparameters from ``fresh``
+    (:func:`config_hyperparameters` before the load), and the schedule rebuilt for ``total_steps`` with the current peak
+    learning rate, warmup and floor, evaluated at the resumed step (as if the run had been planned that way
+    from the start, so no step after it runs at the old schedule's end value). Returns the learning rate at the
+    resumed step before and after. Unchanged settings reproduce exactly the saved values."""
+    for group, current in zip(optimizer.param_groups, fresh):
+        group.update(current)
+    schedule = scheduler.lr_lambdas[0]
+    schedule.warmup_steps = int(cfg.get("warmup_steps", 0))
+    schedule.min_lr_ratio = float(cfg.get("min_lr_ratio", 0.0))
+    schedule.total_steps = total_steps
+    before = optimizer.param_groups[0]["lr"]
+    scheduler.base_lrs = [group["initial_lr"] for group in fresh]
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * schedule(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return before, optimizer.param_groups[0]["lr"]

@@ -15,7 +15,7 @@ from mmvl.models.heads import LabelAwareContrastiveHead, SigLipHead
 
 REPO = Path(__file__).resolve().parents[2]
 TINIER = [  # the tiny demo made smaller still, so that a few steps take seconds
-    "data.train_pipeline.1.size=32", "data.eval_pipeline.1.size=32", "model.image_encoder.img_size=32",
+    "img_size=32",
     "model.image_encoder.embed_dim=32", "model.image_encoder.depth=1", "model.image_encoder.num_heads=2",
     "model.text_encoder.config.hidden_size=32", "model.text_encoder.config.num_hidden_layers=1",
     "model.text_encoder.config.num_attention_heads=2", "model.text_encoder.config.intermediate_size=64",

@@ -117,7 +117,8 @@ def test_resume_drops_a_torn_log_line(synthetic_cxr, tmp_path, one_thread):
     with open(metrics, "a") as handle:
         handle.write('{"step": 3, "loss": 0.12')  # SIGKILL in the middle of an append
     (tmp_path / "run" / "checkpoints" / ".step_0000003.pt.abc.tmp").write_bytes(b"partial")
-    trainer = Trainer(tinier_config(synthetic_cxr, *options, "train.max_steps=3"), tmp_path / "run", resume=True)
+    trainer = Trainer(tinier_config(synthetic_cxr, *options), tmp_path / "run", resume=True,
+                      resume_override=["train.max_steps=3"])
     assert not any((tmp_path / "run" / "checkpoints").glob(".*.tmp"))  # stale temp file removed
     trainer.fit()
     assert [r["step"] for r in read_jsonl(metrics) if "loss" in r] == [1, 2, 3]

@@ -116,7 +116,8 @@ def test_trainer_two_processes_match_one_and_resume_with_one(synthetic_cxr, tmp_
     assert _losses(two) == pytest.approx(_losses(one)[:3], rel=1e-5)
 
     # the 2-process run continues with 1 process and batch 8: the same data from sample 24 on
-    Trainer(_config(synthetic_cxr, "train.batch_size=8", "train.max_steps=6"), two, resume=True).fit()
+    Trainer(_config(synthetic_cxr, "train.batch_size=4", "train.max_steps=3"), two, resume=True,
+            resume_override=["train.batch_size=8", "train.max_steps=6"]).fit()
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
     final, expected = _weights(two), _weights(one)
     for name, value in final.items():
@@ -136,5 +137,6 @@ def test_fsdp_matches_one_process_and_its_checkpoint_resumes_unsharded(synthetic
     assert _losses(sharded) == pytest.approx(_losses(one)[:2], rel=1e-5)
     state = load_checkpoint(sharded / "checkpoints" / "last.pt")
     assert set(state["model"]) == set(_weights(one)) and len(state["optimizer"]["state"]) > 0  # unsharded
-    Trainer(_config(synthetic_cxr, "train.batch_size=8", "train.max_steps=3"), sharded, resume=True).fit()
+    Trainer(_config(synthetic_cxr, "train.batch_size=4", "train.max_steps=2", "train.strategy=fsdp"), sharded,
+            resume=True, resume_override=["train.batch_size=8", "train.max_steps=3", "train.strategy=ddp"]).fit()
     assert _losses(sharded) == pytest.approx(_losses(one), rel=1e-5)

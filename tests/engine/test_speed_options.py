@@ -67,6 +67,6 @@ def test_gradient_caching_refuses_models_it_cannot_split(synthetic_cxr, tmp_path
 def test_keep_freed_memory_applies_on_glibc():
     import platform
 
-    from mmvl.engine.trainer import keep_freed_memory
+    from mmvl.engine.strategy import keep_freed_memory
 
     assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")

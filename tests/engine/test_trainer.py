@@ -9,6 +9,7 @@ import torch
 
 from mmvl.config import Config
 from mmvl.engine.checkpoint import load_checkpoint
+from mmvl.data.tokenizer import load_tokenizer
 from mmvl.engine.trainer import Trainer
 from mmvl.errors import CheckpointError, ConfigError, ManifestError
 from tests.conftest import tiny_clip_config as tiny_config
@@ -71,10 +72,12 @@ def test_tiny_clip_learns(synthetic_cxr, tiny_clip):
 
 def test_config_dumped_to_work_dir_reproduces_the_run(synthetic_cxr, tmp_path):
     cfg = tiny_config(synthetic_cxr, "train.max_steps=1", "train.batch_size=8", "train.val_interval=100")
-    Trainer(cfg, tmp_path / "a")
+    trainer = Trainer(cfg, tmp_path / "a")
     again = Config.fromfile(tmp_path / "a" / "config.py")
-    assert again.to_dict() == cfg.to_dict()
-    assert again.model.text_encoder.tokenizer == str(tmp_path / "a" / "tokenizer")
+    assert again.to_dict() == trainer.cfg.to_dict()
+    # the config keeps the tokenizer recipe; the model was built from the vocabulary trained into the work dir
+    assert again.model.text_encoder.tokenizer == dict(type="wordpiece", vocab_size=1000, min_frequency=2)
+    assert len(trainer.model.tokenizer) == len(load_tokenizer(tmp_path / "a" / "tokenizer"))
 
 
 def test_clear_errors(synthetic_cxr, tmp_path):

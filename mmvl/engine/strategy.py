@@ -1,0 +1,199 @@
+"""Where and how the model runs: the device, DDP or FSDP2 wrapping under ``torchrun``, gradient-sync control for
+accumulation, full (unsharded) model and optimizer states for checkpoints, and the rank agreement that keeps
+every process taking the same decisions (one fused all-reduce per step)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmvl.engine.dist import all_gather_objects, all_reduce, barrier, broadcast_object, init_distributed
+from mmvl.errors import ConfigError
+from mmvl.utils import get_logger
+
+logger = get_logger(__name__)
+
+
+class Strategy:
+    """One process of a run: ``rank``/``world_size``, ``device`` and the wrapped training model.
+
+    ``train_cfg`` keys read: ``device``, ``strategy`` (``ddp`` or ``fsdp``), ``dist_backend``, ``amp`` (FSDP's
+    mixed-precision policy), ``find_unused_parameters``.
+    """
+
+    def __init__(self, train_cfg: Mapping[str, Any]):
+        self.kind = train_cfg["strategy"]
+        if self.kind not in ("ddp", "fsdp"):
+            raise ConfigError(f"train.strategy must be 'ddp' or 'fsdp', got {self.kind!r}")
+        self.amp = train_cfg["amp"]
+        self.find_unused_parameters = bool(train_cfg["find_unused_parameters"])
+        self.dist = init_distributed(train_cfg["dist_backend"])
+        device = torch.device(train_cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and self.dist.enabled:
+            device = torch.device("cuda", self.dist.local_rank)
+        self.device = device
+        self.replicated: list[nn.Parameter] = []  # parameters outside DDP's/FSDP's gradient reduction
+        self.train_model: nn.Module | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.dist.enabled
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    @property
+    def fsdp(self) -> bool:
+        return self.dist.enabled and self.kind == "fsdp"
+
+    # -- wrapping --------------------------------------------------------------------------------------
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """What the training step calls: the model itself, DDP around it, or the model sharded in place by
+        FSDP2 (``fully_shard`` on every block of a ``ModuleList``, then the whole). Contrastive heads gather
+        embeddings from every rank with gradients (open_clip's ``gather_with_grad``)."""
+        self.replicated = []
+        if not self.dist.enabled:
+            self.train_model = model
+            return model
+        model.set_world(self.dist.rank, self.dist.world_size)
+        if self.kind == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.train_model = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.find_unused_parameters)
+            return self.train_model
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if self.amp == "bf16" else MixedPrecisionPolicy()
+        blocks = [block for module in model.modules() if isinstance(module, nn.ModuleList)
+                  for block in module if any(p.requires_grad for p in block.parameters())]
+        for block in blocks:
+            fully_shard(block, mp_policy=policy)
+        # scalars (logit scale and bias) cannot be sharded: they stay replicated, gradients averaged by hand
+        self.replicated = [p for p in model.parameters() if p.ndim == 0 and p.requires_grad]
+        fully_shard(model, mp_policy=policy, ignored_params=set(self.replicated))
+        logger.info("FSDP: %d blocks sharded over %d ranks", len(blocks), self.dist.world_size)
+        self.train_model = model
+        return model
+
+    def gradient_sync(self, model: nn.Module, last_micro_batch: bool):
+        """DDP/FSDP: gradients are reduced across ranks on the last micro-batch of an accumulated step only."""
+        if not self.dist.enabled or last_micro_batch:
+            return contextlib.nullcontext()
+        if isinstance(self.train_model, nn.parallel.DistributedDataParallel):
+            return self.train_model.no_sync()
+        return _fsdp_no_sync(model)
+
+    def average_gradients(self, params: list[nn.Parameter]) -> None:
+        """Average ``params``' gradients over the ranks in one flat all-reduce (a parameter without a gradient
+        counts as zeros): for gradients outside DDP's/FSDP's own reduction."""
+        if not self.dist.enabled or not params:
+            return
+        for param in params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        grads = [param.grad for param in params]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat)
+        flat.div_(self.dist.world_size)
+        for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            grad.copy_(synced)
+
+    # -- rank agreement --------------------------------------------------------------------------------
+    def agree(self, values: Mapping[str, float | torch.Tensor]) -> dict[str, float]:
+        """``values`` summed over the ranks in one all-reduce (one device sync): a non-finite loss on any rank,
+        a stop signal any rank received, the count of unreadable samples, so every rank decides alike."""
+        keys = sorted(values)
+        if not self.dist.enabled:
+            return {key: float(values[key]) for key in keys}
+        tensor = torch.stack([torch.as_tensor(values[key], dtype=torch.float64, device=self.device).reshape(())
+                              for key in keys])
+        torch.distributed.all_reduce(tensor)
+        return dict(zip(keys, tensor.tolist()))
+
+    def reduce_logs(self, logs: dict[str, float]) -> dict[str, float]:
+        """Logged values averaged over the ranks (``samples`` summed: the step's global batch)."""
+        if not self.dist.enabled:
+            return logs
+        keys = sorted(logs)
+        values = all_reduce([logs[key] for key in keys], self.dist, op="sum", device=self.device)
+        return {key: value if key == "samples" else value / self.dist.world_size for key, value in zip(keys, values)}
+
+    def gather(self, obj: Any) -> list[Any]:
+        return all_gather_objects(obj, self.dist)
+
+    def broadcast(self, obj: Any) -> Any:
+        return broadcast_object(obj, self.dist)
+
+    def barrier(self) -> None:
+        barrier(self.dist)
+
+    def gather_tensors(self, state: Any) -> list[Any]:
+        """Every rank's ``state`` holding tensors (``all_gather_object``'s unpickler refuses tensors: as bytes)."""
+        if not self.dist.enabled:
+            return [state]
+        return [_from_bytes(b) for b in all_gather_objects(_to_bytes(state), self.dist)]
+
+    # -- full states -----------------------------------------------------------------------------------
+    def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+        """Unsharded model and optimizer states; with FSDP every rank takes part, rank 0 gets them on the CPU."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return model.state_dict(), optimizer.state_dict()
+
+    def load_full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                           options=StateDictOptions(full_state_dict=True))
+            return
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: nn.Module) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def _to_bytes(state: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def _from_bytes(data: bytes) -> Any:
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to keep freed memory below 1 GiB for reuse and to serve allocations below 32 MiB from
+    its heap (``mallopt`` M_TRIM_THRESHOLD / M_MMAP_THRESHOLD, as the MALLOC_*_ environment variables would).
+    A CPU training step frees and re-allocates the same activation buffers every step; by default glibc returns
+    many of them to the OS and page-faults them back in (~10k faults per step in benchmarks/bench_train.py).
+    Process-wide, so only on request (``train.keep_freed_memory=True``). False where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_trim_threshold, 1 << 30)) and bool(mallopt(m_mmap_threshold, 32 << 20))
