@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 __version__ = "0.1.0"
+
+# a library configures no logging (logging HOWTO, "Configuring Logging for a Library"): the NullHandler only keeps
+# Python's lastResort from printing to stderr; the application decides, the tools via mmvl.utils.setup_logging
+logging.getLogger("mmvl").addHandler(logging.NullHandler())
 
 
 def __getattr__(name: str):

@@ -1,4 +1,5 @@
-"""Small shared helpers: atomic file writes, crash-tolerant JSONL logs, seeding and the package logger."""
+"""Small shared helpers: atomic file writes, crash-tolerant JSONL logs, seeding, and the package logger and the
+console logging setup of the tools."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import os
 import random
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -106,13 +108,42 @@ def seed_everything(seed: int) -> None:
 
 
 def get_logger(name: str = "mmvl") -> logging.Logger:
-    """The ``mmvl`` logger, printing ``[mmvl] message`` to stderr once configured."""
-    logger = logging.getLogger(name)
-    root = logging.getLogger("mmvl")
-    if not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("[%(name)s] %(levelname)s %(message)s"))
+    """A logger under ``mmvl``. The library adds no handlers (the package logger has only a ``NullHandler``, as
+    the logging HOWTO asks of libraries); applications and ``tools/`` call :func:`setup_logging`."""
+    return logging.getLogger(name)
+
+
+CONSOLE_HANDLER_NAME = "mmvl-console"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record, not the one at setup (pytest's capsys and
+    tools called in-process swap it; a stream kept from setup may be closed by then)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def setup_logging(level: int = logging.INFO) -> logging.Handler:
+    """Console logging for an application (each tool calls this first in ``main``): one stderr handler on the
+    root logger, so other libraries' warnings print the same way; ``mmvl`` loggers pass ``level`` and up, the
+    others keep the root's level (WARNING by default), so e.g. matplotlib's INFO lines stay quiet. Calling it
+    again only changes ``level``; it never adds a second handler."""
+    root = logging.getLogger()
+    handler = next((h for h in root.handlers if h.get_name() == CONSOLE_HANDLER_NAME), None)
+    if handler is None:
+        handler = _StderrHandler()
+        handler.set_name(CONSOLE_HANDLER_NAME)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
         root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        root.propagate = False
-    return logger
+    logging.getLogger("mmvl").setLevel(level)
+    return handler

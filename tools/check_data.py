@@ -17,6 +17,7 @@ from collections import Counter
 
 from mmvl.data.manifest import add_root_arguments
 from mmvl.errors import MMVLError
+from mmvl.utils import setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,6 +63,7 @@ def _write(path: str, problems: list) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     args = parse_args(argv)
     if args.decoders:
         _print_decoders()

@@ -45,7 +45,7 @@ from mmvl.evaluation.report_metrics import TOKENIZERS, caption_metrics, finding_
 from mmvl.evaluation.retrieval import retrieval_metrics
 from mmvl.evaluation.zero_shot import PRESETS, prompts_from, text_prototypes, zero_shot_probabilities
 from mmvl.inference import InputItem, iter_batches, manifest_items
-from mmvl.utils import atomic_write_text
+from mmvl.utils import atomic_write_text, setup_logging
 from mmvl.zoo import load_pretrained
 
 TASKS = ("zero_shot", "retrieval", "linear_probe", "report")
@@ -358,6 +358,7 @@ def write_plots(plot: tuple | None, folder: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     args = parse_args(argv)
     try:
         loaded = load_pretrained(args.model, device=args.device)

@@ -22,6 +22,7 @@ import argparse
 import sys
 
 from mmvl.errors import MMVLError
+from mmvl.utils import setup_logging
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,6 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     args = parse_args(argv)
     from mmvl import zoo
     from mmvl.errors import CheckpointError

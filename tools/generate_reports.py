@@ -30,7 +30,7 @@ from mmvl.data.manifest import add_root_arguments
 from mmvl.errors import ConfigError, MMVLError
 from mmvl.evaluation.report_metrics import finding_f1, report_metrics
 from mmvl.inference import find_inputs, iter_batches, manifest_items
-from mmvl.utils import atomic_write_text
+from mmvl.utils import atomic_write_text, setup_logging
 from mmvl.zoo import load_pretrained
 
 
@@ -61,6 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     args = parse_args(argv)
     try:
         loaded = load_pretrained(args.model, device=args.device)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mmvl.data.manifest import add_root_arguments
 from mmvl.errors import MMVLError
+from mmvl.utils import setup_logging
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cxr_clip.py"
 
@@ -47,6 +48,7 @@ def _size(n_bytes: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     args = parse_args(argv)
     try:
         from mmvl.config import Config

@@ -13,6 +13,7 @@ from pathlib import Path
 from mmvl.config import Config
 from mmvl.engine.dist import shutdown_distributed
 from mmvl.errors import MMVLError
+from mmvl.utils import setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     args = parse_args(argv)
     trainer, finished = None, False
     try:

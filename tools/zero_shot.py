@@ -32,7 +32,7 @@ from mmvl.data.manifest import add_root_arguments
 from mmvl.errors import MMVLError
 from mmvl.evaluation.zero_shot import PRESETS, auroc, prompts_from
 from mmvl.inference import load_model, manifest_items, zero_shot
-from mmvl.utils import atomic_write_text
+from mmvl.utils import atomic_write_text, setup_logging
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,6 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     args = parse_args(argv)
     labels = [label.strip() for label in args.labels.split(",") if label.strip()]
     try:
