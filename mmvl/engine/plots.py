@@ -122,7 +122,7 @@ def build_figures(records: Sequence[Mapping[str, Any]], run_name: str,
     val_curves = {key: s for key in val_keys if (s := _finite(validation, key))}
 
     figures: dict[str, Figure] = {}
-    head_losses = [s for key, s in curves.items() if "/" in key and _is_loss(key)]
+    head_losses = [s for key, s in curves.items() if "/" in key and _is_loss(key)]  # "clip/loss", "mae/loss"
     if "loss" in curves or head_losses:
         figures["loss"] = _loss_figure(curves.get("loss"), head_losses, curves.get("grad_norm"), run_name, weight)
     if "lr" in curves:
@@ -136,7 +136,7 @@ def build_figures(records: Sequence[Mapping[str, Any]], run_name: str,
     if "samples_per_s" in curves:
         figures["throughput"] = _throughput_figure(
             curves["samples_per_s"], [curves[k] for k in ("batch_time", "data_time") if k in curves], run_name, weight)
-    scalars = [s for key, s in curves.items() if key not in TRAINER_SCALARS and s not in head_losses]
+    scalars = [s for key, s in curves.items() if key not in TRAINER_SCALARS and not ("/" in key and _is_loss(key))]
     if scalars:
         figures["head_scalars"] = _scalars_figure(scalars, run_name, weight)
     return figures
