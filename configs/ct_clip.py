@@ -12,10 +12,10 @@ _base_ = [
     "_base_/schedules/adamw_cosine.py",
 ]
 
-volume_size = (224, 224, 112)  # CropOrPad size of _base_/datasets/ct_manifest.py; the encoder must match it
 model = dict(
+    # img_size: volume_size of _base_/datasets/ct_manifest.py, which also sets the pipelines' CropOrPad size
     image_encoder=dict(
-        _delete_=True, type="vit3d", img_size=volume_size, patch_size=(16, 16, 8), in_chans=1, hidden_size=768,
+        _delete_=True, type="vit3d", patch_size=(16, 16, 8), in_chans=1, hidden_size=768,
         mlp_dim=3072, num_layers=12, num_heads=12, grad_checkpointing=True,
     ),
     text_encoder=dict(max_length=512),  # CT-RATE findings run to a few hundred words

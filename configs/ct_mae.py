@@ -11,7 +11,7 @@ _base_ = [
 ]
 
 model = dict(
-    image_encoder=dict(type="vit3d", img_size=(224, 224, 112), patch_size=(16, 16, 16), in_chans=1,
+    image_encoder=dict(type="vit3d", patch_size=(16, 16, 16), in_chans=1,  # img_size: volume_size
                        hidden_size=768, mlp_dim=3072, num_layers=12, num_heads=12, grad_checkpointing=True),
     heads=[dict(type="mae", mask_ratio=0.75, decoder_dim=384, decoder_depth=4, decoder_heads=12,
                 norm_pix_loss=True)],

@@ -11,7 +11,7 @@ _base_ = [
 ]
 
 model = dict(
-    image_encoder=dict(type="vit2d", model_name="vit_base_patch16_224", img_size=224, in_chans=1),
+    image_encoder=dict(type="vit2d", model_name="vit_base_patch16_224", in_chans=1),  # img_size: img_size
     heads=[dict(type="mae", mask_ratio=0.75, decoder_dim=512, decoder_depth=8, decoder_heads=16,
                 norm_pix_loss=True)],
 )

@@ -10,7 +10,7 @@ _base_ = [
     "_base_/schedules/adamw_cosine.py",
 ]
 model = dict(
-    image_encoder=dict(type="vit2d", model_name="vit_base_patch16_224", img_size=224, in_chans=1),
+    image_encoder=dict(type="vit2d", model_name="vit_base_patch16_224", in_chans=1),  # img_size: img_size
     heads=[
         dict(
             type="report_gen",

@@ -164,6 +164,7 @@ TINY_CLIP = [
     "model.text_encoder.config.hidden_size=64", "model.text_encoder.config.intermediate_size=128",
     "model.text_encoder.config.num_attention_heads=2", "model.heads.0.embed_dim=64",
     "train.num_workers=0", "train.log_interval=1",
+    "optim.warmup_steps=0",  # the demo's 30 warmup steps would outlast these short runs (the config check refuses)
 ]
 
 

@@ -149,7 +149,8 @@ def tiny_ct_model(tmp_path_factory):
                        "model.image_encoder.num_heads=2", "model.text_encoder.config.hidden_size=32",
                        "model.text_encoder.config.num_attention_heads=2",
                        "model.text_encoder.config.intermediate_size=64",
-                       "model.heads.0.embed_dim=32", "train.batch_size=4", "train.max_steps=1", "train.num_workers=0"])
+                       "model.heads.0.embed_dim=32", "train.batch_size=4", "train.max_steps=1", "train.num_workers=0",
+                       "optim.warmup_steps=0"])
     Trainer(cfg, out / "run").fit()
     return out / "run", out / "data"
 

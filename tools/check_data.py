@@ -4,7 +4,7 @@ Lists every problem (file and reason): bytes that are not UTF-8, empty reports, 
 cannot be read (corrupt DICOM, no PixelData, undecodable transfer syntax, wrong modality, empty or NaN
 images, inconsistent DICOM series). With ``--config`` the config's eval pipeline (up to its first random
 step) runs on every image, otherwise just the reader. Exit code 0 when clean, 1 when problems were found,
-2 when the manifest itself cannot be read.
+2 when the manifest itself cannot be read or the config is wrong.
 """
 
 from __future__ import annotations
@@ -21,9 +21,14 @@ from mmvl.utils import setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Exit status 2: configuration error (--config: unknown or misspelt key, a size that disagrees with "
+               "img_size/volume_size...; the message names the key and the fix) or a manifest that cannot be read. "
+               "0: no problems, 1: problems found.")
     parser.add_argument("manifest", help="manifest (.jsonl or .csv)")
-    parser.add_argument("--config", help="take the eval pipeline and report sections from this config")
+    parser.add_argument("--config", help="take the eval pipeline and report sections from this training config "
+                        "(checked whole first, as tools/train.py checks it)")
     parser.add_argument("--split", help="check only rows of this split")
     add_root_arguments(parser)  # with --config, data.root and data.allow_outside_root apply too
     parser.add_argument("--sections", default=None,
@@ -75,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.config:
             from mmvl.config import Config
+            from mmvl.config.validate import validate_config
 
-            data = Config.fromfile(args.config)["data"]
+            data = validate_config(Config.fromfile(args.config))["data"]
             pipeline = list(data["eval_pipeline"])
             sections = tuple(data.get("report_sections", sections))
             root = root or data.get("root")

@@ -4,7 +4,8 @@ Each row is read once through the deterministic head of the config's ``data.trai
 resizing or resampling: the steps before the first random one) and stored preprocessed, with its
 section-extracted report, labels and ``path``/``study_id``/``index``, so training streams the shards
 (``data.type=shards data.shards=DIR``) instead of reading every DICOM or NIfTI file again. Rows that cannot
-be read are left out and listed in ``DIR/skipped.jsonl``. Exit code 0 on success, 2 on an error.
+be read are left out and listed in ``DIR/skipped.jsonl``. Exit code 0 on success, 2 on an error (a
+configuration error included).
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cxr_clip.py"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Exit status 2: configuration error (--config: unknown or misspelt key, a size that disagrees with "
+               "img_size/volume_size...; the message names the key and the fix), or a manifest or output error.")
     parser.add_argument("manifest", help="manifest (.jsonl or .csv)")
     parser.add_argument("--out", required=True, help="folder to write the shards and shards.json into (what it "
                         "held from an earlier run is replaced)")
@@ -52,11 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         from mmvl.config import Config
+        from mmvl.config.validate import validate_config
         from mmvl.data.shards import write_shards
 
         if args.shard_size < 1:
             raise MMVLError(f"--shard-size must be at least 1, got {args.shard_size}")
-        data = Config.fromfile(args.config)["data"]
+        data = validate_config(Config.fromfile(args.config))["data"]  # the whole training config, checked
         summary = write_shards(
             args.manifest, args.out, list(data["train_pipeline"]), shard_size=args.shard_size, splits=args.splits,
             report_sections=tuple(data.get("report_sections", ("findings", "impression"))),

@@ -6,10 +6,9 @@
 _base_ = ["../ct_clip.py"]
 
 spacing = (8.0, 8.0, 8.0)
-volume_size = (48, 48, 48)
-hu_window = (-1000.0, 1000.0)
+volume_size = (48, 48, 48)  # fills the encoder's img_size and the pipelines' CropOrPad size
 model = dict(
-    image_encoder=dict(img_size=volume_size, patch_size=(8, 8, 8), hidden_size=128, mlp_dim=256, num_layers=4,
+    image_encoder=dict(patch_size=(8, 8, 8), hidden_size=128, mlp_dim=256, num_layers=4,
                        num_heads=4, grad_checkpointing=False),
     text_encoder=dict(
         config=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
@@ -32,21 +31,14 @@ data = dict(
     train_pipeline=[
         dict(type="LoadVolume", modalities=("CT",)),
         dict(type="Orient", axcodes="RAS"),
-        dict(type="Resample", spacing=spacing),
-        dict(type="IntensityWindow", low=hu_window[0], high=hu_window[1]),
-        dict(type="CropOrPad", size=volume_size, pad_value=0.0),
+        dict(type="Resample"),
+        dict(type="IntensityWindow"),
+        dict(type="CropOrPad", pad_value=0.0),
         # No left-right flip: the reports name the side of effusions, nodules and consolidations.
         dict(type="RandomAugment3D", flip_axes=(), rotate=5.0, scale=0.05, intensity_shift=0.05),
         dict(type="Normalize", mean=0.5, std=0.25),
     ],
-    eval_pipeline=[
-        dict(type="LoadVolume", modalities=("CT",)),
-        dict(type="Orient", axcodes="RAS"),
-        dict(type="Resample", spacing=spacing),
-        dict(type="IntensityWindow", low=hu_window[0], high=hu_window[1]),
-        dict(type="CropOrPad", size=volume_size, pad_value=0.0),
-        dict(type="Normalize", mean=0.5, std=0.25),
-    ],
+    # eval_pipeline: the base's, at this config's volume_size and spacing
 )
 optim = dict(lr=1e-3, weight_decay=0.05, warmup_steps=30)
 train = dict(max_steps=300, batch_size=32, num_workers=0, amp=None, log_interval=10, val_interval=100,

@@ -5,11 +5,10 @@
 # decoder 384-d x 4 x 12, batch 32, 100k steps.
 _base_ = ["../ct_mae.py"]
 
-volume_size = (32, 32, 24)
+volume_size = (32, 32, 24)  # fills the encoder's img_size and the pipelines' CropOrPad size
 spacing = (12.0, 12.0, 12.0)
-hu_window = (-1000.0, 1000.0)
 model = dict(
-    image_encoder=dict(img_size=volume_size, patch_size=(8, 8, 8), hidden_size=96, mlp_dim=192, num_layers=4,
+    image_encoder=dict(patch_size=(8, 8, 8), hidden_size=96, mlp_dim=192, num_layers=4,
                        num_heads=4, grad_checkpointing=False),
     heads=[dict(type="mae", mask_ratio=0.75, decoder_dim=96, decoder_depth=2, decoder_heads=4,
                 norm_pix_loss=True)],
@@ -20,20 +19,13 @@ data = dict(
     train_pipeline=[
         dict(type="LoadVolume", modalities=("CT",)),
         dict(type="Orient", axcodes="RAS"),
-        dict(type="Resample", spacing=spacing),
-        dict(type="IntensityWindow", low=hu_window[0], high=hu_window[1]),
-        dict(type="CropOrPad", size=volume_size, pad_value=0.0),
+        dict(type="Resample"),
+        dict(type="IntensityWindow"),
+        dict(type="CropOrPad", pad_value=0.0),
         dict(type="RandomAugment3D", flip_axes=(0,), rotate=10.0, scale=0.1, intensity_shift=0.05),
         dict(type="Normalize", mean=0.5, std=0.25),
     ],
-    eval_pipeline=[
-        dict(type="LoadVolume", modalities=("CT",)),
-        dict(type="Orient", axcodes="RAS"),
-        dict(type="Resample", spacing=spacing),
-        dict(type="IntensityWindow", low=hu_window[0], high=hu_window[1]),
-        dict(type="CropOrPad", size=volume_size, pad_value=0.0),
-        dict(type="Normalize", mean=0.5, std=0.25),
-    ],
+    # eval_pipeline: the base's, at this config's volume_size and spacing
 )
 optim = dict(lr=1e-3, weight_decay=0.05, warmup_steps=20)
 train = dict(max_steps=200, batch_size=16, num_workers=2, amp=None, log_interval=10, val_interval=50,

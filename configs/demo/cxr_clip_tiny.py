@@ -2,11 +2,10 @@
 # minutes on 2 CPU cores: 64 px input, 4-layer ViT (dim 128), 2-layer BERT (dim 128), batch 32.
 _base_ = ["../cxr_clip.py", "_base_/synthetic_cxr_64.py"]
 
-img_size = 64
 model = dict(
     # Trained from scratch, average-pooled tokens separate images (and reports) far earlier than a
     # [CLS] token does; with [CLS] the contrastive loss sits at log(batch) for ~100 steps first.
-    image_encoder=dict(model_name="vit_tiny_patch16_224", img_size=img_size, patch_size=8, embed_dim=128,
+    image_encoder=dict(model_name="vit_tiny_patch16_224", patch_size=8, embed_dim=128,
                        depth=4, num_heads=4, global_pool="avg"),
     text_encoder=dict(
         config=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,

@@ -4,9 +4,8 @@
 # Full size: ViT-B/16 at 224 px on MIMIC-CXR, decoder 512-d x 8 x 16, batch 256, 150k steps.
 _base_ = ["../cxr_mae.py", "_base_/synthetic_cxr_64.py"]
 
-img_size = 64
 model = dict(
-    image_encoder=dict(model_name="vit_tiny_patch16_224", img_size=img_size, patch_size=8, embed_dim=128,
+    image_encoder=dict(model_name="vit_tiny_patch16_224", patch_size=8, embed_dim=128,
                        depth=4, num_heads=4),
     heads=[dict(type="mae", mask_ratio=0.75, decoder_dim=128, decoder_depth=2, decoder_heads=4,
                 norm_pix_loss=True)],

@@ -4,9 +4,9 @@
 #           --out work_dirs/cxr_report_tiny/reports_test.jsonl
 _base_ = ["../cxr_report.py"]
 
-img_size = 64
+img_size = 64  # fills the encoder's img_size and ResizePad's size
 model = dict(
-    image_encoder=dict(model_name="vit_tiny_patch16_224", img_size=img_size, patch_size=8, embed_dim=128,
+    image_encoder=dict(model_name="vit_tiny_patch16_224", patch_size=8, embed_dim=128,
                        depth=4, num_heads=4),
     heads=[
         dict(type="report_gen", tokenizer=dict(type="wordpiece", vocab_size=1000, min_frequency=2),
@@ -18,13 +18,13 @@ data = dict(
     prepare_hint="Build it with `python datasets/synthetic.py --out data/synthetic_cxr` (or `make demo`).",
     train_pipeline=[
         dict(type="LoadImage", frame=0, voi="auto"),
-        dict(type="ResizePad", size=img_size),
+        dict(type="ResizePad"),
         dict(type="RandomAugment2D", crop_scale=(0.8, 1.0), rotate=5.0, brightness=0.1, contrast=0.1),
         dict(type="Normalize", mean=0.5, std=0.25),
     ],
     eval_pipeline=[
         dict(type="LoadImage", frame=0, voi="auto"),
-        dict(type="ResizePad", size=img_size),
+        dict(type="ResizePad"),
         dict(type="Normalize", mean=0.5, std=0.25),
     ],
 )

@@ -158,15 +158,22 @@ class Config(ConfigDict):
 
     @classmethod
     def fromfile(cls, path: str | os.PathLike) -> Config:
+        """Read a config file; arguments that take their value from a size knob (``img_size``...) and are left
+        out are filled from it (:func:`mmvl.config.validate.fill_knobs`)."""
+        from mmvl.config.validate import fill_knobs
+
         cfg = cls(_read_file(Path(path).resolve(), ()))
         object.__setattr__(cfg, "filename", str(path))
+        fill_knobs(cfg)  # disagreements are the config check's to refuse
         return cfg
 
     def merge_options(self, options: Iterable[str] | Mapping[str, Any]) -> Config:
         """Apply ``a.b.c=value`` overrides in place (strings are parsed as Python literals).
 
-        Keys must exist, except inside dicts that carry ``type=`` (those are constructor arguments,
-        checked when the object is built).
+        A key must exist or be one the config check knows for its place (a ``train`` option, an argument of
+        an encoder's class...: :func:`mmvl.config.validate.known_keys`); where the check does not know the
+        keys, a new key gets in only inside a dict with ``type=``, and ``validate_config`` checks it after
+        the merge. Setting a size knob (``img_size=448``) moves the arguments that follow it.
         """
         if isinstance(options, Mapping):
             items = [(k, v, False) for k, v in options.items()]
@@ -177,8 +184,13 @@ class Config(ConfigDict):
                     raise ConfigError(f"--cfg-options expects key=value, got '{option}'")
                 key, text = option.split("=", 1)
                 items.append((key.strip(), text, True))
+        from mmvl.config.validate import KNOBS, follow_knob
+
         for key, value, from_text in items:
+            old = self.get(key) if key in KNOBS else None
             self._set_path(key, _parse_value(value) if from_text else value)
+            if key in KNOBS:
+                follow_knob(self, key, old, self[key])
         return self
 
     def _set_path(self, dotted: str, value: Any) -> None:
@@ -193,8 +205,13 @@ class Config(ConfigDict):
                 index: Any = int(part)
             elif isinstance(node, Mapping):
                 index = part
-                if part not in node and not (last and "type" in node):
-                    raise ConfigError(f"--cfg-options {dotted}: " + _unknown_key_message(part, node, where))
+                if part not in node:
+                    from mmvl.config.validate import known_keys
+
+                    known = known_keys(self, parts[:depth]) if last else None
+                    if not (part in known if known is not None else last and "type" in node):
+                        raise ConfigError(f"--cfg-options {dotted}: "
+                                          + _unknown_key_message(part, {**dict.fromkeys(known or ()), **node}, where))
             else:
                 raise ConfigError(f"--cfg-options {dotted}: '{where}' is {node!r}, not a dict or list")
             if last:

@@ -63,6 +63,8 @@ class ResizePad(Transform):
     MODES = {"area": "area", "nearest": "nearest", "nearest-exact": "nearest-exact", "bilinear": "bilinear",
              "linear": "bilinear", "trilinear": "bilinear", "bicubic": "bicubic"}
 
+    config_knobs = {"size": "img_size"}  # filled from the config's img_size (mmvl.config.validate)
+
     def __init__(self, size: int, mode: str = "area", pad_value: float = 0.0):
         if mode not in self.MODES:
             raise ValueError(f"ResizePad: mode {mode!r} is not one of {sorted(self.MODES)}")
@@ -206,6 +208,8 @@ class Orient(_MonaiDict):
 class Resample(_MonaiDict):
     """Resample to ``spacing`` mm per axis (e.g. 1.5 x 1.5 x 3) with MONAI ``Spacingd``."""
 
+    config_knobs = {"spacing": "spacing"}  # filled from the config's spacing (mmvl.config.validate)
+
     def __init__(self, spacing: Sequence[float] = (1.5, 1.5, 3.0), mode: str = "bilinear"):
         from monai.transforms import Spacingd
 
@@ -215,6 +219,8 @@ class Resample(_MonaiDict):
 @TRANSFORMS.register("IntensityWindow")
 class IntensityWindow(_MonaiDict):
     """Clip to [low, high] (Hounsfield units for CT; default -1000...1000) and scale to [0, 1]."""
+
+    config_knobs = {"low": ("hu_window", 0), "high": ("hu_window", 1)}  # from the config's hu_window
 
     def __init__(self, low: float = -1000.0, high: float = 1000.0):
         from monai.transforms import ScaleIntensityRanged
@@ -227,6 +233,8 @@ class IntensityWindow(_MonaiDict):
 @TRANSFORMS.register("CropOrPad")
 class CropOrPad(_MonaiDict):
     """Centre crop or pad to ``size`` voxels (MONAI ``ResizeWithPadOrCropd``), padding with ``pad_value``."""
+
+    config_knobs = {"size": "volume_size"}  # filled from the config's volume_size (mmvl.config.validate)
 
     def __init__(self, size: Sequence[int], pad_value: float = 0.0):
         from monai.transforms import ResizeWithPadOrCropd

@@ -34,15 +34,15 @@ class VisionLanguageModel(nn.Module):
         text_encoder: Mapping[str, Any] | None = None,
     ):
         super().__init__()
-        self.image_encoder = ENCODERS.build(image_encoder)
-        self.text_encoder = ENCODERS.build(text_encoder) if text_encoder else None
+        self.image_encoder = ENCODERS.build(image_encoder, where="model.image_encoder")
+        self.text_encoder = ENCODERS.build(text_encoder, where="model.text_encoder") if text_encoder else None
         if isinstance(heads, Mapping):
             heads = [heads]
         if not heads:
             raise ConfigError("model.heads is empty: add at least one head, e.g. dict(type='clip', embed_dim=512)")
         self.heads = nn.ModuleDict()
         self.loss_weights: dict[str, float] = {}
-        for head_cfg in heads:
+        for index, head_cfg in enumerate(heads):
             head_cfg = copy.deepcopy(dict(head_cfg))
             name = head_cfg.pop("name", head_cfg.get("type"))
             if name in self.heads:
@@ -53,6 +53,7 @@ class VisionLanguageModel(nn.Module):
                 extra["image_encoder"] = self.image_encoder
             self.heads[name] = HEADS.build(
                 head_cfg,
+                where=f"model.heads.{index}",
                 image_dim=self.image_encoder.out_dim,
                 text_dim=self.text_encoder.out_dim if self.text_encoder is not None else None,
                 **extra,

@@ -64,12 +64,13 @@ def test_tiny_report_generator_names_findings_in_held_out_images(synthetic_cxr, 
 def test_clip_and_report_heads_train_together(synthetic_cxr, tmp_path):
     cfg = Config.fromfile(REPO / "configs" / "cxr_clip_report.py")
     cfg.merge_options([
-        f"data.manifest={synthetic_cxr}", "data.train_pipeline.1.size=32", "data.eval_pipeline.1.size=32",
-        "model.image_encoder.model_name=vit_tiny_patch16_224", "model.image_encoder.img_size=32",
+        f"data.manifest={synthetic_cxr}", "img_size=32",  # the encoder and both pipelines' ResizePad
+        "model.image_encoder.model_name=vit_tiny_patch16_224",
         "model.image_encoder.patch_size=8", "model.image_encoder.embed_dim=32", "model.image_encoder.depth=1",
         "model.image_encoder.num_heads=2", "model.text_encoder.config.hidden_size=32",
         "model.text_encoder.config.num_hidden_layers=1", "model.text_encoder.config.num_attention_heads=2",
         "model.text_encoder.config.intermediate_size=64", "model.text_encoder.tokenizer.vocab_size=300",
+        "model.heads.1.tokenizer.vocab_size=300",  # one vocabulary for both: the two recipes must agree
         "model.heads.0.embed_dim=32", "model.heads.1.decoder_dim=32", "model.heads.1.decoder_heads=2",
         "model.heads.1.decoder_depth=1", "train.max_steps=2", "train.batch_size=8", "train.num_workers=0",
         "train.val_interval=2", "train.amp=None", "optim.warmup_steps=1",

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from mmvl.errors import RegistryError
+from mmvl.errors import ConfigError, RegistryError
 from mmvl.registry import ENCODERS, HEADS, TRANSFORMS, Registry, build
 
 
@@ -29,8 +29,11 @@ def test_unknown_type_lists_registered_names():
 
 
 def test_bad_arguments_and_missing_type():
-    with pytest.raises(RegistryError, match="cannot build transform 'Normalize' with arguments"):
+    # build() refuses a misspelt key before constructing anything, with the config check's message
+    with pytest.raises(ConfigError, match=r"unknown key 'meen' in transform 'Normalize'\. Did you mean 'mean'"):
         TRANSFORMS.build(dict(type="Normalize", meen=0.5))
+    with pytest.raises(ConfigError, match=r"unknown key 'model\.image_encoder\.dpeth' in encoder 'vit2d'"):
+        ENCODERS.build(dict(type="vit2d", dpeth=2), where="model.image_encoder")
     with pytest.raises(RegistryError, match="'type' key"):
         build(dict(mean=0.5), TRANSFORMS)
 

@@ -19,7 +19,7 @@ def trained(synthetic_cxr, tmp_path_factory):
     code = load_tool("train").main([
         str(REPO / "configs" / "demo" / "cxr_clip_tiny.py"), "--work-dir", str(work), "--seed", "3",
         "--cfg-options", f"data.manifest={synthetic_cxr}", "train.max_steps=2", "train.batch_size=8",
-        "train.num_workers=0", "train.val_interval=2", "model.image_encoder.depth=1",
+        "train.num_workers=0", "train.val_interval=2", "optim.warmup_steps=0", "model.image_encoder.depth=1",
         "model.text_encoder.config.num_hidden_layers=1",
     ])
     assert code == 0

@@ -18,7 +18,7 @@ def report_work_dir(synthetic_cxr, tmp_path_factory):
     code = load_tool("train").main([
         str(REPO / "configs" / "demo" / "cxr_report_tiny.py"), "--work-dir", str(work),
         "--cfg-options", f"data.manifest={synthetic_cxr}", "train.max_steps=2", "train.batch_size=8",
-        "train.num_workers=0", "train.val_interval=2", "model.image_encoder.depth=1",
+        "train.num_workers=0", "train.val_interval=2", "optim.warmup_steps=0", "model.image_encoder.depth=1",
         "model.image_encoder.embed_dim=64", "model.image_encoder.num_heads=2", "model.heads.0.decoder_dim=32",
         "model.heads.0.decoder_heads=2", "model.heads.0.decoder_depth=1",
     ])

@@ -2,6 +2,9 @@
 # datasets/README.md), e.g. CT-RATE converted with datasets/ct_rate.py. Volumes are reoriented to RAS,
 # resampled to 1.5 x 1.5 x 3 mm, windowed to -1000...1000 HU and scaled to [0, 1], then centre-cropped or
 # padded (with air) to a fixed size. Full size here; demo configs override `volume_size` and `spacing`.
+# The three knobs fill the pipelines' CropOrPad size, Resample spacing and IntensityWindow low/high, and
+# volume_size the image encoder's img_size (mmvl/config/validate.py): set them here or with --cfg-options, never
+# in the steps themselves.
 volume_size = (224, 224, 112)
 spacing = (1.5, 1.5, 3.0)
 hu_window = (-1000.0, 1000.0)
@@ -34,9 +37,9 @@ data = dict(
     train_pipeline=[
         dict(type="LoadVolume", modalities=("CT",)),
         dict(type="Orient", axcodes="RAS"),
-        dict(type="Resample", spacing=spacing),
-        dict(type="IntensityWindow", low=hu_window[0], high=hu_window[1]),
-        dict(type="CropOrPad", size=volume_size, pad_value=0.0),
+        dict(type="Resample"),  # spacing: spacing
+        dict(type="IntensityWindow"),  # low, high: hu_window
+        dict(type="CropOrPad", pad_value=0.0),  # size: volume_size
         # No left-right flip (axis 0 in RAS): reports name the side of effusions, nodules and consolidations.
         dict(type="RandomAugment3D", flip_axes=(), rotate=10.0, scale=0.1, intensity_shift=0.05),
         dict(type="Normalize", mean=0.5, std=0.25),
@@ -44,9 +47,9 @@ data = dict(
     eval_pipeline=[
         dict(type="LoadVolume", modalities=("CT",)),
         dict(type="Orient", axcodes="RAS"),
-        dict(type="Resample", spacing=spacing),
-        dict(type="IntensityWindow", low=hu_window[0], high=hu_window[1]),
-        dict(type="CropOrPad", size=volume_size, pad_value=0.0),
+        dict(type="Resample"),  # spacing: spacing
+        dict(type="IntensityWindow"),  # low, high: hu_window
+        dict(type="CropOrPad", pad_value=0.0),  # size: volume_size
         dict(type="Normalize", mean=0.5, std=0.25),
     ],
 )

@@ -1,5 +1,7 @@
 # 2D chest X-ray studies from an mmvl manifest (see datasets/README.md). DICOM is read with its rescale,
 # VOI LUT / window and MONOCHROME1 inversion; images are resized keeping aspect, padded, and normalised.
+# img_size sizes the whole run: ResizePad's size in both pipelines and the image encoder's img_size are filled
+# from it (mmvl/config/validate.py), so `--cfg-options img_size=448` changes all three; do not set them here.
 img_size = 224
 data = dict(
     type="manifest",
@@ -29,13 +31,13 @@ data = dict(
     cache_workers=0,  # threads filling the memory cache at start-up
     train_pipeline=[
         dict(type="LoadImage", frame=0, voi="auto"),
-        dict(type="ResizePad", size=img_size),
+        dict(type="ResizePad"),  # size: img_size
         dict(type="RandomAugment2D", crop_scale=(0.5, 1.0), rotate=10.0, brightness=0.1, contrast=0.1),
         dict(type="Normalize", mean=0.5, std=0.25),
     ],
     eval_pipeline=[
         dict(type="LoadImage", frame=0, voi="auto"),
-        dict(type="ResizePad", size=img_size),
+        dict(type="ResizePad"),  # size: img_size
         dict(type="Normalize", mean=0.5, std=0.25),
     ],
 )

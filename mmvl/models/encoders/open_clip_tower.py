@@ -24,6 +24,7 @@ class OpenCLIPVisionEncoder(nn.Module):
     """
 
     spatial_dims = 2
+    config_knobs = {"img_size": "img_size"}  # filled from the config's img_size (mmvl.config.validate)
 
     def __init__(
         self,

@@ -7,7 +7,11 @@ A 3-channel pretrained stem is adapted to ``in_chans=1`` by timm, which sums the
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
+import sys
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -29,6 +33,7 @@ class TimmImageEncoder(nn.Module):
     """
 
     spatial_dims = 2
+    config_knobs = {"img_size": "img_size"}  # filled from the config's img_size (mmvl.config.validate)
 
     def __init__(
         self,
@@ -70,6 +75,31 @@ class TimmImageEncoder(nn.Module):
             self.patch_size = tuple(self.model.patch_embed.patch_size)
             self.grid = tuple(self.model.patch_embed.grid_size)
             self.num_prefix_tokens = int(self.model.num_prefix_tokens)  # class/register tokens before the patches
+
+    @classmethod
+    def forwarded_kwargs(cls, cfg: Mapping[str, Any], where: str) -> set[str] | None:
+        """The names ``model_kwargs`` may hold for ``cfg``, for the config check (nothing is built): the arguments
+        of ``timm.create_model`` and of the model class in the timm module that defines ``model_name`` (the one
+        class there taking ``num_classes``); ``None`` where that class is not one, or takes ``**kwargs`` itself."""
+        import timm
+        from timm.models import model_entrypoint
+
+        model_name = cfg.get("model_name", inspect.signature(cls).parameters["model_name"].default)
+        if not isinstance(model_name, str) or not timm.is_model(model_name):
+            close = difflib.get_close_matches(str(model_name), timm.list_models(), n=3)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(f"{where}.model_name: timm has no model {model_name!r}.{hint} "
+                              "(see timm.list_models('*vit*'))")
+        module = sys.modules[model_entrypoint(model_name).__module__]
+        classes = [obj for obj in vars(module).values() if isinstance(obj, type) and issubclass(obj, nn.Module)
+                   and obj.__module__ == module.__name__ and "num_classes" in inspect.signature(obj).parameters]
+        if len(classes) != 1:
+            return None
+        parameters = inspect.signature(classes[0]).parameters
+        if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            return None
+        create = {n for n, p in inspect.signature(timm.create_model).parameters.items() if p.kind is not p.VAR_KEYWORD}
+        return (set(parameters) | create) - {"model_name", "num_classes"}  # the encoder sets num_classes=0
 
     def forward(self, images: torch.Tensor, token_drop: float | None = None) -> EncoderOutput:
         if images.ndim != 4:

@@ -46,6 +46,7 @@ class MonaiViTEncoder(nn.Module):
     """
 
     spatial_dims = 3
+    config_knobs = {"img_size": "volume_size"}  # filled from the config's volume_size (mmvl.config.validate)
 
     def __init__(
         self,
