@@ -24,6 +24,8 @@ $(DEMO_DATA)/manifest.jsonl: datasets/synthetic.py | $(STAMP)
 
 demo: install $(DEMO_DATA)/manifest.jsonl
 	$(PY) tools/check_data.py $(DEMO_DATA)/manifest.jsonl --config configs/demo/cxr_clip_tiny.py
+	@if [ -d $(DEMO_WORK) ]; then echo "make demo: starting the demo afresh (removing the previous $(DEMO_WORK))"; \
+		rm -rf $(DEMO_WORK); fi
 	$(PY) tools/train.py configs/demo/cxr_clip_tiny.py --work-dir $(DEMO_WORK)
 	$(PY) tools/zero_shot.py $(DEMO_WORK) --manifest $(DEMO_DATA)/test.jsonl \
 		--labels "$(DEMO_LABELS)" --preset chexzero --out $(DEMO_WORK)/zero_shot_demo.csv

@@ -79,7 +79,7 @@ def train_config(spec: dict[str, Any], manifest: Path, case: dict[str, Any], tok
     size = spec["image_size"]
     cfg = Config.fromfile(DEMO_CONFIG)
     cfg.merge_options({
-        "data.manifest": str(manifest), "data.train_pipeline.1.size": size, "data.eval_pipeline.1.size": size,
+        "data.manifest": str(manifest), "img_size": size,  # the size knob: model and both pipelines
         "data.val_split": None,  # no validation: only training steps are timed
         "data.cache": cache, "data.cache_workers": 0,
         "model": dict(
@@ -99,6 +99,7 @@ def train_config(spec: dict[str, Any], manifest: Path, case: dict[str, Any], tok
         "train.log_interval": 1, "train.ckpt_interval": case["total_steps"], "train.vis_interval": 0,
         "train.seed": 0, "train.amp": None if case["amp"] == "none" else case["amp"], "train.device": case["device"],
         "train.strategy": case["strategy"],
+        "train.keep_freed_memory": case["device"] == "cpu",  # glibc keeps step buffers (opt-in, process-wide)
     })
     return cfg
 

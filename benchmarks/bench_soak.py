@@ -27,7 +27,7 @@ os.environ.setdefault("MMVL_NO_PROGRESS", "1")
 # configs/demo/cxr_clip_tiny.py at 32 px with a 1-layer ViT and BERT of width 32: the loop, not the model, is
 # what a soak run exercises, so steps should be as short as possible.
 TINY_MODEL = [
-    "data.train_pipeline.1.size={size}", "data.eval_pipeline.1.size={size}", "model.image_encoder.img_size={size}",
+    "img_size={size}",
     "model.image_encoder.embed_dim=32", "model.image_encoder.depth=1", "model.image_encoder.num_heads=2",
     "model.text_encoder.config.hidden_size=32", "model.text_encoder.config.num_hidden_layers=1",
     "model.text_encoder.config.num_attention_heads=2", "model.text_encoder.config.intermediate_size=64",

@@ -24,7 +24,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override config values, e.g. train.max_steps=20 model.image_encoder.depth=2")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the newest checkpoint in WORK_DIR/checkpoints that verifies")
+                        help="continue from the newest checkpoint in WORK_DIR/checkpoints that verifies, with the "
+                             "config it was trained with (a difference is refused with a diff)")
+    parser.add_argument("--resume-override", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="with --resume: settings allowed to differ from the checkpoint's config, and their new "
+                             "values, e.g. train.max_steps=20000 (the LR schedule is rebuilt for the new total)")
     parser.add_argument("--seed", type=int, help="random seed (overrides train.seed)")
     return parser.parse_args(argv)
 
@@ -42,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
         from mmvl.engine.trainer import Trainer
 
-        trainer = Trainer(cfg, work_dir, resume=args.resume)
+        trainer = Trainer(cfg, work_dir, resume=args.resume, resume_override=args.resume_override)
         metrics = trainer.fit()
         finished = True
     except MMVLError as err:
@@ -56,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if trainer.stop_signal is not None:
         print(f"stopped by {trainer.stop_signal} at step {trainer.step} of {trainer.max_steps}; checkpoint "
-              f"{trainer.last_checkpoint}; continue with: python tools/train.py {args.config} --work-dir {work_dir} "
-              "--resume")
+              f"{trainer.last_checkpoint}; continue with: python tools/train.py {work_dir / 'config.py'} --work-dir "
+              f"{work_dir} --resume")
         return 0
     summary = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items())
     print(f"done: {trainer.step} steps; {summary or 'no validation split'}; work dir: {work_dir}")

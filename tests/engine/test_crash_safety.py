@@ -200,7 +200,9 @@ def test_sigterm_writes_a_checkpoint_and_exits_with_status_0(synthetic_cxr, tmp_
     step = logged_step(work)  # the step in progress was finished and logged
     checkpoint = work / "checkpoints" / f"step_{step:07d}.pt"
     assert f"stopped by SIGTERM at step {step} of 100000; checkpoint {checkpoint}" in out
-    assert "--resume" in out and "SIGTERM received" in err
+    # the printed command resumes with the run's own config (the options it was started with included)
+    assert f"continue with: python tools/train.py {work / 'config.py'} --work-dir {work} --resume" in out
+    assert "SIGTERM received" in err
     assert verify_checksum(checkpoint) and os.path.samefile(checkpoint, work / "checkpoints" / "last.pt")
     assert load_checkpoint(checkpoint)["step"] == step
 

@@ -141,3 +141,29 @@ def test_allocator_tuning_only_on_request(synthetic_cxr, tmp_path, monkeypatch):
     assert calls == []
     Trainer(tinier_config(synthetic_cxr, "train.keep_freed_memory=True"), tmp_path / "b")
     assert calls == [1]
+
+
+def test_model_typo_fails_before_data_and_tokenizer(synthetic_cxr, tmp_path, monkeypatch, capsys):
+    """``model.image_encoder.dpeth=2`` exits 2 naming ``depth`` before the datasets are read or the tokenizer is
+    trained (minutes on a real corpus: here a tokenizer that would take 30 s, and a dataset that would fail)."""
+    import time
+
+    from mmvl.engine import data as data_module
+
+    def slow_tokenizer(*args, **kwargs):
+        time.sleep(30)
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the datasets were built before the config was checked")
+
+    monkeypatch.setattr(data_module, "train_wordpiece_tokenizer", slow_tokenizer)
+    monkeypatch.setattr(trainer_module, "build_datasets", no_data)
+    config = tmp_path / "config.py"
+    tinier_config(synthetic_cxr).dump(config)
+    start = time.perf_counter()
+    code = trainer_cli().main([str(config), "--work-dir", str(tmp_path / "run"), "--cfg-options",
+                               "model.image_encoder.dpeth=2"])
+    assert code == 2 and time.perf_counter() - start < 5
+    err = capsys.readouterr().err
+    assert "model.image_encoder.dpeth" in err and "'depth'" in err
+    assert not (tmp_path / "run").exists()

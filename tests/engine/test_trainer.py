@@ -63,7 +63,7 @@ def test_tiny_clip_learns(synthetic_cxr, tiny_clip):
     chance = 5 / n_val
     assert metrics["val/i2t_R@5"] >= 2 * chance, (metrics, chance)
     for name in ("config.py", "preprocess.json", "tokenizer/tokenizer.json", "checkpoints/last.pt",
-                 "checkpoints/best.pt", "train.log"):
+                 "checkpoints/best.pt", "train.log", "plots/loss.png", "plots/lr.png", "plots/val.png"):
         assert (work / name).is_file(), name
     assert any((work / "tensorboard").iterdir())
     record = records[-2]

@@ -20,5 +20,7 @@ train = dict(
     # gradient caching for contrastive models: encoders run in this many chunks per batch, the loss over the
     # whole batch (a large contrastive batch in the memory of one chunk, ~2x the encoder compute); 0: off
     grad_cache_chunks=0,
-    keep_freed_memory=True,  # CPU: glibc keeps freed step buffers for reuse (fewer page faults per step)
+    keep_freed_memory=False,  # CPU: True makes glibc keep freed step buffers for reuse (fewer page faults per
+    # step; process-wide, so opt-in)
+    plots=True,  # WORK_DIR/plots/*.png (loss, lr, validation metrics, samples/s) at the end of the run
 )
