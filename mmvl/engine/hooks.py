@@ -72,17 +72,19 @@ class SkipAccounting:
     ``data.max_skip_fraction`` of the training rows failed) and steps skipped for a non-finite loss or gradient
     (``bad_steps.jsonl``; training stops after ``train.max_bad_steps`` in a row)."""
 
-    def __init__(self, trainer: Any, max_skip_fraction: float):
-        self.trainer = trainer
-        self.max_skip_fraction = max_skip_fraction
+    def __init__(self, work_dir: Path, strategy: Any, train_set: Any, max_skip_fraction: float, max_bad_steps: int):
+        # the parts it needs, not the trainer: a reference cycle would keep the trainer, and with it the loader's
+        # worker processes, alive until interpreter exit, which then waits for those workers forever
+        self.work_dir, self.strategy, self.train_set = work_dir, strategy, train_set
+        self.max_skip_fraction, self.max_bad_steps = max_skip_fraction, max_bad_steps
         self.pending: list[dict[str, Any]] = []
 
     @property
     def path(self) -> Path:
-        return self.trainer.work_dir / "skipped.jsonl"
+        return self.work_dir / "skipped.jsonl"
 
     def record(self, records: list[dict[str, Any]]) -> None:
-        if records and self.trainer.strategy.is_main:
+        if records and self.strategy.is_main:
             append_lines(self.path, [json.dumps(record) for record in records])
 
     def unreadable(self, state: Any, entries: list[dict[str, Any]]) -> None:
@@ -90,19 +92,19 @@ class SkipAccounting:
         step's rank agreement (:meth:`flush`) in several."""
         self.pending += [{"step": state.step + 1, "epoch": state.epoch, "split": "train", **entry}
                          for entry in entries]
-        if not self.trainer.strategy.enabled:
+        if not self.strategy.enabled:
             self.flush(state)
 
     def flush(self, state: Any) -> None:
         """Log the pending unreadable samples (every rank's, under torchrun); stop once too many distinct ones
         failed."""
         records, self.pending = self.pending, []
-        if self.trainer.strategy.enabled:
-            records = [record for part in self.trainer.strategy.gather(records) for record in part]
+        if self.strategy.enabled:
+            records = [record for part in self.strategy.gather(records) for record in part]
         state.skipped_samples += len(records)
         self.record(records)
         state.skipped_indices.update(entry["index"] for entry in records)
-        train_set = self.trainer.train_set
+        train_set = self.train_set
         if len(state.skipped_indices) > self.max_skip_fraction * len(train_set):
             first = records[0] if records else {}
             raise TrainingError(
@@ -111,23 +113,22 @@ class SkipAccounting:
                 f"in {self.path}; check the data with `python tools/check_data.py {train_set.manifest}`."
             )
 
-    def bad_step(self, state: Any, ids: list[Any], reason: str) -> None:
+    def bad_step(self, state: Any, ids: list[Any], reason: str, last_checkpoint: Path | None) -> None:
         """Skip the step (no update), record its samples in ``bad_steps.jsonl``; stop after too many in a row."""
-        trainer = self.trainer
-        ids = [i for part in trainer.strategy.gather(ids) for i in part]  # every rank's samples
+        ids = [i for part in self.strategy.gather(ids) for i in part]  # every rank's samples
         state.bad_steps += 1
         state.skipped_steps += 1
         logger.warning("step %d skipped (%s); samples: %s", state.step + 1, reason, ids)
-        if trainer.strategy.is_main:
-            append_lines(trainer.work_dir / "bad_steps.jsonl", [json.dumps(
+        if self.strategy.is_main:
+            append_lines(self.work_dir / "bad_steps.jsonl", [json.dumps(
                 {"step": state.step + 1, "epoch": state.epoch, "reason": reason, "samples": ids,
                  "consecutive": state.bad_steps})])
-        if state.bad_steps >= int(trainer.train_cfg["max_bad_steps"]):
-            last = trainer.last_checkpoint if trainer.last_checkpoint and trainer.last_checkpoint.is_file() else "none"
+        if state.bad_steps >= self.max_bad_steps:
+            last = last_checkpoint if last_checkpoint and last_checkpoint.is_file() else "none"
             raise TrainingError(
                 f"{state.bad_steps} consecutive bad steps ending at step {state.step} ({reason}); last samples "
                 f"{ids}; last good checkpoint: {last}. Lower optim.lr or check the data; every skipped step and its "
-                f"samples are in {trainer.work_dir / 'bad_steps.jsonl'}."
+                f"samples are in {self.work_dir / 'bad_steps.jsonl'}."
             )
 
 

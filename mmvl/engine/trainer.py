@@ -149,7 +149,9 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.stop_signal: str | None = None
         self.failed = False
-        self.skips = run_hooks.SkipAccounting(self, float(cfg["data"].get("max_skip_fraction", 0.01)))
+        self.skips = run_hooks.SkipAccounting(self.work_dir, strategy, self.train_set,
+                                              float(cfg["data"].get("max_skip_fraction", 0.01)),
+                                              int(train_cfg["max_bad_steps"]))
         if strategy.is_main:
             remove_stale_temp_files(self.ckpt_dir)
         if resume_point is not None:
@@ -248,7 +250,7 @@ class Trainer:
             self.skips.flush(self.state)
         if agreed["nonfinite"]:
             self.optimizer.zero_grad(set_to_none=True)
-            return self.skips.bad_step(self.state, ids, "non-finite loss")
+            return self.skips.bad_step(self.state, ids, "non-finite loss", self.last_checkpoint)
         self.scaler.unscale_(self.optimizer)
         clip = self.train_cfg["grad_clip"]
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip else float("inf"))
@@ -261,7 +263,7 @@ class Trainer:
                 logger.info("step %d: fp16 gradient overflow at loss scale %g; step skipped, scale now %g",
                             self.state.step + 1, scale, self.scaler.get_scale())
                 return None
-            return self.skips.bad_step(self.state, ids, "non-finite gradient norm")
+            return self.skips.bad_step(self.state, ids, "non-finite gradient norm", self.last_checkpoint)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
