@@ -218,6 +218,34 @@ def test_head_config_errors():
         build_head("siglip", init_logit_scale=200.0)
 
 
+def test_one_process_losses_equal_open_clips_bitwise():
+    """mmvl.models.losses in one process is open_clip's ClipLoss / SigLipLoss to the last bit (the heads used
+    those before the single- and multi-process paths became one), gradients included."""
+    from open_clip.loss import ClipLoss as OpenClipLoss
+    from open_clip.loss import SigLipLoss as OpenSigLipLoss
+
+    from mmvl.models.losses import ClipLoss, SigLipLoss
+
+    generator = torch.Generator().manual_seed(3)
+    image = torch.nn.functional.normalize(torch.randn(BATCH, EMBED_DIM, generator=generator), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(BATCH, EMBED_DIM, generator=generator), dim=-1)
+    scale, bias = torch.tensor(1 / 0.07), torch.tensor(-2.5)
+    pairs = [(lambda x, y: ClipLoss()(x, y, scale), lambda x, y: OpenClipLoss()(x, y, scale)),
+             (lambda x, y: ClipLoss(local_loss=True)(x, y, scale), lambda x, y: OpenClipLoss()(x, y, scale)),
+             (lambda x, y: SigLipLoss()(x, y, scale, bias), lambda x, y: OpenSigLipLoss()(x, y, scale, bias))]
+    for ours, theirs in pairs:
+        results = []
+        for loss_fn in (ours, theirs):
+            x, y = image.clone().requires_grad_(), text.clone().requires_grad_()
+            loss = loss_fn(x, y)
+            loss.backward()
+            results.append((loss.detach(), x.grad, y.grad))
+        for mine, reference in zip(*results):
+            assert torch.equal(mine, reference)
+    # soft targets that are the identity are the hard targets
+    hard = ClipLoss()(image, text, scale)
+    torch.testing.assert_close(ClipLoss()(image, text, scale, torch.eye(BATCH)), hard, rtol=1e-6, atol=0.0)
+
 
 def _label_aware_on_rank(rank: int, world_size: int, init_file: str, results) -> None:
     import torch.distributed as dist

@@ -1,5 +1,6 @@
-"""Contrastive heads: projections to a shared image-text space with CLIP's InfoNCE, SigLIP's sigmoid loss
-(both open_clip's own losses) or MedCLIP-style label-aware soft targets."""
+"""Contrastive heads: projections to a shared image-text space with CLIP's InfoNCE, SigLIP's sigmoid loss or
+MedCLIP-style label-aware soft targets; the losses themselves, for one process and across ranks, are
+:mod:`mmvl.models.losses`."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 
 from mmvl.errors import ConfigError
 from mmvl.models.encoders.base import EncoderOutput
+from mmvl.models.losses import ClipLoss, GatheredLoss, SigLipLoss
 from mmvl.registry import HEADS
 
 
@@ -22,10 +24,11 @@ class JointEmbeddingHead(nn.Module):
 
     ``is_contrastive`` tells ``VisionLanguageModel.contrastive_head`` (and with it retrieval validation,
     ``encode_image``/``encode_text`` and zero-shot classification) to use ``project_image``,
-    ``project_text`` and ``scale()`` of this head.
+    ``project_text`` and ``scale()`` of this head. Subclasses set ``loss_fn``, the loss that knows the ranks.
     """
 
     is_contrastive = True
+    loss_fn: GatheredLoss
 
     def __init__(self, image_dim: int, text_dim: int | None, embed_dim: int, init_logit_scale: float,
                  max_logit_scale: float):
@@ -43,20 +46,19 @@ class JointEmbeddingHead(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(init_logit_scale)))
         self.max_log_scale = math.log(max_logit_scale)
         self.embed_dim = embed_dim
-        self.rank, self.world_size = 0, 1
 
     def set_world(self, rank: int, world_size: int) -> None:
         """Where this process sits among ``world_size`` training processes: with more than one, the loss gathers
         every rank's embeddings (the trainer sets it; validation runs with ``world_size=1``, on local batches)."""
-        self.rank, self.world_size = rank, world_size
+        self.loss_fn.set_world(rank, world_size)
 
-    def gather(self, embeddings: torch.Tensor, with_grad: bool = True) -> tuple[torch.Tensor, int]:
-        """Every rank's rows and the index of this rank's first one (itself and 0 in one process)."""
-        if self.world_size == 1:
-            return embeddings, 0
-        from mmvl.ops.gather import all_gather_rows
+    @property
+    def rank(self) -> int:
+        return self.loss_fn.rank
 
-        return all_gather_rows(embeddings, with_grad=with_grad)
+    @property
+    def world_size(self) -> int:
+        return self.loss_fn.world_size
 
     def project_image(self, image: EncoderOutput) -> torch.Tensor:
         return F.normalize(self.image_proj(image.pooled), dim=-1)
@@ -94,7 +96,8 @@ class JointEmbeddingHead(nn.Module):
 
 @HEADS.register("clip", "contrastive")
 class ContrastiveHead(JointEmbeddingHead):
-    """Symmetric InfoNCE with a learnable temperature (CLIP, Radford et al. 2021) through open_clip's ``ClipLoss``.
+    """Symmetric InfoNCE with a learnable temperature (CLIP, Radford et al. 2021), by
+    :class:`~mmvl.models.losses.ClipLoss`.
 
     ``loss = (CE(t * X Y^T, I) + CE(t * Y X^T, I)) / 2`` for L2-normalised image and text embeddings ``X``,
     ``Y`` of a batch and ``t = scale()``. The scale starts at 1/0.07 and is clamped to ``max_logit_scale``
@@ -119,38 +122,19 @@ class ContrastiveHead(JointEmbeddingHead):
         world_size: int = 1,
     ):
         super().__init__(image_dim, text_dim, embed_dim, init_logit_scale, max_logit_scale)
-        from open_clip.loss import ClipLoss
-
-        self.loss_fn = ClipLoss(cache_labels=True)  # one process; set_world() switches to the gathering path
-        self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
-        self.set_world(rank, world_size)
-
-    def logits(self, image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-        """``(logits per image, logits per text, first global row, rows)``: the whole gathered batch, or with
-        ``local_loss`` this rank's rows against every rank's columns."""
-        all_image, offset = self.gather(image_emb, self.gather_with_grad)
-        all_text, _ = self.gather(text_emb, self.gather_with_grad)
-        if self.local_loss and self.world_size > 1:
-            return scale * image_emb @ all_text.T, scale * text_emb @ all_image.T, offset, len(image_emb)
-        logits = scale * all_image @ all_text.T
-        return logits, logits.T, 0, len(all_image)
+        self.loss_fn = ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank,
+                                world_size=world_size)
 
     def loss_from_embeddings(self, image_emb: torch.Tensor, text_emb: torch.Tensor, batch: dict[str, Any]
                              ) -> dict[str, Any]:
         scale = self.scale()
-        if self.world_size == 1:
-            loss = self.loss_fn(image_emb, text_emb, scale)
-        else:
-            per_image, per_text, first, rows = self.logits(image_emb, text_emb, scale)
-            target = torch.arange(first, first + rows, device=image_emb.device)
-            loss = 0.5 * (F.cross_entropy(per_image, target) + F.cross_entropy(per_text, target))
+        loss = self.loss_fn(image_emb, text_emb, scale)
         return {"loss": loss, "logit_scale": scale.detach(), "i2t_acc": self.retrieval_accuracy(image_emb, text_emb)}
 
 
 @HEADS.register("siglip", "sigmoid")
 class SigLipHead(JointEmbeddingHead):
-    """Pairwise sigmoid loss (SigLIP, Zhai et al. 2023) through open_clip's ``SigLipLoss``.
+    """Pairwise sigmoid loss (SigLIP, Zhai et al. 2023): :class:`~mmvl.models.losses.SigLipLoss`.
 
     ``loss = -1/B * sum_ij log sigmoid(z_ij * (t * x_i . y_j + b))`` with ``z_ij = 1`` for a matching pair
     and -1 otherwise, learnable ``t = exp(logit_scale)`` (starts at 10, clamped to ``max_logit_scale``) and
@@ -173,23 +157,13 @@ class SigLipHead(JointEmbeddingHead):
         world_size: int = 1,
     ):
         super().__init__(image_dim, text_dim, embed_dim, init_logit_scale, max_logit_scale)
-        from open_clip.loss import SigLipLoss
-
         self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
-        self.loss_fn = SigLipLoss()  # one process; set_world() switches to the gathering path
-        self.set_world(rank, world_size)
+        self.loss_fn = SigLipLoss(rank=rank, world_size=world_size)
 
     def loss_from_embeddings(self, image_emb: torch.Tensor, text_emb: torch.Tensor, batch: dict[str, Any]
                              ) -> dict[str, Any]:
         scale = self.scale()
-        if self.world_size == 1:
-            loss = self.loss_fn(image_emb, text_emb, scale, self.logit_bias)
-        else:
-            all_text, first = self.gather(text_emb)
-            logits = scale * image_emb @ all_text.T + self.logit_bias
-            signs = -torch.ones_like(logits)
-            signs[torch.arange(len(image_emb)), torch.arange(first, first + len(image_emb))] = 1.0
-            loss = -F.logsigmoid(signs * logits).sum() / len(image_emb)
+        loss = self.loss_fn(image_emb, text_emb, scale, self.logit_bias)
         return {"loss": loss, "logit_scale": scale.detach(), "logit_bias": self.logit_bias.detach(),
                 "i2t_acc": self.retrieval_accuracy(image_emb, text_emb)}
 
@@ -252,8 +226,8 @@ class LabelAwareContrastiveHead(ContrastiveHead):
     tau = 1). Identical label vectors get equal targets; studies with disjoint findings (and a normal study
     against an abnormal one) get none, i.e. stay negatives. A batch without ``labels``, rows whose labels are all
     unknown, and (with the default normalisation) batches whose label vectors are pairwise disjoint give exactly
-    the CLIP loss. In a ``torchrun`` run the logits span every rank's batch (``ContrastiveHead.logits``, with
-    ``local_loss`` rows for this rank only) and the labels are all-gathered to match.
+    the CLIP loss. In a ``torchrun`` run the logits span every rank's batch (:class:`~mmvl.models.losses.ClipLoss`,
+    with ``local_loss`` rows for this rank only) and the labels are all-gathered to match.
     """
 
     def __init__(self, image_dim: int, text_dim: int, soft_target_weight: float = 0.5,
@@ -272,11 +246,9 @@ class LabelAwareContrastiveHead(ContrastiveHead):
         if labels is None:
             return super().loss_from_embeddings(image_emb, text_emb, batch)
         scale = self.scale()
-        logits_per_image, logits_per_text, first, rows = self.logits(image_emb, text_emb, scale)
-        all_labels, _ = self.gather(labels.float(), with_grad=False)
+        all_labels, _ = self.loss_fn.gather(labels.float(), with_grad=False)
         targets = label_aware_targets(all_labels, self.soft_target_weight, self.label_temperature)
         soft_mass = 1.0 - targets.diagonal().mean()  # target mass on other studies' reports
-        targets = targets[first:first + rows].to(logits_per_image.dtype)  # with local_loss: this rank's rows
-        loss = 0.5 * (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets))
+        loss = self.loss_fn(image_emb, text_emb, scale, targets)
         return {"loss": loss, "logit_scale": scale.detach(), "soft_target_mass": soft_mass,
                 "i2t_acc": self.retrieval_accuracy(image_emb, text_emb)}
