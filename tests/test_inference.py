@@ -14,10 +14,10 @@ from PIL import Image
 
 import mmvl
 from mmvl.config import Config
+from mmvl.data.inputs import find_inputs, input_kind
 from mmvl.engine.trainer import Trainer
 from mmvl.errors import ConfigError
 from mmvl.evaluation.zero_shot import auroc
-from mmvl.inference import find_inputs, input_kind
 from tests.conftest import load_script, load_tool
 
 REPO = Path(__file__).resolve().parents[1]

@@ -38,13 +38,13 @@ import numpy as np
 import torch
 
 import mmvl
+from mmvl.data.inputs import InputItem, iter_batches, manifest_items
 from mmvl.data.manifest import add_root_arguments, load_manifest
 from mmvl.errors import ConfigError, MMVLError
 from mmvl.evaluation.metrics import PROBE_FRACTIONS, classification_metrics, linear_probe, target_matrix
 from mmvl.evaluation.report_metrics import TOKENIZERS, caption_metrics, finding_f1
 from mmvl.evaluation.retrieval import retrieval_metrics
 from mmvl.evaluation.zero_shot import PRESETS, prompts_from, text_prototypes, zero_shot_probabilities
-from mmvl.inference import InputItem, iter_batches, manifest_items
 from mmvl.utils import atomic_write_text, setup_logging
 from mmvl.zoo import load_pretrained
 

@@ -5,7 +5,7 @@
         [--no-repeat-ngram-size 3] [--max-length N] [--batch-size 16] [--device cpu] [--limit N]
 
 MODEL is a training work dir, a checkpoint file or a model-zoo entry (folder or name).
-INPUT may be files or folders, searched recursively (``mmvl.inference.find_inputs``): 2D models take
+INPUT may be files or folders, searched recursively (``mmvl.data.inputs.find_inputs``): 2D models take
 DICOM/PNG/JPEG files, 3D models NIfTI files and DICOM series folders; other files get an error line.
 Preprocessing is rebuilt from the model's recorded spec. One JSON line per input: ``path``, ``study_id``
 (manifest rows), and ``report`` or ``error``;
@@ -26,10 +26,10 @@ from typing import Any
 import torch
 
 import mmvl
+from mmvl.data.inputs import find_inputs, iter_batches, manifest_items
 from mmvl.data.manifest import add_root_arguments
 from mmvl.errors import ConfigError, MMVLError
 from mmvl.evaluation.report_metrics import finding_f1, report_metrics
-from mmvl.inference import find_inputs, iter_batches, manifest_items
 from mmvl.utils import atomic_write_text, setup_logging
 from mmvl.zoo import load_pretrained
 

@@ -28,10 +28,12 @@ from typing import Any
 import torch
 
 import mmvl
+from mmvl.data.inputs import manifest_items
 from mmvl.data.manifest import add_root_arguments
 from mmvl.errors import MMVLError
 from mmvl.evaluation.zero_shot import PRESETS, auroc, prompts_from
-from mmvl.inference import load_model, manifest_items, zero_shot
+from mmvl.inference import zero_shot
+from mmvl.loading import load_model
 from mmvl.utils import atomic_write_text, setup_logging
 
 

@@ -1,5 +1,5 @@
-"""Running a trained model over new scans: finding the inputs, preprocessing them in batches with the model's
-recorded pipeline, and zero-shot classification (``mmvl.zero_shot``).
+"""The scans a trained model runs on: finding them (files, folders, manifest rows) and preprocessing them in
+batches with the model's recorded pipeline, for ``mmvl.zero_shot`` and the tools.
 
 Inputs are files or folders. A 2D model takes DICOM, PNG and JPEG files, searched recursively in folders; a 3D
 model takes NIfTI files and DICOM series folders (a folder whose files are DICOM slices is one volume). Every
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,80 +177,3 @@ def iter_batches(preprocess: Any, items: Sequence[InputItem], batch_size: int = 
         bar.update(len(rows))
         yield Batch(rows=rows, loaded=loaded, images=torch.stack(images).to(device) if images else None)
     bar.close()
-
-
-def load_model(model: Any, device: Any = None) -> Any:
-    """A loaded model (``mmvl.zoo.LoadedModel``) from itself or from a work dir / checkpoint path."""
-    from mmvl.zoo import LoadedModel, load_pretrained
-
-    if isinstance(model, LoadedModel):
-        if device is not None:
-            model.model.to(device)
-        return model
-    return load_pretrained(model, device=device or "cpu")
-
-
-def zero_shot(
-    model: Any,
-    inputs: Sequence[PathLike] | PathLike = (),
-    labels: Sequence[str] | str = (),
-    preset: str | Mapping[str, Any] = "chexzero",
-    mode: str = "pairwise",
-    manifest: PathLike | None = None,
-    batch_size: int = 32,
-    device: Any = None,
-    progress: bool = True,
-    as_frame: bool = False,
-    limit: int | None = None,
-    data_root: PathLike | None = None,
-    allow_outside_root: bool = False,
-) -> Any:
-    """Zero-shot probabilities of ``labels`` for every scan in ``inputs`` (files or folders) and/or ``manifest``.
-
-    ``model``: a training work dir, a checkpoint file or a loaded model (``mmvl.zoo.load_pretrained``).
-    ``labels``: names, or one comma-separated string. ``preset``: ``chexzero``, ``ctclip``, ``ensemble``, a
-    prompt dict or a JSON/YAML prompt file (see ``mmvl.evaluation.zero_shot.load_prompt_file``). ``mode``:
-    ``pairwise`` (per label, softmax over its positive and negative prompts) or ``multiclass`` (softmax across
-    labels). Returns one dict per scan (``path``, ``study_id``, one probability per label, ``error`` naming why
-    a scan could not be read, empty otherwise; probabilities are NaN then), in input order (``limit``: only the
-    first N scans); ``as_frame=True`` gives a pandas DataFrame. ``manifest`` images must lie inside
-    ``data_root`` (default: the manifest's folder) unless ``allow_outside_root``.
-    """
-    from mmvl.evaluation.zero_shot import prompts_from, text_prototypes, zero_shot_probabilities
-
-    labels = [label.strip() for label in (labels.split(",") if isinstance(labels, str) else labels) if label.strip()]
-    if not labels:
-        raise ConfigError("zero_shot: no labels given")
-    if len(set(labels)) != len(labels):
-        raise ConfigError(f"zero_shot: repeated label names in {labels}")
-    loaded = load_model(model, device)
-    device = device or next(loaded.model.parameters()).device
-    prompts = prompts_from(labels, preset)
-    items = find_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs),
-                        volumes=loaded.preprocess.kind == "3d")
-    if manifest is not None:
-        items += manifest_items(manifest, root=data_root, allow_outside_root=allow_outside_root)
-    items = items[:limit] if limit else items
-    if not items:
-        raise ConfigError("zero_shot: no inputs (give files, folders or a manifest)")
-    net = loaded.model
-    positive, negative = text_prototypes(net, prompts)
-    scale = float(net.contrastive_head.scale().detach())
-    rows: list[dict[str, Any]] = []
-    for batch in iter_batches(loaded.preprocess, items, batch_size, device, progress, desc="zero-shot"):
-        if batch.images is not None:
-            with torch.no_grad():
-                embeddings = net.encode_image(batch.images)
-            probabilities = zero_shot_probabilities(embeddings, positive, negative, scale, mode)
-            for index, values in zip(batch.loaded, probabilities.tolist()):
-                batch.rows[index].update(zip(labels, values))
-        for row in batch.rows:
-            rows.append({"path": row["path"], "study_id": row["study_id"],
-                         **{label: row.get(label, float("nan")) for label in labels}, "error": row["error"]})
-    if as_frame:
-        try:
-            import pandas as pd
-        except ImportError as err:
-            raise ConfigError("zero_shot(as_frame=True) needs pandas (pip install pandas)") from err
-        return pd.DataFrame(rows)
-    return rows

@@ -1,4 +1,5 @@
-"""Zero-shot classification from label names: prompt presets, text prototypes, pairwise/multiclass scores."""
+"""Zero-shot classification from label names: prompt presets, text prototypes, pairwise/multiclass scores, and
+the run of a loaded model over scans (:func:`zero_shot_scans`, behind ``mmvl.zero_shot``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import torch
 
+from mmvl.data.inputs import find_inputs, iter_batches, manifest_items
 from mmvl.errors import ConfigError
 
 # Named prompt presets: where the field's published systems differ, the preset records which was used.
@@ -122,3 +124,60 @@ def auroc(scores: Sequence[float], targets: Sequence[int]) -> float:
     greater = (pos[:, None] > neg[None, :]).double().sum()
     ties = (pos[:, None] == neg[None, :]).double().sum()
     return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def zero_shot_scans(
+    loaded: Any,
+    inputs: Sequence[str | os.PathLike] | str | os.PathLike = (),
+    labels: Sequence[str] | str = (),
+    preset: str | os.PathLike | Mapping[str, Any] = "chexzero",
+    mode: str = "pairwise",
+    manifest: str | os.PathLike | None = None,
+    batch_size: int = 32,
+    device: Any = None,
+    progress: bool = True,
+    as_frame: bool = False,
+    limit: int | None = None,
+    data_root: str | os.PathLike | None = None,
+    allow_outside_root: bool = False,
+) -> Any:
+    """Zero-shot probabilities of ``labels`` for every scan in ``inputs`` and/or ``manifest``, by ``loaded`` (a
+    :class:`mmvl.loading.LoadedModel`: its ``model`` and ``preprocess``); see :func:`mmvl.inference.zero_shot`
+    for the arguments and the rows returned. ``device``: where to move the model first (default: where it is)."""
+    labels = [label.strip() for label in (labels.split(",") if isinstance(labels, str) else labels) if label.strip()]
+    if not labels:
+        raise ConfigError("zero_shot: no labels given")
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"zero_shot: repeated label names in {labels}")
+    net = loaded.model
+    if device is not None:
+        net.to(device)
+    device = next(net.parameters()).device
+    prompts = prompts_from(labels, preset)
+    items = find_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs),
+                        volumes=loaded.preprocess.kind == "3d")
+    if manifest is not None:
+        items += manifest_items(manifest, root=data_root, allow_outside_root=allow_outside_root)
+    items = items[:limit] if limit else items
+    if not items:
+        raise ConfigError("zero_shot: no inputs (give files, folders or a manifest)")
+    positive, negative = text_prototypes(net, prompts)
+    scale = float(net.contrastive_head.scale().detach())
+    rows: list[dict[str, Any]] = []
+    for batch in iter_batches(loaded.preprocess, items, batch_size, device, progress, desc="zero-shot"):
+        if batch.images is not None:
+            with torch.no_grad():
+                embeddings = net.encode_image(batch.images)
+            probabilities = zero_shot_probabilities(embeddings, positive, negative, scale, mode)
+            for index, values in zip(batch.loaded, probabilities.tolist()):
+                batch.rows[index].update(zip(labels, values))
+        for row in batch.rows:
+            rows.append({"path": row["path"], "study_id": row["study_id"],
+                         **{label: row.get(label, float("nan")) for label in labels}, "error": row["error"]})
+    if as_frame:
+        try:
+            import pandas as pd
+        except ImportError as err:
+            raise ConfigError("zero_shot(as_frame=True) needs pandas (pip install pandas)") from err
+        return pd.DataFrame(rows)
+    return rows

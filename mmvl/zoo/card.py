@@ -14,8 +14,10 @@ from typing import Any
 
 from torch import nn
 
+from mmvl import loading
+from mmvl.models.embedders import contrastive_head
 from mmvl.utils import atomic_write_text
-from mmvl.zoo import entry as zoo_entry
+from mmvl.zoo.entry import entry_files
 
 # Training-config fields the card shows (everything else in `data` may hold paths or site details).
 DATA_FIELDS = ("type", "train_split", "val_split", "report_sections", "max_skip_fraction")
@@ -85,7 +87,7 @@ def write_model_card(out: Path, config: Mapping[str, Any], train_cfg: Mapping[st
                      prompts: Mapping[str, Any] | None, metrics: Mapping[str, Any], checks: Mapping[str, Any],
                      skipped: Mapping[str, str], description: str | None = None) -> Path:
     name, model_cfg = config["name"], config["model"]
-    head = zoo_entry.contrastive_head(model)
+    head = contrastive_head(model)
     spec = config["input"]
     tags = ["medical-imaging", "vision-language", "mmvl", "radiology" if spec.get("kind") != "3d" else "ct"]
     lines = ["---", f"license: {config.get('license', 'other')}", "library_name: mmvl",
@@ -111,16 +113,16 @@ def write_model_card(out: Path, config: Mapping[str, Any], train_cfg: Mapping[st
     lines += _table(arch_rows, ("field", "value")) + [""]
 
     lines += ["## Input and preprocessing", ""]
-    if (out / zoo_entry.PREPROCESS).is_file():
+    if (out / loading.PREPROCESS).is_file():
         size = " x ".join(str(s) for s in spec.get("spatial_size") or []) or "n/a"
         lines += [f"{spec.get('kind', '').upper()} images, {spec.get('in_chans')} channel(s), {size}. The exact "
                   "pipeline is `preprocess.json` (rebuilt by `mmvl.zoo.load`); give the model tensors made by it:", ""]
-        pipeline = json.loads((out / zoo_entry.PREPROCESS).read_text())["pipeline"]
+        pipeline = json.loads((out / loading.PREPROCESS).read_text())["pipeline"]
         lines += [f"{i}. `{step['type']}` " + ", ".join(f"{k}={_short(v)}" for k, v in step.items() if k != "type")
                   for i, step in enumerate(pipeline, 1)]
     tokenizer = (model_cfg.get("text_encoder") or {}).get("max_length")
     if tokenizer:
-        lines.append(f"Text: the tokenizer in `{zoo_entry.TOKENIZER}/`, at most {tokenizer} tokens.")
+        lines.append(f"Text: the tokenizer in `{loading.TOKENIZER}/`, at most {tokenizer} tokens.")
     lines.append("")
 
     lines += ["## Training", ""]
@@ -178,8 +180,8 @@ def write_model_card(out: Path, config: Mapping[str, Any], train_cfg: Mapping[st
     lines.append("")
 
     lines += ["## Files", "", "| file | bytes |", "|---|---|"]
-    lines += [f"| {f} | {(out / f).stat().st_size:,} |" for f in zoo_entry.entry_files(out)]
-    lines += [f"| {zoo_entry.CARD} | this card |", f"| {zoo_entry.SUMS} | SHA-256 of every other file |", ""]
+    lines += [f"| {f} | {(out / f).stat().st_size:,} |" for f in entry_files(out)]
+    lines += [f"| {loading.CARD} | this card |", f"| {loading.SUMS} | SHA-256 of every other file |", ""]
 
     lines += ["## Intended use and limits", "",
               "For research on medical vision-language models: embeddings, retrieval and zero-shot scores to study "
@@ -189,6 +191,6 @@ def write_model_card(out: Path, config: Mapping[str, Any], train_cfg: Mapping[st
               "Validation metrics above come from the training data set's own validation split.", ""]
     lines += ["## Licence", "", f"`{config.get('license', 'other')}`. The licence of the training data applies to "
               "the weights as well; check it before sharing.", ""]
-    lines += ["## Integrity", "", f"`{zoo_entry.SUMS}` lists the SHA-256 of every file (`sha256sum -c "
-              f"{zoo_entry.SUMS}` in this folder); `mmvl.zoo.load` refuses a file that does not match.", ""]
-    return atomic_write_text(out / zoo_entry.CARD, "\n".join(lines))
+    lines += ["## Integrity", "", f"`{loading.SUMS}` lists the SHA-256 of every file (`sha256sum -c "
+              f"{loading.SUMS}` in this folder); `mmvl.zoo.load` refuses a file that does not match.", ""]
+    return atomic_write_text(out / loading.CARD, "\n".join(lines))

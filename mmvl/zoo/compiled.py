@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from mmvl.zoo.entry import ImageEmbedder
-from mmvl.zoo.export import ExportContext, NotExportable, compare
+from mmvl.models import ImageEmbedder
+from mmvl.zoo._context import ExportContext, NotExportable, compare
 
 TORCHSCRIPT_FILE = "torchscript/image_encoder.pt"
 ONNX_FILE = "onnx/image_encoder.onnx"
@@ -45,7 +45,7 @@ def export_onnx(context: ExportContext) -> dict[str, Any]:
     """``onnx/image_encoder.onnx`` (input ``image``, output ``embedding``, dynamic batch), checked with
     onnxruntime on the CPU."""
     try:
-        import onnx  # noqa: F401  (the exporter needs it)
+        import onnx  # noqa: F401  (the exporter needs it; optional, as onnxruntime: the [export] extra)
         import onnxruntime
     except ImportError as err:
         raise NotExportable(f"needs onnx and onnxruntime ({err.name} missing): pip install -e '.[export]'") from err

@@ -22,47 +22,30 @@ import torch
 from torch import nn
 
 import mmvl
+from mmvl import loading
 from mmvl.data.transforms import save_preprocess
 from mmvl.errors import CheckpointError, ConfigError
+from mmvl.evaluation.zero_shot import PRESETS, load_prompt_file
+from mmvl.loading import LoadedModel, load_pretrained
+from mmvl.models import EncoderModel, VisionLanguageModel
+from mmvl.models.embedders import contrastive_head
 from mmvl.utils import atomic_write_text
+from mmvl.zoo import compiled, hf_text, monai_bundle, open_clip_format
 from mmvl.zoo import entry as zoo_entry
-from mmvl.zoo.load import LoadedModel, load_pretrained
+from mmvl.zoo._context import (
+    PROBE_TEXTS,
+    ExportContext,
+    NotExportable,
+    bert_config_fields,
+    compare,
+    plain,
+    save_tokenizer,
+)
+from mmvl.zoo.card import write_model_card
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("mmvl", "open_clip", "hf", "monai", "torchscript", "onnx")
-MIN_COSINE = 0.9999  # interop embeddings against mmvl's, float32, on the same input
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
-                   "tokenizer.model")
-PROBE_TEXTS = ["no acute cardiopulmonary process", "small left pleural effusion", "pneumothorax", "normal study"]
-
-
-class NotExportable(ConfigError):
-    """This model cannot be written in a requested format (the message says why)."""
-
-
-@dataclass
-class ExportContext:
-    """What the format writers get: the loaded ``model`` (eval, CPU, float32), the entry folder being written
-    (``out``), the entry's ``config`` (config.json, without the formats list), and probe inputs."""
-
-    model: nn.Module
-    loaded: LoadedModel
-    out: Path
-    name: str
-    config: dict[str, Any]
-    probe_images: torch.Tensor
-    probe_texts: list[str]
-    final: Path | None = None  # where the entry will be once written (``out`` is a temporary sibling)
-
-    @property
-    def parts(self) -> list[str]:
-        return self.config["parts"]
-
-    @property
-    def input(self) -> dict[str, Any]:
-        return self.config["input"]
 
 
 @dataclass
@@ -81,38 +64,13 @@ class ExportResult:
     def files(self) -> list[tuple[str, int]]:
         """``(relative path, bytes)`` of every file in the entry."""
         return [(name, (self.path / name).stat().st_size) for name in [*zoo_entry.entry_files(self.path),
-                                                                        zoo_entry.SUMS]]
-
-
-def compare(reference: torch.Tensor, other: torch.Tensor | Any, what: str, threshold: float = MIN_COSINE,
-            ) -> dict[str, Any]:
-    """Row-wise cosine of two embedding batches (float32); refuses the export below ``threshold``."""
-    other = torch.as_tensor(other).float().reshape(reference.shape)
-    reference = reference.float()
-    cosine = torch.nn.functional.cosine_similarity(reference, other, dim=-1).min().item()
-    result = {"cosine_min": round(cosine, 7), "max_abs_diff": float((reference - other).abs().max()),
-              "bitwise_equal": bool(torch.equal(reference, other))}
-    if not cosine >= threshold:
-        raise CheckpointError(f"{what}: embeddings differ from mmvl's (min cosine {cosine:.6f} < {threshold}); "
-                              "the export is wrong, not written")
-    return result
+                                                                        loading.SUMS]]
 
 
 # -- the mmvl format -------------------------------------------------------------------------------------------
 def towers(model: nn.Module) -> list[str]:
     return [part for part, attr in (("image", "image_encoder"), ("text", "text_encoder"))
             if getattr(model, attr, None) is not None]
-
-
-def _plain(value: Any) -> Any:
-    """Nested dicts/lists/tuples as JSON-ready dicts and lists; anything else must already be JSON data."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise ConfigError(f"config value {value!r} ({type(value).__name__}) is not plain data; config.json holds JSON only")
 
 
 def _absolute_paths(value: Any, where: str = "model") -> list[str]:
@@ -125,40 +83,13 @@ def _absolute_paths(value: Any, where: str = "model") -> list[str]:
     return []
 
 
-def bert_config_fields(hf_config: Any, tokenizer: Any) -> dict[str, Any] | None:
-    """The ``config=`` fields that rebuild a pretrained BERT-family text model from scratch, or None when
-    ``HFTextEncoder(config=...)`` (a ``BertModel`` sized by the tokenizer) cannot express it."""
-    if hf_config.model_type != "bert" or hf_config.vocab_size != len(tokenizer):
-        return None
-    if hf_config.pad_token_id != tokenizer.pad_token_id:
-        return None
-    fields = hf_config.to_diff_dict()
-    for key in ("vocab_size", "pad_token_id", "architectures", "_name_or_path", "transformers_version", "model_type",
-                "torch_dtype", "dtype", "_attn_implementation_autoset", "add_pooling_layer"):
-        fields.pop(key, None)
-    return _plain(fields)
-
-
-def save_tokenizer(tokenizer: Any, source: Any, folder: Path) -> None:
-    """The tokenizer's own files when it came from a folder (byte-identical; only tokenizer files, the folder may
-    be a whole pretrained model), else ``save_pretrained``."""
-    files = [Path(source) / name for name in TOKENIZER_FILES] if isinstance(source, (str, os.PathLike)) else []
-    files = [file for file in files if file.is_file()]
-    folder.mkdir(parents=True, exist_ok=True)
-    if files:
-        for file in files:
-            shutil.copy2(file, folder / file.name)
-    else:
-        tokenizer.save_pretrained(str(folder))
-
-
 def entry_model_config(model_cfg: Mapping[str, Any], model: nn.Module, parts: Sequence[str],
                        out: Path) -> tuple[str, dict[str, Any]]:
     """``(architecture, model dict)`` for config.json: the training config's model dict with local paths removed
     (pretrained weight files, hub flags), tokenizers saved into ``out`` and named relative to it, and distributed
     settings dropped. Pretrained BERT text models are rewritten as ``config=`` (their weights are in
     model.safetensors); other pretrained text models point at the entry's ``text_encoder/`` folder."""
-    cfg = copy.deepcopy(_plain(model_cfg))
+    cfg = copy.deepcopy(plain(model_cfg))
     cfg.pop("type", None)
     image = cfg.get("image_encoder")
     if image:
@@ -183,13 +114,11 @@ def entry_model_config(model_cfg: Mapping[str, Any], model: nn.Module, parts: Se
                 text.pop("pretrained")
                 text["config"] = bert
             else:
-                from mmvl.zoo.hf_text import write_text_model
-
-                write_text_model(text_module, out / "text_encoder", source)
-                text["pretrained"] = "text_encoder"
-        save_tokenizer(text_module.tokenizer, source, out / zoo_entry.TOKENIZER)
-        tokenizer_sources[zoo_entry.TOKENIZER] = source
-        text["tokenizer"] = zoo_entry.TOKENIZER
+                hf_text.write_text_model(text_module, out / hf_text.FOLDER, source)
+                text["pretrained"] = hf_text.FOLDER
+        save_tokenizer(text_module.tokenizer, source, out / loading.TOKENIZER)
+        tokenizer_sources[loading.TOKENIZER] = source
+        text["tokenizer"] = loading.TOKENIZER
     heads = cfg.get("heads") or []
     heads = heads if isinstance(heads, list) else [heads]
     for head_cfg, (head_name, head) in zip(heads, getattr(model, "heads", {}).items()):
@@ -199,7 +128,7 @@ def entry_model_config(model_cfg: Mapping[str, Any], model: nn.Module, parts: Se
             source = head_cfg["tokenizer"]
             shared = next((folder for folder, seen in tokenizer_sources.items() if seen == source), None)
             if shared is None:
-                shared = zoo_entry.TOKENIZER if not tokenizer_sources else f"tokenizer_{head_name}"
+                shared = loading.TOKENIZER if not tokenizer_sources else f"tokenizer_{head_name}"
                 save_tokenizer(head.tokenizer, source, out / shared)
                 tokenizer_sources[shared] = source
             head_cfg["tokenizer"] = shared
@@ -207,19 +136,17 @@ def entry_model_config(model_cfg: Mapping[str, Any], model: nn.Module, parts: Se
         image = None
     if "text" not in parts:
         text = None
-    from mmvl.models import VisionLanguageModel
-
     if isinstance(model, VisionLanguageModel) and set(parts) == set(towers(model)):
         architecture = "VisionLanguageModel"
         entry_cfg = {key: value for key, value in cfg.items() if value is not None}
     else:
         architecture = "EncoderModel"
-        head = zoo_entry.contrastive_head(model)
+        head = contrastive_head(model)
         entry_cfg = {"image_encoder": image, "text_encoder": text,
                      "embed_dim": None if head is None else int(head.embed_dim),
                      "max_logit_scale": 100.0 if head is None else float(math.exp(head.max_log_scale))}
         for folder in list(tokenizer_sources):
-            if text is None or folder != zoo_entry.TOKENIZER:
+            if text is None or folder != loading.TOKENIZER:
                 shutil.rmtree(out / folder, ignore_errors=True)
     leaks = _absolute_paths(entry_cfg)
     if leaks:
@@ -231,10 +158,10 @@ def entry_model_config(model_cfg: Mapping[str, Any], model: nn.Module, parts: Se
 def _entry_state(model: nn.Module, architecture: str) -> dict[str, torch.Tensor]:
     """The loaded model's weights under the entry model's names."""
     state = model.state_dict()
-    if architecture == "VisionLanguageModel" or isinstance(model, zoo_entry.EncoderModel):
+    if architecture == "VisionLanguageModel" or isinstance(model, EncoderModel):
         return state
     mapped = {k: v for k, v in state.items() if k.startswith(("image_encoder.", "text_encoder."))}
-    head = zoo_entry.contrastive_head(model)
+    head = contrastive_head(model)
     if head is not None:
         mapped.update({"image_proj.weight": head.image_proj.weight, "text_proj.weight": head.text_proj.weight,
                        "logit_scale": head.logit_scale})
@@ -244,7 +171,7 @@ def _entry_state(model: nn.Module, architecture: str) -> dict[str, torch.Tensor]
 def rebuild_from_entry(model: nn.Module, architecture: str, entry_cfg: Mapping[str, Any], out: Path) -> nn.Module:
     """Build the model config.json describes and give it the loaded weights: the check that config.json alone
     (with the entry's tokenizers) rebuilds the architecture."""
-    rebuilt = zoo_entry.build_entry_model({"architecture": architecture, "model": entry_cfg}, out)
+    rebuilt = loading.build_entry_model({"architecture": architecture, "model": entry_cfg}, out)
     own = rebuilt.state_dict()
     state = {k: v for k, v in _entry_state(model, architecture).items()  # a pretrained BERT's unused pooler goes
              if k in own or not k.startswith("text_encoder.model.pooler.")}
@@ -292,14 +219,14 @@ def _check_rebuilt(model: nn.Module, rebuilt: nn.Module, images: torch.Tensor, t
     """The rebuilt model must give bitwise the same embeddings as the loaded one."""
     checks = {}
     if "image" in parts and getattr(model, "image_encoder", None) is not None:
-        expected = (model.encode_image(images) if zoo_entry.contrastive_head(model) is not None
+        expected = (model.encode_image(images) if contrastive_head(model) is not None
                     else model.image_encoder(images).pooled)
-        got = (rebuilt.encode_image(images) if zoo_entry.contrastive_head(rebuilt) is not None
+        got = (rebuilt.encode_image(images) if contrastive_head(rebuilt) is not None
                else rebuilt.image_encoder(images).pooled)
-        if zoo_entry.contrastive_head(model) is None:
+        if contrastive_head(model) is None:
             expected, got = (torch.nn.functional.normalize(t, dim=-1) for t in (expected, got))
         checks["image"] = compare(expected, got, "mmvl image embeddings")
-    if "text" in parts and getattr(model, "text_encoder", None) is not None and zoo_entry.contrastive_head(model):
+    if "text" in parts and getattr(model, "text_encoder", None) is not None and contrastive_head(model):
         checks["text"] = compare(model.encode_text(texts), rebuilt.encode_text(texts), "mmvl text embeddings")
     for part, check in checks.items():
         if not check["bitwise_equal"]:
@@ -317,8 +244,6 @@ def find_prompts(work_dir: Path | None, prompts: str | os.PathLike | Mapping[str
     """``prompts.json`` content: from ``prompts`` (a zero-shot/evaluation JSON sidecar, a prompt file, or a dict),
     else from the work dir: the prompts of a ``tools/evaluate.py --task zero_shot`` result, or the newest zero-shot
     sidecar (``tools/zero_shot.py --out X.csv`` writes ``X.json``)."""
-    from mmvl.evaluation.zero_shot import PRESETS, load_prompt_file
-
     record: dict[str, Any] | None = None
     source = None
     if isinstance(prompts, Mapping):
@@ -395,13 +320,10 @@ def find_metrics(work_dir: Path | None, metrics: str | os.PathLike | Mapping[str
 
 # -- export ----------------------------------------------------------------------------------------------------
 def _writers() -> dict[str, Callable[[ExportContext], dict[str, Any]]]:
-    from mmvl.zoo.compiled import export_onnx, export_torchscript
-    from mmvl.zoo.hf_text import export_hf_text
-    from mmvl.zoo.monai_bundle import export_monai_bundle
-    from mmvl.zoo.open_clip_format import export_open_clip
-
-    return {"open_clip": export_open_clip, "hf": export_hf_text, "monai": export_monai_bundle,
-            "torchscript": export_torchscript, "onnx": export_onnx}
+    """The interop writers, looked up when called (a test replaces one to see a failed export cleaned up)."""
+    return {"open_clip": open_clip_format.export_open_clip, "hf": hf_text.export_hf_text,
+            "monai": monai_bundle.export_monai_bundle, "torchscript": compiled.export_torchscript,
+            "onnx": compiled.export_onnx}
 
 
 def parse_list(value: str | Sequence[str] | None, allowed: Sequence[str], what: str) -> list[str] | None:
@@ -438,11 +360,11 @@ def export(
     """
     zoo_entry.check_name(name)
     loaded = source if isinstance(source, LoadedModel) else load_pretrained(source)
-    if loaded.config.get("format") == zoo_entry.FORMAT:
+    if loaded.config.get("format") == loading.FORMAT:
         raise ConfigError(f"{loaded.source} is already a zoo entry; export from its work dir or checkpoint")
     model = loaded.model.to("cpu").float().eval()
     available = towers(model)
-    chosen_parts = parse_list(parts, zoo_entry.PARTS, "--parts") or available
+    chosen_parts = parse_list(parts, loading.PARTS, "--parts") or available
     missing = [p for p in chosen_parts if p not in available]
     if missing:
         raise ConfigError(f"--parts {','.join(chosen_parts)}: this model has no {' or '.join(missing)} encoder")
@@ -451,9 +373,9 @@ def export(
     chosen_formats = ["mmvl", *[f for f in (chosen_formats or FORMATS) if f != "mmvl"]]
 
     out = Path(out) if out is not None else Path("model_zoo") / name
-    if out.exists() and not (zoo_entry.is_entry(out) or (out.is_dir() and not any(out.iterdir()))):
+    if out.exists() and not (loading.is_entry(out) or (out.is_dir() and not any(out.iterdir()))):
         raise ConfigError(f"--out {out}: exists and is not a zoo entry; choose another folder")
-    if out.exists() and zoo_entry.is_entry(out) and not overwrite:
+    if out.exists() and loading.is_entry(out) and not overwrite:
         raise ConfigError(f"--out {out}: an entry exists already; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=out.parent))
@@ -467,7 +389,7 @@ def export(
     result.path = out
     if index:
         record = {"path": os.path.relpath(out.resolve(), out.parent.resolve()),
-                  "sha256sums": zoo_entry.sha256_file(out / zoo_entry.SUMS), "parts": chosen_parts,
+                  "sha256sums": loading.sha256_file(out / loading.SUMS), "parts": chosen_parts,
                   "formats": result.formats, "input": result.config["input"]["kind"],
                   "mmvl_version": mmvl.__version__,
                   "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -488,8 +410,6 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 def _write_entry(loaded: LoadedModel, model: nn.Module, out: Path, final: Path, name: str, parts: list[str],
                  formats: list[str], explicit: bool, prompts: Any, metrics: Any, license: str,
                  description: str | None) -> ExportResult:
-    from mmvl.zoo.card import write_model_card
-
     train_cfg = loaded.config
     work_dir = Path(loaded.info["work_dir"]) if loaded.info.get("work_dir") else None
     architecture, entry_cfg = entry_model_config(train_cfg["model"], model, parts, out)
@@ -498,21 +418,21 @@ def _write_entry(loaded: LoadedModel, model: nn.Module, out: Path, final: Path, 
         "kind": "text", "in_chans": None, "spatial_size": None}
     probe_images = _probe_images(spec) if "image" in parts else torch.empty(0)
     checks: dict[str, Any] = {"mmvl": _check_rebuilt(model, rebuilt, probe_images, PROBE_TEXTS, parts)}
-    zoo_entry.save_weights(rebuilt, out / zoo_entry.WEIGHTS)
+    zoo_entry.save_weights(rebuilt, out / loading.WEIGHTS)
     if loaded.preprocess is not None:
-        save_preprocess(out / zoo_entry.PREPROCESS, loaded.preprocess.spec, mmvl_version=mmvl.__version__)
+        save_preprocess(out / loading.PREPROCESS, loaded.preprocess.spec, mmvl_version=mmvl.__version__)
     prompt_record = find_prompts(work_dir, prompts)
     if prompt_record is not None:
-        atomic_write_text(out / zoo_entry.PROMPTS, json.dumps(prompt_record, indent=2) + "\n")
-    head = zoo_entry.contrastive_head(model)
+        atomic_write_text(out / loading.PROMPTS, json.dumps(prompt_record, indent=2) + "\n")
+    head = contrastive_head(model)
     config = {
-        "format": zoo_entry.FORMAT, "format_version": zoo_entry.FORMAT_VERSION, "name": name,
+        "format": loading.FORMAT, "format_version": loading.FORMAT_VERSION, "name": name,
         "architecture": architecture, "parts": parts, "model": entry_cfg, "input": spec,
         "embedding": {"dim": int(head.embed_dim) if head is not None else None, "normalized": True,
                       "logit_scale": float(head.scale().detach()) if head is not None else None},
-        "tokenizer": zoo_entry.TOKENIZER if (out / zoo_entry.TOKENIZER).is_dir() else None,
+        "tokenizer": loading.TOKENIZER if (out / loading.TOKENIZER).is_dir() else None,
         # the report sections the text tower was trained on (tools/evaluate.py, generate_reports.py read them)
-        "data": {key: _plain(value) for key, value in (train_cfg.get("data") or {}).items()
+        "data": {key: plain(value) for key, value in (train_cfg.get("data") or {}).items()
                  if key == "report_sections"},
         "license": license, "mmvl_version": mmvl.__version__,
         "source": {"checkpoint": Path(loaded.source).name, "step": loaded.info.get("step"),
@@ -532,9 +452,9 @@ def _write_entry(loaded: LoadedModel, model: nn.Module, out: Path, final: Path, 
             skipped[fmt] = str(err)
             logger.info("export %s: %s skipped: %s", name, fmt, err)
     config["formats"] = done
-    atomic_write_text(out / zoo_entry.CONFIG, json.dumps(config, indent=2) + "\n")
+    atomic_write_text(out / loading.CONFIG, json.dumps(config, indent=2) + "\n")
     write_model_card(out, config, train_cfg, model, prompt_record, find_metrics(work_dir, metrics), checks, skipped,
                      description)
     zoo_entry.write_checksums(out)
-    zoo_entry.verify_entry(out)
+    loading.verify_entry(out)
     return ExportResult(path=out, name=name, config=config, formats=done, skipped=skipped, checks=checks)

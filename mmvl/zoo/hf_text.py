@@ -16,9 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmvl.errors import ConfigError
+from mmvl.loading import LoadedModel
+from mmvl.models import EncoderModel
+from mmvl.models.embedders import contrastive_head, text_projection
 from mmvl.models.encoders import HFTextEncoder
-from mmvl.zoo.entry import EncoderModel, contrastive_head, text_projection
-from mmvl.zoo.export import ExportContext, NotExportable, compare, save_tokenizer
+from mmvl.zoo._context import ExportContext, NotExportable, compare, save_tokenizer
 
 FOLDER = "text_encoder"
 SIDECAR = "mmvl_text.json"  # pooling, max_length, projection: what turns AutoModel's output into mmvl's embedding
@@ -100,14 +102,13 @@ def export_hf_text(context: ExportContext) -> dict[str, Any]:
     return checks
 
 
-def import_hf_text(folder: str | os.PathLike, pooling: str | None = None, max_length: int | None = None) -> Any:
+def import_hf_text(folder: str | os.PathLike, pooling: str | None = None, max_length: int | None = None
+                   ) -> LoadedModel:
     """An mmvl text-only model (``LoadedModel`` with ``encode_text``) from a local transformers folder: the
     ``text_encoder/`` of a zoo entry (its ``mmvl_text.json`` gives pooling and the projection) or any BERT-family
     model folder (``pooling`` ``"cls"`` or ``"mean"``, default cls). ``mmvl.zoo.export(model, name)`` writes it
     as a zoo entry (``--parts text``)."""
     from safetensors.torch import load_file
-
-    from mmvl.zoo.load import LoadedModel
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():

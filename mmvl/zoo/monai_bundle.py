@@ -1,7 +1,7 @@
 """The image encoder as a MONAI bundle at the entry's root (``configs/metadata.json``, ``configs/inference.json``,
 ``models/model.pt``, and ``models/model.ts`` made by MONAI's own ``ckpt_export``), so one folder is at once an mmvl
 entry, a Hugging Face-style repo and a MONAI bundle. The network maps images to the L2-normalised embedding
-(:class:`mmvl.zoo.entry.ImageEmbedder`, built from the entry's plain config). Checked with MONAI's
+(:class:`mmvl.models.ImageEmbedder`, built from the entry's plain config). Checked with MONAI's
 ``verify_net_in_out``, ``monai.bundle.load`` (weights through ``torch.load(weights_only=True)``) and the
 TorchScript module, against mmvl's embeddings."""
 
@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmvl.zoo.entry import ImageEmbedder
-from mmvl.zoo.export import ExportContext, NotExportable, compare
+import mmvl
+from mmvl.models import ImageEmbedder
+from mmvl.zoo._context import ExportContext, NotExportable, compare
 
 BUNDLE_VERSION = "0.1.0"
 META_SCHEMA = ("https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
@@ -41,8 +42,6 @@ def _value_range(pipeline: list[dict[str, Any]]) -> list[float]:
 def bundle_configs(context: ExportContext) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(metadata, inference)`` JSON of the bundle."""
     import monai
-
-    import mmvl
 
     spec = context.input
     embed_dim = context.config["embedding"]["dim"]
@@ -84,7 +83,7 @@ def bundle_configs(context: ExportContext) -> tuple[dict[str, Any], dict[str, An
         "imports": ["$import torch"],
         "bundle_root": ".",
         "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
-        "network_def": {"_target_": "mmvl.zoo.entry.ImageEmbedder",
+        "network_def": {"_target_": "mmvl.models.embedders.ImageEmbedder",
                         "image_encoder": context.config["model"]["image_encoder"], "embed_dim": embed_dim},
         "network": "$@network_def.to(@device)",
         "mmvl_preprocess": "preprocess.json",

@@ -22,10 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmvl.data.transforms import Pipeline
 from mmvl.errors import CheckpointError, ConfigError
-from mmvl.models.encoders import EncoderOutput, HFTextEncoder, TimmImageEncoder
-from mmvl.registry import ENCODERS
-from mmvl.zoo.export import ExportContext, NotExportable, compare
+from mmvl.loading import LoadedModel
+from mmvl.models import build_model
+from mmvl.models.encoders import HFTextEncoder, ProjectedHFTextEncoder, TimmImageEncoder
+from mmvl.zoo._context import PROBE_TEXTS, ExportContext, NotExportable, bert_config_fields, compare
 
 FOLDER = "open_clip"
 CONFIG_FILE = "open_clip_config.json"
@@ -37,31 +39,6 @@ TIMM_ENCODER_ARGS = {"type", "model_name", "in_chans", "img_size", "pretrained",
                      "grad_checkpointing", "token_drop", "attention"}
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's default preprocess_cfg (OpenAI CLIP)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@ENCODERS.register("open_clip_hf_text")
-class ProjectedHFTextEncoder(HFTextEncoder):
-    """A transformers text encoder followed by open_clip's text projection (``proj_type`` ``"linear"`` or
-    ``"mlp"``: Linear-GELU-Linear without biases, hidden width ``(width + proj_dim) // 2``), so open_clip models
-    with an MLP text head (BiomedCLIP) import exactly; ``pooled`` is the projected feature and the contrastive
-    head's text projection is the identity."""
-
-    def __init__(self, proj_type: str = "mlp", proj_dim: int = 512, **kwargs: Any):
-        super().__init__(**kwargs)
-        width = self.out_dim
-        if proj_type == "linear":
-            self.proj = nn.Linear(width, proj_dim, bias=False)
-        elif proj_type == "mlp":
-            hidden = (width + proj_dim) // 2
-            self.proj = nn.Sequential(nn.Linear(width, hidden, bias=False), nn.GELU(),
-                                      nn.Linear(hidden, proj_dim, bias=False))
-        else:
-            raise ConfigError(f"text_encoder.proj_type must be 'linear' or 'mlp', got {proj_type!r}")
-        self.proj_type, self.out_dim = proj_type, int(proj_dim)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:
-        out = super().forward(input_ids, attention_mask)
-        return EncoderOutput(pooled=self.proj(out.pooled), tokens=out.tokens, attention_mask=out.attention_mask)
 
 
 def _stem_name(timm_model: nn.Module) -> str:
@@ -158,7 +135,7 @@ def export_open_clip(context: ExportContext) -> dict[str, Any]:
         raise NotExportable(f"open_clip takes timm vision towers; this one is {type(model.image_encoder).__name__}")
     if not isinstance(model.text_encoder, HFTextEncoder):
         raise NotExportable("open_clip takes transformers text towers")
-    import open_clip
+    import open_clip  # heavy (torchvision, hub clients): imported only when open_clip interop runs
     from open_clip.hf_configs import arch_dict
 
     if model.text_encoder.model.config.model_type not in arch_dict:
@@ -235,8 +212,8 @@ def _fold_stem(weight: torch.Tensor, bias: torch.Tensor | None, mean_rgb: list[f
 
 def import_open_clip(model_config: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
                      text_model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
-                     ) -> Any:
-    """An mmvl model (a :class:`~mmvl.zoo.LoadedModel` with ``encode_image``/``encode_text``/``zero_shot``) from an
+                     ) -> LoadedModel:
+    """An mmvl model (a :class:`~mmvl.loading.LoadedModel` with ``encode_image``/``encode_text``/``zero_shot``) from an
     open_clip model config and checkpoint on disk.
 
     ``model_config``: an ``open_clip_config.json`` (``model_cfg`` + ``preprocess_cfg``), a bare model config JSON,
@@ -249,13 +226,8 @@ def import_open_clip(model_config: str | os.PathLike, checkpoint: str | os.PathL
     The imported model is checked against open_clip's own on a probe (gray images copied to RGB); write it as a
     zoo entry with ``mmvl.zoo.export(model, name)``.
     """
-    import open_clip
+    import open_clip  # heavy (torchvision, hub clients): imported only when open_clip interop runs
     from transformers import AutoTokenizer
-
-    from mmvl.data.transforms import Pipeline
-    from mmvl.models import build_model
-    from mmvl.zoo.export import bert_config_fields
-    from mmvl.zoo.load import LoadedModel
 
     model_cfg, preprocess_cfg, folder = _read_open_clip_config(model_config)
     checkpoint = Path(checkpoint) if checkpoint is not None else _find_checkpoint(folder or Path(model_config).parent)
@@ -361,8 +333,6 @@ def _check_import(model: nn.Module, reference: nn.Module, size: tuple[int, int],
                   std_rgb: list[float], mean: float, std: float, text: Mapping[str, Any]) -> dict[str, Any]:
     """mmvl on ``(g - mean) / std`` against open_clip on ``(g - mean_c) / std_c`` for random gray images ``g``."""
     from open_clip.tokenizer import HFTokenizer
-
-    from mmvl.zoo.export import PROBE_TEXTS
 
     gray = torch.rand(2, 1, *size, generator=torch.Generator().manual_seed(0))
     rgb = (gray - torch.tensor(mean_rgb).view(1, 3, 1, 1)) / torch.tensor(std_rgb).view(1, 3, 1, 1)

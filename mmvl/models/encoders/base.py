@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from mmvl.errors import ConfigError
+from mmvl.ops import patch_attention
+from mmvl.utils import get_logger
 
 
 @dataclass
@@ -56,11 +61,6 @@ def load_weights_file(module: nn.Module, path: str, what: str) -> None:
     ``swinViT.``/``vit.`` from MONAI's SwinUNETR/UNETR checkpoints) are removed. Missing or unexpected keys
     are logged; a file whose keys match nothing, or whose shapes differ, is an error naming the file.
     """
-    import os
-
-    from mmvl.errors import ConfigError
-    from mmvl.utils import get_logger
-
     if not os.path.isfile(path):
         raise ConfigError(f"{what}.pretrained_path: file not found: {path}")
     if path.endswith(".safetensors"):
@@ -96,12 +96,8 @@ def load_weights_file(module: nn.Module, path: str, what: str) -> None:
 def use_mmvl_attention(module: nn.Module, attention: str, what: str) -> int:
     """``attention="mmvl"``: route the timm/MONAI attention modules inside ``module`` through
     :func:`mmvl.ops.attention` (xformers on GPU when installed, else torch SDPA); ``"native"``: leave them."""
-    from mmvl.errors import ConfigError
-
     if attention not in ("mmvl", "native"):
         raise ConfigError(f"{what}.attention must be 'mmvl' or 'native', got {attention!r}")
     if attention == "native":
         return 0
-    from mmvl.ops import patch_attention
-
     return patch_attention(module)

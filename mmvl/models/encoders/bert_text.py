@@ -19,6 +19,16 @@ from mmvl.registry import ENCODERS, unknown_key_message
 FROM_TOKENIZER = ("vocab_size", "pad_token_id")
 
 
+def bert_config_names() -> set[str]:
+    """The fields ``BertConfig`` knows: its keyword arguments and the attributes of a default config (any other
+    keyword is kept as an attribute that nothing reads)."""
+    from transformers import BertConfig
+
+    fields = {n for n, p in inspect.signature(BertConfig.__init__).parameters.items()
+              if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n != "self"}
+    return fields | {n for n in BertConfig().to_dict() if not n.startswith("_") and n != "model_type"}
+
+
 @ENCODERS.register("bert", "hf_text")
 class HFTextEncoder(nn.Module):
     """A transformers encoder (BERT, PubMedBERT, CXR-BERT, MiniLM...) pooled by ``[CLS]`` or mean.
@@ -81,11 +91,7 @@ class HFTextEncoder(nn.Module):
             return
         if not isinstance(config, Mapping):
             raise ConfigError(f"{where}.config must be a dict of BertConfig fields, got {config!r}")
-        from transformers import BertConfig
-
-        fields = {n for n, p in inspect.signature(BertConfig.__init__).parameters.items()
-                  if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n != "self"}
-        fields |= {n for n in BertConfig().to_dict() if not n.startswith("_") and n != "model_type"}
+        fields = bert_config_names()
         for key in config:
             if key in FROM_TOKENIZER:
                 raise ConfigError(f"{where}.config.{key}: set from the tokenizer's vocabulary; leave it out")

@@ -1,14 +1,18 @@
-"""open_clip vision towers by open_clip model name, so open_clip configs and checkpoints plug into mmvl."""
+"""open_clip towers: vision towers by open_clip model name, so open_clip configs and checkpoints plug into mmvl,
+and open_clip's transformers text tower (a BERT-family encoder + open_clip's text projection), as open_clip
+checkpoints imported into mmvl (:func:`mmvl.zoo.import_open_clip`) have it."""
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from torch import nn
 
 from mmvl.errors import ConfigError
 from mmvl.models.encoders.base import EncoderOutput
+from mmvl.models.encoders.bert_text import HFTextEncoder
 from mmvl.registry import ENCODERS
 
 
@@ -66,3 +70,28 @@ class OpenCLIPVisionEncoder(nn.Module):
         out = self.visual(images)
         pooled, tokens = out if isinstance(out, tuple) else (out, out[:, None])
         return EncoderOutput(pooled=pooled, tokens=tokens)
+
+
+@ENCODERS.register("open_clip_hf_text")
+class ProjectedHFTextEncoder(HFTextEncoder):
+    """A transformers text encoder followed by open_clip's text projection (``proj_type`` ``"linear"`` or
+    ``"mlp"``: Linear-GELU-Linear without biases, hidden width ``(width + proj_dim) // 2``), so open_clip models
+    with an MLP text head (BiomedCLIP) import exactly; ``pooled`` is the projected feature and the contrastive
+    head's text projection is the identity."""
+
+    def __init__(self, proj_type: str = "mlp", proj_dim: int = 512, **kwargs: Any):
+        super().__init__(**kwargs)
+        width = self.out_dim
+        if proj_type == "linear":
+            self.proj = nn.Linear(width, proj_dim, bias=False)
+        elif proj_type == "mlp":
+            hidden = (width + proj_dim) // 2
+            self.proj = nn.Sequential(nn.Linear(width, hidden, bias=False), nn.GELU(),
+                                      nn.Linear(hidden, proj_dim, bias=False))
+        else:
+            raise ConfigError(f"text_encoder.proj_type must be 'linear' or 'mlp', got {proj_type!r}")
+        self.proj_type, self.out_dim = proj_type, int(proj_dim)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderOutput:
+        out = super().forward(input_ids, attention_mask)
+        return EncoderOutput(pooled=self.proj(out.pooled), tokens=out.tokens, attention_mask=out.attention_mask)

@@ -15,6 +15,7 @@ from torch import nn
 
 from mmvl.errors import ConfigError
 from mmvl.models.encoders.base import EncoderOutput
+from mmvl.ops import patch_attention
 from mmvl.registry import HEADS
 from mmvl.utils import atomic_write
 
@@ -119,8 +120,6 @@ class MAEHead(nn.Module):
     ):
         super().__init__()
         from timm.models.vision_transformer import Block
-
-        from mmvl.ops import patch_attention
 
         del text_dim  # reconstruction needs no text
         self.mask_ratio = _check_mask_ratio(mask_ratio, "model.heads: mae.mask_ratio")

@@ -1,0 +1,46 @@
+"""Running a trained model over new scans: ``mmvl.zero_shot``, zero-shot classification of files, folders and
+manifest rows by a work dir, checkpoint or zoo entry. Finding and preprocessing the scans is
+:mod:`mmvl.data.inputs`; loading the model, :mod:`mmvl.loading`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from mmvl.evaluation.zero_shot import zero_shot_scans
+from mmvl.loading import load_model
+
+PathLike = str | os.PathLike
+
+
+def zero_shot(
+    model: Any,
+    inputs: Sequence[PathLike] | PathLike = (),
+    labels: Sequence[str] | str = (),
+    preset: str | Mapping[str, Any] = "chexzero",
+    mode: str = "pairwise",
+    manifest: PathLike | None = None,
+    batch_size: int = 32,
+    device: Any = None,
+    progress: bool = True,
+    as_frame: bool = False,
+    limit: int | None = None,
+    data_root: PathLike | None = None,
+    allow_outside_root: bool = False,
+) -> Any:
+    """Zero-shot probabilities of ``labels`` for every scan in ``inputs`` (files or folders) and/or ``manifest``.
+
+    ``model``: a training work dir, a checkpoint file, a zoo entry (folder or name) or a loaded model
+    (``mmvl.zoo.load_pretrained``). ``labels``: names, or one comma-separated string. ``preset``: ``chexzero``,
+    ``ctclip``, ``ensemble``, a prompt dict or a JSON/YAML prompt file (see
+    ``mmvl.evaluation.zero_shot.load_prompt_file``). ``mode``: ``pairwise`` (per label, softmax over its positive
+    and negative prompts) or ``multiclass`` (softmax across labels). Returns one dict per scan (``path``,
+    ``study_id``, one probability per label, ``error`` naming why a scan could not be read, empty otherwise;
+    probabilities are NaN then), in input order (``limit``: only the first N scans); ``as_frame=True`` gives a
+    pandas DataFrame. ``manifest`` images must lie inside ``data_root`` (default: the manifest's folder) unless
+    ``allow_outside_root``.
+    """
+    return zero_shot_scans(load_model(model, device), inputs, labels, preset=preset, mode=mode, manifest=manifest,
+                           batch_size=batch_size, progress=progress, as_frame=as_frame, limit=limit,
+                           data_root=data_root, allow_outside_root=allow_outside_root)
