@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mmvl.config import Config
-from mmvl.engine.checkpoint import load_checkpoint
 from mmvl.data.tokenizer import load_tokenizer
+from mmvl.engine.checkpoint import load_checkpoint
 from mmvl.engine.trainer import Trainer
 from mmvl.errors import CheckpointError, ConfigError, ManifestError
 from tests.conftest import tiny_clip_config as tiny_config
