@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,5 +68,6 @@ def test_tools_take_data_root_flags_and_config(tmp_path, make_dicom, capsys):
     assert check_data([str(manifest), "--data-root", str(tmp_path)]) == 0
     assert check_data([str(manifest), "--allow-outside-root"]) == 0
     config = tmp_path / "cfg.py"
-    config.write_text(f"data = dict(root={str(tmp_path)!r}, eval_pipeline=[dict(type='LoadImage')])\n")
+    demo = Path(__file__).resolve().parents[2] / "configs" / "demo" / "cxr_clip_tiny.py"
+    config.write_text(f"_base_ = [{str(demo)!r}]\ndata = dict(root={str(tmp_path)!r})\n")  # a training config
     assert check_data([str(manifest), "--config", str(config)]) == 0
