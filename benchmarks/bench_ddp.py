@@ -142,9 +142,17 @@ def prepare(case: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- one rank of a run, under torchrun --------------------------------------------------------------------------
-def worker(result_dir: str, train_argv: list[str]) -> int:
+def worker(result_dir: str, train_argv: list[str], independent: bool = False) -> int:
     """``tools/train.py``'s ``main(train_argv)`` with the start and end of every ``Trainer.train_step`` stamped;
-    then this rank's figures go to ``result_dir/rank<RANK>.json``."""
+    then this rank's figures go to ``result_dir/rank<RANK>.json``. ``independent``: this process leaves the
+    process group torchrun describes and trains alone, in a work dir of its own (``WORK_DIR/rank<RANK>``)."""
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if independent:
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(key, None)
+        at = train_argv.index("--work-dir") + 1
+        train_argv = [*train_argv[:at], str(Path(train_argv[at]) / f"rank{rank}"), *train_argv[at + 1:]]
     import torch
 
     from mmvl.engine.trainer import Trainer
@@ -174,8 +182,7 @@ def worker(result_dir: str, train_argv: list[str]) -> int:
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
     status = train.main(train_argv)
-    rank = int(os.environ.get("RANK", "0"))
-    figures = {"rank": rank, "world_size": int(os.environ.get("WORLD_SIZE", "1")), "status": status,
+    figures = {"rank": rank, "world_size": world, "status": status,
                "pid": os.getpid(), "peak_rss_mb": round(rss._peak_rss_mb(), 1),
                "built_rss_mb": round(built_mb[0], 1) if built_mb else None, "torch_threads": torch.get_num_threads(),
                "starts": starts, "ends": ends, "cpu_starts": cpu_starts, "cpu_ends": cpu_ends}
@@ -203,13 +210,16 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def run_world(case: dict[str, Any], world: int, run_dir: Path, timeout_s: float) -> dict[str, Any]:
-    """Train with ``world`` processes; returns the run's figures or ``{"error": ...}``."""
+def run_world(case: dict[str, Any], world: int, run_dir: Path, timeout_s: float,
+              independent: bool = False) -> dict[str, Any]:
+    """Train with ``world`` processes; returns the run's figures or ``{"error": ...}``. ``independent``: the
+    ``world`` processes each train alone at the same time (no process group: nothing communicated, cores and
+    memory shared), the ceiling that contention alone leaves for the ranks of a real run."""
     results = run_dir / "ranks"
     results.mkdir(parents=True)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
-               str(Path(__file__).resolve()), "--worker", str(results), case["config"], "--work-dir",
-               str(run_dir / "work")]
+               str(Path(__file__).resolve()), "--worker-independent" if independent else "--worker", str(results),
+               case["config"], "--work-dir", str(run_dir / "work")]
     python_path = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
     env = dict(os.environ, OMP_NUM_THREADS=str(case["threads"]), MMVL_NO_PROGRESS="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=python_path)
@@ -247,10 +257,12 @@ def run_world(case: dict[str, Any], world: int, run_dir: Path, timeout_s: float)
     slowest = max(range(world), key=lambda r: windows[r][0])
     window, step_ms, _ = windows[slowest]
     samples_per_s = world * batch * steps / window
-    records = [json.loads(line) for line in (run_dir / "work" / "metrics.jsonl").read_text("utf-8").splitlines()]
+    log = run_dir / "work" / ("rank0" if independent else "") / "metrics.jsonl"
+    records = [json.loads(line) for line in log.read_text("utf-8").splitlines()]
     timed = [r for r in records if "samples_per_s" in r and r["step"] > warmup]  # rank 0's log: global samples
     return {
-        "world_size": world, "global_batch": world * batch, "samples_per_s": round(samples_per_s, 3),
+        "world_size": world, "independent": independent, "global_batch": world * batch,
+        "samples_per_s": round(samples_per_s, 3),
         "samples_per_s_per_process": round(samples_per_s / world, 3),
         "ms_per_step": round(1000 * window / steps, 2), "step_ms": [round(ms, 2) for ms in step_ms],
         "window_s_per_rank": [round(w, 4) for w, _, _ in windows],
@@ -269,12 +281,20 @@ def run_world(case: dict[str, Any], world: int, run_dir: Path, timeout_s: float)
 
 
 # -- the parent: runs, medians, table, JSON ----------------------------------------------------------------------
+def row_key(world: int, independent: bool) -> str:
+    return f"{world} ind." if independent else str(world)
+
+
 def summarize(runs: list[dict[str, Any]], worlds: Sequence[int], flops_per_sample: float | None,
               peak: float | None) -> dict[str, Any]:
-    """Per world size: medians over its runs; efficiency against world size 1; TFLOP/s and MFU per process."""
+    """Per world size (and per ``N ind.``: N processes training alone at once): medians over its runs;
+    efficiency against world size 1; TFLOP/s and MFU per process."""
     summary: dict[str, Any] = {}
-    for world in worlds:
-        done = [r for r in runs if r.get("world_size") == world and "error" not in r]
+    rows = [(world, False) for world in worlds]
+    rows += [(world, True) for world in worlds if any(r.get("independent") and r.get("world") == world for r in runs)]
+    for world, independent in rows:
+        done = [r for r in runs if r.get("world_size") == world and "error" not in r
+                and bool(r.get("independent")) == independent]
         if not done:
             continue
         facts: dict[str, Any] = {"runs": len(done)}
@@ -292,10 +312,11 @@ def summarize(runs: list[dict[str, Any]], worlds: Sequence[int], flops_per_sampl
             per_process = flops_per_sample * facts["samples_per_s"] / world
             facts["tflops_per_s_per_process"] = round(per_process / 1e12, 5)
             facts["mfu"] = round(per_process / peak, 4) if peak else None
-        summary[str(world)] = facts
+        summary[row_key(world, independent)] = facts
     baseline = summary.get("1")
-    for world, facts in summary.items():
-        facts["efficiency"] = (round(facts["samples_per_s"] / (int(world) * baseline["samples_per_s"]), 3)
+    for key, facts in summary.items():
+        world = int(key.split()[0])
+        facts["efficiency"] = (round(facts["samples_per_s"] / (world * baseline["samples_per_s"]), 3)
                                if baseline else None)
     return summary
 
@@ -319,18 +340,22 @@ def format_table(report: dict[str, Any]) -> str:
         "time per step (work, waits left out); 1 process: torchrun too, but no process group (no "
         f"{config['strategy'].upper()} wrapper, no all-reduce)",
     ]
-    head = (f"  {'procs':>5}{'batch':>7}{'samples/s':>11}{'per proc':>10}{'effic.':>8}{'ms/step':>9}"
+    head = (f"  {'procs':>7}{'batch':>7}{'samples/s':>11}{'per proc':>10}{'effic.':>8}{'ms/step':>9}"
             f"{'trainer s/s':>13}{'data ms':>9}")
     head += f"{'TFLOP/s/proc':>14}{'MFU':>7}" if flops else ""
     lines.append(head + "  CPU %/proc  CPU ms/step/proc  peak RSS MB/proc")
-    for world in config["world_sizes"]:
-        facts = summary.get(str(world))
+    rows = [(world, independent) for world in config["world_sizes"]
+            for independent in ((False, True) if config.get("independent") and world > 1 else (False,))]
+    for world, independent in rows:
+        key = row_key(world, independent)
+        facts = summary.get(key)
         if facts is None:
-            error = next((r["error"] for r in report["runs"] if r.get("world") == world and "error" in r), "?")
-            lines.append(f"  {world:>5}  failed: {error[:150]}")
+            error = next((r["error"] for r in report["runs"] if r.get("world") == world
+                          and bool(r.get("independent")) == independent and "error" in r), "?")
+            lines.append(f"  {key:>7}  failed: {error[:150]}")
             continue
         efficiency = "-" if facts["efficiency"] is None else f"{facts['efficiency']:.2f}"
-        row = (f"  {world:>5}{world * config['batch_size']:>7}{facts['samples_per_s']:>11.2f}"
+        row = (f"  {key:>7}{world * config['batch_size']:>7}{facts['samples_per_s']:>11.2f}"
                f"{facts['samples_per_s_per_process']:>10.2f}{efficiency:>8}{facts['ms_per_step']:>9.1f}"
                f"{facts['trainer_samples_per_s']:>13.2f}{facts['data_ms']:>9.2f}")
         if flops:
@@ -344,6 +369,10 @@ def format_table(report: dict[str, Any]) -> str:
     loads += [r[key] for r in report["runs"] for key in ("load_avg_start", "load_avg_end") if key in r]
     lines.append(f"  load average: {config['load_avg_start']:g} at the start, {config['load_avg_end']:g} at the end, "
                  f"up to {max(loads):g} during the runs, on {config['cpu_count']} cores")
+    if config.get("independent"):
+        lines.append("  N ind.: N processes training alone at the same time (no process group, nothing communicated; "
+                     "cores, caches and memory bandwidth shared): the efficiency contention alone allows. The gap "
+                     "between it and the N row is the cost of communication and rank agreement")
     busiest_threads = max(config["world_sizes"]) * config["threads"]
     if not cuda and busiest_threads >= (config["cpu_count"] or 1):
         lines.append(f"  note: {max(config['world_sizes'])} processes x {config['threads']} thread(s) fill the "
@@ -370,6 +399,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of each run")
     parser.add_argument("--steps", type=int, default=30, help="timed steps of each run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per world size, alternating; medians reported")
+    parser.add_argument("--independent", action="store_true",
+                        help="also run each world size N > 1 as N processes training alone at the same time, to "
+                             "tell contention for the machine from the cost of communication")
     parser.add_argument("--flops", action="store_true", help="count FLOPs for TFLOP/s on CPU too (always on CUDA)")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak for MFU, when its name is not "
                                                           "in bench_train.py's table")
@@ -435,8 +467,8 @@ def spawn_prepare(case: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--worker"]:  # a rank under torchrun: the rest is tools/train.py's command line
-        sys.exit(worker(argv[1], argv[2:]))
+    if argv[:1] in (["--worker"], ["--worker-independent"]):  # a rank under torchrun: the rest is tools/train.py's
+        sys.exit(worker(argv[1], argv[2:], independent=argv[0] == "--worker-independent"))  # command line
     args = parse_args(argv)
     if args.prepare is not None:
         print(json.dumps(prepare(json.loads(args.prepare))))
@@ -455,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 # 80 % of the synthetic rows are training rows: 4 global batches of the largest world per epoch
                 n_images=max(40, -(-4 * global_batch * 10 // 8)))
     config = {key: getattr(args, key) for key in ("device", "world_sizes", "strategy", "amp", "batch_size", "threads",
-                                                   "warmup", "steps", "repeats", "quick")}
+                                                   "warmup", "steps", "repeats", "quick", "independent")}
     config.update(model=spec, backend="nccl" if cuda else "gloo", gpu=gpu, peak_flops=peak,
                   cpu_count=os.cpu_count(), python=platform.python_version(), torch=torch.__version__,
                   load_avg_start=round(os.getloadavg()[0], 2))
@@ -467,13 +499,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         config.update(params=prepared["params"], train_rows=prepared["train_rows"], images=case["n_images"],
                       flops_per_sample=prepared.get("flops_per_sample"), generate_s=prepared["generate_s"])
         for repeat in range(args.repeats):
-            for world in args.world_sizes:
-                print(f"run {repeat + 1}/{args.repeats}: {world} process(es) ...", file=sys.stderr)
-                result = run_world({**case, "config": prepared["config"]}, world, scratch / f"run{repeat}_n{world}",
-                                   args.timeout)
+            for world, independent in [(w, i) for w in args.world_sizes
+                                       for i in ((False, True) if args.independent and w > 1 else (False,))]:
+                what = "independent processes" if independent else "process(es)"
+                print(f"run {repeat + 1}/{args.repeats}: {world} {what} ...", file=sys.stderr)
+                result = run_world({**case, "config": prepared["config"]}, world,
+                                   scratch / f"run{repeat}_n{world}{'i' if independent else ''}", args.timeout,
+                                   independent)
                 if "error" in result:
                     print(f"  failed: {result['error']}", file=sys.stderr)
-                runs.append({"world": world, "repeat": repeat, **result})
+                runs.append({"world": world, "repeat": repeat, "independent": independent, **result})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     config["load_avg_end"] = round(os.getloadavg()[0], 2)

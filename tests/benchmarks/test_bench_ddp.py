@@ -22,7 +22,7 @@ def test_bench_ddp_reports_every_figure(tmp_path, capsys):
     bench = load_bench("bench_ddp")
     out_json = tmp_path / "ddp.json"
     report = bench.main(["--quick", "--device", "cpu", "--flops", "--timeout", "120", "--work-dir", str(tmp_path),
-                         "--out-json", str(out_json)])
+                         "--out-json", str(out_json), "--independent"])
     out = capsys.readouterr().out
     printed = [line for line in out.splitlines() if line.startswith("{")]
     assert len(printed) == 1
@@ -37,7 +37,8 @@ def test_bench_ddp_reports_every_figure(tmp_path, capsys):
     assert config["load_avg_start"] >= 0 and config["load_avg_end"] >= 0
 
     runs = line["runs"]
-    assert [run["world"] for run in runs] == [1, 2]
+    assert [(run["world"], run["independent"]) for run in runs] == [(1, False), (2, False), (2, True)]
+    assert "2 ind." in line["summary"] and "\n   2 ind." in out  # 2 processes alone at once: the contention row
     for run in runs:
         assert "error" not in run, run.get("stderr_tail")
         world = run["world_size"]
@@ -53,14 +54,19 @@ def test_bench_ddp_reports_every_figure(tmp_path, capsys):
         assert math.isfinite(run["loss_first"]) and math.isfinite(run["loss_last"])
 
     summary = line["summary"]
-    assert set(summary) == {"1", "2"}
-    for world, facts in summary.items():
+    assert set(summary) == {"1", "2", "2 ind."}
+    for key, facts in summary.items():
+        world = key.split()[0]
         for figure in WORLD_FIGURES:
             assert _positive(facts[figure]), (world, figure)
         for key in ("peak_rss_mb_per_process", "cpu_util_per_process", "cpu_ms_per_step_per_process"):
             assert len(facts[key]) == int(world) and all(_positive(value) for value in facts[key]), (world, key)
         assert facts["samples_per_s_per_process"] == pytest.approx(facts["samples_per_s"] / int(world), rel=1e-3)
         assert facts["mfu"] is None  # no peak FLOP/s for a CPU
+    assert summary["2 ind."]["efficiency"] == pytest.approx(
+        summary["2 ind."]["samples_per_s"] / (2 * summary["1"]["samples_per_s"]), abs=1e-3)
+    independent = next(run for run in runs if run["independent"])
+    assert "N ind.:" in out and independent["finished"] and len(independent["peak_rss_mb"]) == 2
     assert summary["1"]["efficiency"] == 1.0
     assert summary["2"]["efficiency"] == pytest.approx(  # rounded to 3 decimals
         summary["2"]["samples_per_s"] / (2 * summary["1"]["samples_per_s"]), abs=1e-3)
