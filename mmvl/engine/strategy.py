@@ -65,9 +65,15 @@ class Strategy:
         if self.kind == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
+            # Buffers are broadcast from rank 0 before every forward only where training changes them (batch-norm
+            # statistics); the ViT/BERT towers' buffers are constants (position ids), and the broadcast would be one
+            # more collective per step. Gradients are views into DDP's buckets: no copy in or out of them.
+            running_stats = any(isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+                                for m in model.modules())
             self.train_model = DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=self.find_unused_parameters)
+                find_unused_parameters=self.find_unused_parameters, broadcast_buffers=running_stats,
+                gradient_as_bucket_view=True)
             return self.train_model
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
