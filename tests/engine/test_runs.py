@@ -167,3 +167,9 @@ def test_model_typo_fails_before_data_and_tokenizer(synthetic_cxr, tmp_path, mon
     err = capsys.readouterr().err
     assert "model.image_encoder.dpeth" in err and "'depth'" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_log_interval_longer_than_the_run_still_logs_the_last_step(synthetic_cxr, tmp_path, one_thread):
+    work = tmp_path / "run"
+    Trainer(tinier_config(synthetic_cxr, "train.log_interval=1000"), work).fit()
+    assert [r["step"] for r in read_jsonl(work / "metrics.jsonl") if "loss" in r] == [3]
