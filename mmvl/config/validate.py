@@ -1,7 +1,7 @@
 """The check of a whole training config before any expensive work, and the size knobs that fill it.
 
 ``validate_config(cfg)`` refuses, naming the dotted key, the closest known name and the known names: unknown
-top-level names, unknown keys of ``train``/``data``/``optim`` (:mod:`mmvl.engine.schema`), keys of every
+top-level names, unknown keys of ``train``/``data``/``optim`` (:mod:`mmvl.config.schema`), keys of every
 ``type=`` dict (encoders, heads, pipeline steps) that its class does not take (``Registry.check``, the same
 check ``build`` makes), tokenizer recipes, sizes that disagree with their knob, and a warmup that never ends.
 Nothing is built and no data is read.
@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from mmvl.config import Config
-from mmvl.engine.schema import (
+from mmvl.config.schema import (
     DATA_DEFAULTS,
     DATA_TYPES,
     KNOBS,

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from mmvl.config.schema import DATA_DEFAULTS
 from mmvl.data.loader import Collate, ResumableSampler
 from mmvl.data.tokenizer import train_wordpiece_tokenizer
-from mmvl.engine.schema import DATA_DEFAULTS
 from mmvl.errors import CheckpointError, ConfigError, ManifestError
 from mmvl.registry import DATASETS
 from mmvl.utils import atomic_directory, get_logger
@@ -27,7 +27,7 @@ logger = get_logger(__name__)
 def build_datasets(data_cfg: Mapping[str, Any], work_dir: Path, seed: int) -> tuple[Dataset, Dataset | None]:
     """``data.type="manifest"`` reads ``data.manifest``; ``"shards"`` streams the webdataset shards in
     ``data.shards`` that ``tools/make_shards.py`` wrote from one (``data.resampled``, ``data.shuffle_buffer``).
-    Every key of ``data`` is one of :data:`mmvl.engine.schema.DATA_DEFAULTS` (the config check refuses others)."""
+    Every key of ``data`` is one of :data:`mmvl.config.schema.DATA_DEFAULTS` (the config check refuses others)."""
     data = {**DATA_DEFAULTS, **data_cfg}
     kind = data["type"]
     streaming = kind == "shards"

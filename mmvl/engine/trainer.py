@@ -28,6 +28,7 @@ import torch
 
 import mmvl
 from mmvl.config import Config
+from mmvl.config.schema import TRAIN_DEFAULTS
 from mmvl.config.validate import resolve_config, validate_config
 from mmvl.data.loader import Collate
 from mmvl.data.transforms import save_preprocess
@@ -44,7 +45,6 @@ from mmvl.engine.checkpoint import (
 from mmvl.engine.data import build_datasets, build_train_loader, prepare_tokenizers, to_device, train_batches
 from mmvl.engine.grad_cache import check_grad_cache, grad_cache_step
 from mmvl.engine.optim import apply_config_after_resume, build_optimizer, build_scheduler, config_hyperparameters
-from mmvl.engine.schema import TRAIN_DEFAULTS
 from mmvl.engine.state import (
     JSONL_LOGS,
     RunState,
