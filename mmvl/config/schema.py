@@ -28,6 +28,9 @@ DATA_DEFAULTS: dict[str, Any] = dict(
     shuffle_buffer=1000, resampled=False, train_split="train", val_split=None,
     report_sections=("findings", "impression"), on_error="skip", max_skip_fraction=0.01,
     cache=None, cache_dir=None, cache_workers=0, train_pipeline=None, eval_pipeline=None,
+    # a study's views (manifest rows listing several images): "random" (one per study, drawn anew each epoch),
+    # "frontal" (drawn among its frontal views), "all" (one item per view; a batch never holds two of one study)
+    view_policy="random",
 )
 
 OPTIM_DEFAULTS: dict[str, Any] = dict(

@@ -8,10 +8,11 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mmvl.data.manifest import load_manifest
+from mmvl.data.manifest import is_frontal, load_manifest
 from mmvl.data.reports import report_text
 from mmvl.data.transforms import LoadVolume, Pipeline
 from mmvl.errors import DataError, ManifestError
@@ -22,6 +23,7 @@ logger = get_logger(__name__)
 
 
 CACHE_KINDS = (None, "memory", "disk")
+VIEW_POLICIES = ("random", "frontal", "all")
 
 
 class LoadStage:
@@ -68,6 +70,13 @@ class ManifestDataset(Dataset):
     Image paths outside ``root`` (default: the manifest's folder) are refused unless ``allow_outside_root``
     (config ``data.root`` / ``data.allow_outside_root``; see :func:`~mmvl.data.manifest.load_manifest`).
 
+    A row is a study: ``image`` may list several views (with an optional ``views`` list: ``PA``, ``AP``,
+    ``LATERAL``...). ``view_policy="random"`` (default) gives one item per study, its view drawn from the
+    per-sample seed (so each epoch may show another view, reproducibly and across resumes); ``"frontal"`` draws
+    among its frontal views only (all views when the row names none); ``"all"`` gives one item per view. Without a
+    seed (evaluation) a study shows its first frontal view (its first image when no view is frontal or named).
+    ``group_keys`` name each item's study and report text, so a sampler can keep them out of one batch.
+
     ``cache="memory"`` keeps the output of the deterministic steps in RAM (MONAI ``CacheDataset``, filled
     at start-up); ``cache="disk"`` stores it under ``cache_dir`` (MONAI ``PersistentDataset``), keyed by
     path, file size and mtime and the deterministic part of the pipeline spec. Random steps always run
@@ -89,7 +98,11 @@ class ManifestDataset(Dataset):
         cache_workers: int = 0,
         root: str | os.PathLike | None = None,
         allow_outside_root: bool = False,
+        view_policy: str = "random",
     ):
+        if view_policy not in VIEW_POLICIES:
+            raise ValueError(f"view_policy must be one of {VIEW_POLICIES}, got {view_policy!r}")
+        self.view_policy = view_policy
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if cache not in CACHE_KINDS:
@@ -134,16 +147,50 @@ class ManifestDataset(Dataset):
         if label_names is None:
             label_names = sorted({name for row in self.rows for name in (row["labels"] or {})})
         self.label_names = list(label_names)
+        # the views each study may show, and the items: (row, fixed view) or (row, None: drawn per sample)
+        self.candidates = [self._candidate_views(row) for row in self.rows]
+        if view_policy == "all":
+            self.items = [(r, v) for r, views in enumerate(self.candidates) for v in views]
+        else:
+            self.items = [(r, None) for r in range(len(self.rows))]
         self.cache = cache
+        self._pairs = [(r, v) for r, views in enumerate(self.candidates) for v in views]  # what a cache holds
+        self._pair_index = {pair: i for i, pair in enumerate(self._pairs)}
         self._cached = self._build_cache(cache, cache_dir, cache_workers) if cache else None
+
+    def _candidate_views(self, row: dict[str, Any]) -> list[int]:
+        views = row.get("views")
+        every = list(range(len(row["image"])))
+        if self.view_policy == "frontal" and views:
+            frontal = [v for v in every if is_frontal(views[v])]
+            return frontal or every
+        return every
+
+    def _default_view(self, row_index: int) -> int:
+        """The view shown without a seed: the first frontal one among the candidates, else the first."""
+        views = self.rows[row_index].get("views")
+        candidates = self.candidates[row_index]
+        return next((v for v in candidates if views and is_frontal(views[v])), candidates[0])
+
+    @property
+    def group_keys(self) -> list[tuple[Any, str]]:
+        """``(study, normalised report text)`` of every item: two items sharing either are one study's views or
+        two identical reports, a false negative in a contrastive batch."""
+        keys = []
+        for r, _ in self.items:
+            row = self.rows[r]
+            study = row.get("study_id")
+            text = " ".join(row["text"].lower().split())
+            keys.append((("study", study) if study not in (None, "") else ("row", r), text))
+        return keys
 
     @property
     def skipped_empty_reports(self) -> int:
         return sum(entry["reason"].startswith("empty report") for entry in self.skipped_rows)
 
-    def _item(self, row: dict[str, Any]) -> dict[str, Any]:
+    def _item(self, row: dict[str, Any], view: int = 0) -> dict[str, Any]:
         fields = {key: row[key] for key in LoadVolume.FIELDS if row.get(key) is not None}
-        return {"path": row["image"][0], "fields": fields}
+        return {"path": row["image"][view], "fields": fields}
 
     def _build_cache(self, cache: str, cache_dir: str | os.PathLike | None, workers: int) -> Dataset:
         from monai.data import CacheDataset, PersistentDataset
@@ -151,36 +198,52 @@ class ManifestDataset(Dataset):
 
         stage = Lambda(LoadStage(self.pipeline), track_meta=False)
         if cache == "memory":
-            items = [self._item(row) for row in self.rows]
+            items = [self._item(self.rows[r], v) for r, v in self._pairs]
             return CacheDataset(items, transform=stage, cache_rate=1.0, num_workers=workers or None,
                                 copy_cache=False, progress=os.environ.get("MMVL_NO_PROGRESS") != "1")
         spec = json.dumps(self.pipeline.deterministic_spec, sort_keys=True)
-        items = [{**self._item(row), "stamp": _stamp(row["image"][0]), "spec": spec} for row in self.rows]
+        items = [{**self._item(self.rows[r], v), "stamp": _stamp(self.rows[r]["image"][v]), "spec": spec}
+                 for r, v in self._pairs]
         os.makedirs(cache_dir, exist_ok=True)
         return PersistentDataset(items, transform=stage, cache_dir=cache_dir)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.items)
 
     @property
     def texts(self) -> list[str]:
+        """The report of every study (once per study, whatever the view policy)."""
         return [row["text"] for row in self.rows]
 
     def labels_of(self, row: dict[str, Any]) -> torch.Tensor:
         labels = row["labels"] or {}
         return torch.tensor([float(labels.get(name, -1)) for name in self.label_names], dtype=torch.float32)
 
-    def load(self, index: int) -> dict[str, Any]:
-        """Output of the deterministic steps for row ``index`` (from the cache if any), or ``{"error": ...}``."""
+    def load(self, row_index: int, view: int = 0) -> dict[str, Any]:
+        """Output of the deterministic steps for view ``view`` of row ``row_index`` (from the cache if any), or
+        ``{"error": ...}``."""
         if self._cached is not None:
-            return self._cached[index]
-        return LoadStage(self.pipeline)(self._item(self.rows[index]))
+            return self._cached[self._pair_index[(row_index, view)]]
+        return LoadStage(self.pipeline)(self._item(self.rows[row_index], view))
+
+    def view_of(self, index: int, seed: int | None) -> int:
+        """The view item ``index`` shows: its fixed one, one drawn from ``seed``, or the default one."""
+        row_index, view = self.items[index]
+        if view is not None:
+            return view
+        candidates = self.candidates[row_index]
+        if seed is None or len(candidates) == 1:
+            return self._default_view(row_index)
+        # its own stream, derived from the sample seed: the augmentation's draws are those of a one-view row
+        return candidates[int(np.random.default_rng([seed, 1]).integers(len(candidates)))]
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, seed = key if isinstance(key, tuple) else (key, None)
-        row = self.rows[index]
-        path = row["image"][0]
-        loaded = self.load(index)
+        row_index = self.items[index][0]
+        row = self.rows[row_index]
+        view = self.view_of(index, seed)
+        path = row["image"][view]
+        loaded = self.load(row_index, view)
         if "error" in loaded:
             if self.on_error == "raise":
                 raise DataError(None, f"manifest line {row['line']}: {loaded['error']}")
@@ -193,7 +256,8 @@ class ManifestDataset(Dataset):
         item = {
             "image": image,
             "report": row["text"],
-            "meta": {"path": path, "study_id": row.get("study_id"), "index": index},
+            "meta": {"path": path, "study_id": row.get("study_id"), "index": index, "view": view,
+                     "view_name": row["views"][view] if row.get("views") else None},
         }
         if self.label_names:
             item["labels"] = self.labels_of(row)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,12 +22,19 @@ class ResumableSampler(Sampler):
     dropped): the ranks together see the samples, in the order and with the seeds, that one process with
     batch ``batch_size * world_size`` would. ``start`` counts samples of the whole epoch, so a run resumed
     with another number of processes continues where it stopped.
+
+    ``groups``: keys of every index (e.g. ``(study, report text)``); two indices sharing a key are never put in
+    one global batch while the epoch has another place for them (:func:`spread_groups`): the views of one study,
+    or two identical reports, would be false negatives of a contrastive loss.
     """
 
     def __init__(self, size: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1,
-                 batch_size: int = 1):
+                 batch_size: int = 1, groups: Sequence[Sequence[Hashable]] | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
+        if groups is not None and len(groups) != size:
+            raise ValueError(f"groups has {len(groups)} entries for {size} indices")
+        self.groups = groups
         self.size, self.seed, self.shuffle = size, seed, shuffle
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.epoch, self.start = 0, 0
@@ -44,6 +51,8 @@ class ResumableSampler(Sampler):
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(self.size) if self.shuffle else np.arange(self.size)
         seeds = rng.integers(0, 2**31 - 1, size=self.size)
+        if self.groups is not None:
+            order = spread_groups(order, self.groups, self.batch_size * self.world_size)
         if self.world_size == 1:
             positions = range(self.start, self.size)
         else:
@@ -53,6 +62,45 @@ class ResumableSampler(Sampler):
                                                            span) for offset in range(self.batch_size))
         for position in positions:
             yield int(order[position]), int(seeds[position])
+
+
+def spread_groups(order: Sequence[int], groups: Sequence[Sequence[Hashable]], span: int) -> np.ndarray:
+    """``order`` cut into consecutive batches of ``span`` such that no two indices in one batch share a key of
+    ``groups[index]``, staying as close to ``order`` as that allows: an index that would collide waits for the
+    next batch with room for it (waiting ones go first). Indices that find no such batch end the epoch (in the
+    last, possibly incomplete batch). The same ``order`` always gives the same result, so a resumed epoch is the
+    same epoch."""
+    if span <= 1:
+        return np.asarray(order)
+    out: list[int] = []
+    waiting: list[int] = []
+    source = iter(order)
+    exhausted = False
+    while not exhausted or waiting:
+        batch: list[int] = []
+        keys: set[Hashable] = set()
+        still_waiting = []
+        for index in waiting:
+            if len(batch) < span and keys.isdisjoint(groups[index]):
+                batch.append(int(index))
+                keys.update(groups[index])
+            else:
+                still_waiting.append(index)
+        waiting = still_waiting
+        while len(batch) < span and not exhausted:
+            index = next(source, None)
+            if index is None:
+                exhausted = True
+            elif keys.isdisjoint(groups[index]):
+                batch.append(int(index))
+                keys.update(groups[index])
+            else:
+                waiting.append(index)
+        out.extend(batch)
+        if exhausted and len(batch) < span:  # the epoch's last, incomplete batch: what still waits follows it
+            out.extend(int(i) for i in waiting)
+            break
+    return np.asarray(out, dtype=np.int64)
 
 
 class Collate:

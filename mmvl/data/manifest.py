@@ -53,6 +53,28 @@ def _inside(path: str, root: str) -> bool:
     return os.path.commonpath([path, root]) == root if os.path.isabs(path) == os.path.isabs(root) else False
 
 
+FRONTAL_VIEWS = ("PA", "AP", "AP AXIAL", "PA AXIAL", "FRONTAL")  # (0018,5101) ViewPosition values seen frontal
+
+
+def _parse_views(views: Any, n_images: int, path: Path, line: int, csv_row: bool) -> list[str] | None:
+    """The optional ``views`` of a study row: one view name per image (``PA``, ``AP``, ``LATERAL``, ``LL``...),
+    upper-cased; ``;``-separated in CSV."""
+    if views in (None, "", []):
+        return None
+    if csv_row and isinstance(views, str):
+        views = [part.strip() for part in views.split(";")]
+    if isinstance(views, str):
+        views = [views]
+    if not isinstance(views, list) or len(views) != n_images or not all(isinstance(v, str | None) for v in views):
+        raise ManifestError(path, f"row {line}: 'views' must list one view name per image ({n_images}), got "
+                                  f"{views!r}")
+    return [(v or "").strip().upper() for v in views]
+
+
+def is_frontal(view: str | None) -> bool:
+    return (view or "").upper() in FRONTAL_VIEWS
+
+
 def _parse_row(raw: dict[str, Any], path: Path, line: int, csv_row: bool, root: str | None) -> dict[str, Any]:
     problem = _encoding_problem(raw)
     raw = {key: _readable(value) for key, value in raw.items()}
@@ -76,6 +98,7 @@ def _parse_row(raw: dict[str, Any], path: Path, line: int, csv_row: bool, root: 
                                           f"set data.root (--data-root) to a folder holding every image, such as "
                                           f"{common}, or data.allow_outside_root=True (--allow-outside-root) if "
                                           "the manifest is trusted")
+    row["views"] = _parse_views(raw.get("views"), len(row["image"]), path, line, csv_row)
     row["report"] = "" if raw.get("report") is None else str(raw["report"])
     labels = raw.get("labels")
     if csv_row and isinstance(labels, str):

@@ -47,12 +47,17 @@ def build_datasets(data_cfg: Mapping[str, Any], work_dir: Path, seed: int) -> tu
         allow_outside_root=bool(data["allow_outside_root"]),
     )
     stream = dict(seed=seed, resampled=bool(data["resampled"]), shuffle_buffer=int(data["shuffle_buffer"])) \
-        if streaming else {}
+        if streaming else dict(view_policy=data["view_policy"])
+    if streaming and data["view_policy"] != DATA_DEFAULTS["view_policy"]:
+        raise ConfigError(f"data.view_policy={data['view_policy']!r} applies to manifests; shards hold one image per "
+                          "sample as tools/make_shards.py wrote them")
     train_set = DATASETS.build(dict(type=kind, split=data["train_split"], pipeline=data["train_pipeline"],
                                     **stream, **common))
     val_set = None
     if data["val_split"]:
         whole = dict(split_by_rank=False) if streaming else {}  # every rank validates the whole split
+        if not streaming:
+            whole = dict(view_policy="frontal" if data["view_policy"] == "frontal" else "random")  # one per study
         val_set = DATASETS.build(dict(type=kind, split=data["val_split"], pipeline=data["eval_pipeline"],
                                       label_names=train_set.label_names, **whole, **common))
     logger.info("data: %d train rows, %d val rows from %s", len(train_set), len(val_set or []), source)
@@ -122,8 +127,10 @@ def build_train_loader(train_set: Dataset, collate: Collate, train_cfg: Mapping[
                           f"{len(train_set)} training rows")
     sampler = None  # a streaming (iterable) dataset orders and splits its samples itself
     if not isinstance(train_set, IterableDataset):
+        # a global batch never holds two views of one study or two identical reports (contrastive false negatives)
         sampler = ResumableSampler(len(train_set), seed=int(train_cfg["seed"]), rank=strategy.dist.rank,
-                                   world_size=strategy.dist.world_size, batch_size=batch_size)
+                                   world_size=strategy.dist.world_size, batch_size=batch_size,
+                                   groups=getattr(train_set, "group_keys", None))
     loader = DataLoader(
         train_set, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate, drop_last=True,
         pin_memory=strategy.device.type == "cuda", persistent_workers=workers > 0,
