@@ -1,4 +1,4 @@
-"""2D DICOM reading: stored values -> modality LUT -> VOI LUT / window -> MONOCHROME1 inversion -> [0, 1].
+"""2D DICOM reading: stored values -> modality LUT -> VOI LUT / window -> inversion -> padding -> [0, 1].
 
 Implements the DICOM grayscale pipeline of PS3.3 C.11 (modality LUT, VOI LUT, presentation) with pydicom.
 Only geometry and acquisition attributes go into the returned metadata, never patient identifiers.
@@ -16,6 +16,9 @@ import numpy as np
 from mmvl.errors import DicomError
 
 VoiMode = Literal["auto", "window", "lut", "minmax"]
+# The window used when a file states none: the 0.5th to 99.5th percentile of the (non-padding) values, so a few
+# hot pixels, burnt-in labels or collimator edges do not squeeze the anatomy into a sliver of the range.
+FALLBACK_PERCENTILES = (0.5, 99.5)
 
 # Attributes that identify a patient or the people and places of their care (PS3.15 E.1-1, the Basic
 # Application Level Confidentiality Profile, for the ones a chest X-ray or CT export carries). Their values
@@ -252,8 +255,11 @@ def read_dicom_image(
     """Read a 2D (or one frame of a multi-frame) grayscale DICOM as float32 ``(H, W)`` in [0, 1].
 
     voi: ``"auto"`` uses the VOI LUT Sequence (0028,3010) if present, else WindowCenter/Width
-    (0028,1050/1051), else min-max of the rescaled values; ``"window"``/``"lut"`` require that
-    attribute; ``"minmax"`` ignores both. MONOCHROME1 images are inverted so bright means dense.
+    (0028,1050/1051), else a window from the 0.5th to the 99.5th percentile of the rescaled values;
+    ``"window"``/``"lut"`` require that attribute; ``"minmax"`` ignores both and stretches min to max.
+    MONOCHROME1 images, and those with (2050,0020) PresentationLUTShape INVERSE, are inverted so bright
+    means dense. Pixels marked by (0028,0120) PixelPaddingValue (up to (0028,0121) PixelPaddingRangeLimit)
+    take no part in the fallback window and come out as 0.
     modalities: if given, a file whose Modality is not listed is refused (e.g. ``("CR", "DX")``).
     Compressed transfer syntaxes decode when a pydicom plugin for them is installed (see
     :func:`decoder_support`); otherwise the error says what to install.
@@ -279,6 +285,7 @@ def _read_image(ds: Any, path: str, frame: int, voi: VoiMode, window_index: int,
     stored = _decode(ds, path, frame)
     steps: list[dict[str, Any]] = []
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    padding = None
     if int(getattr(ds, "SamplesPerPixel", 1) or 1) > 1 or stored.ndim == 3:
         # Colour secondary captures: average the channels; the grayscale LUT pipeline does not apply.
         values = stored.reshape(*stored.shape[:2], -1).astype(np.float32).mean(-1)
@@ -294,13 +301,22 @@ def _read_image(ds: Any, path: str, frame: int, voi: VoiMode, window_index: int,
             steps.append({"op": "modality_lut", "source": "(0028,3000) ModalityLUTSequence"})
         else:
             steps.append({"op": "rescale", "slope": slope, "intercept": intercept})
-        unit = _apply_voi(values, ds, path, voi, window_index, steps, apply_voi_lut)
+        padding = padding_mask(ds, stored)
+        unit = _apply_voi(values, ds, path, voi, window_index, steps, apply_voi_lut, padding)
 
     if not np.isfinite(unit).all():
         raise DicomError(path, "pixel values are NaN or infinite after the modality/VOI transforms")
-    if photometric == "MONOCHROME1":
+    # PS3.3 C.11.6.1: INVERSE maps the minimum P-value to white, as MONOCHROME1 does. DX objects carry both at
+    # once (C.8.11.1.1.1: MONOCHROME1 requires INVERSE), which is one inversion, not two.
+    lut_shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    if photometric == "MONOCHROME1" or lut_shape == "INVERSE":
         unit = 1.0 - unit
-        steps.append({"op": "invert", "reason": "MONOCHROME1"})
+        reason = "MONOCHROME1" if photometric == "MONOCHROME1" else "PresentationLUTShape INVERSE"
+        steps.append({"op": "invert", "reason": reason})
+    if padding is not None and padding.any():
+        # Padding is no tissue: after the inversion too it is the background (0), whatever the window made of it.
+        unit = np.where(padding, np.float32(0.0), unit)
+        steps.append({"op": "mask_padding", "pixels": int(padding.sum())})
 
     spacing = getattr(ds, "PixelSpacing", None) or getattr(ds, "ImagerPixelSpacing", None)
     meta = {
@@ -333,7 +349,41 @@ def _minmax(values: np.ndarray) -> np.ndarray:
     return ((values - low) / (high - low) if high > low else np.zeros_like(values)).astype(np.float32)
 
 
-def _apply_voi(values, ds, path, voi, window_index, steps, apply_voi_lut) -> np.ndarray:
+def padding_mask(ds: Any, stored: np.ndarray) -> np.ndarray | None:
+    """Pixels whose stored value is (0028,0120) PixelPaddingValue, or lies between it and (0028,0121)
+    PixelPaddingRangeLimit (PS3.3 C.7.5.1.1.2; both in stored-value units, before the modality LUT)."""
+    if ds.get("PixelPaddingValue") is None:
+        return None
+    value = int(ds.PixelPaddingValue)
+    limit = ds.get("PixelPaddingRangeLimit")
+    low, high = sorted((value, int(limit))) if limit is not None else (value, value)
+    return (stored >= low) & (stored <= high)
+
+
+def percentile_window(values: np.ndarray, valid: np.ndarray | None = None) -> tuple[float, float]:
+    """The :data:`FALLBACK_PERCENTILES` of ``values`` (only where ``valid``); the min and max when those two
+    coincide (a mostly flat image), so a small object on a constant field still shows."""
+    chosen = values if valid is None else values[valid]
+    if chosen.size == 0:
+        return 0.0, 0.0
+    low, high = (float(v) for v in np.percentile(chosen, FALLBACK_PERCENTILES))
+    if high <= low:
+        low, high = float(chosen.min()), float(chosen.max())
+    return low, high
+
+
+def _voi_lut_range(ds: Any, index: int, apply_voi_lut) -> tuple[float, float]:
+    """Lowest and highest entry of a VOI LUT, found by passing every input it maps through pydicom (which
+    reads the US or OW LUTData): vendors declare 16 bits per entry for 12-bit data (PS3.3 C.11.2.1.1 allows
+    it), so dividing by the declared depth would leave such images at a sixteenth of the range."""
+    descriptor = ds.VOILUTSequence[index].LUTDescriptor
+    entries, first = int(descriptor[0]) or 2**16, int(descriptor[1])
+    every_input = np.arange(first, first + entries, dtype=np.float32)
+    table = np.asarray(apply_voi_lut(every_input, ds, index=index, prefer_lut=True), dtype=np.float64)
+    return float(table.min()), float(table.max())
+
+
+def _apply_voi(values, ds, path, voi, window_index, steps, apply_voi_lut, padding=None) -> np.ndarray:
     has_lut = "VOILUTSequence" in ds
     has_window = "WindowCenter" in ds and "WindowWidth" in ds
     if voi == "lut" and not has_lut:
@@ -341,11 +391,14 @@ def _apply_voi(values, ds, path, voi, window_index, steps, apply_voi_lut) -> np.
     if voi == "window" and not has_window:
         raise DicomError(path, "voi='window' requested but the file has no (0028,1050/1051) WindowCenter/Width")
     if has_lut and voi in ("auto", "lut"):
-        item = ds.VOILUTSequence[min(window_index, len(ds.VOILUTSequence) - 1)]
-        bits = int(item.LUTDescriptor[2])
-        out = apply_voi_lut(values, ds, index=window_index, prefer_lut=True).astype(np.float64)
-        steps.append({"op": "voi_lut", "bits": bits})
-        return np.clip(out / (2**bits - 1), 0, 1).astype(np.float32)
+        index = min(window_index, len(ds.VOILUTSequence) - 1)
+        bits = int(ds.VOILUTSequence[index].LUTDescriptor[2])
+        low, high = _voi_lut_range(ds, index, apply_voi_lut)
+        out = apply_voi_lut(values, ds, index=index, prefer_lut=True).astype(np.float64)
+        steps.append({"op": "voi_lut", "bits": bits, "lut_range": [low, high]})
+        if high <= low:
+            return np.zeros(values.shape, dtype=np.float32)
+        return np.clip((out - low) / (high - low), 0, 1).astype(np.float32)
     if has_window and voi in ("auto", "window"):
         center = _pick(ds.WindowCenter, window_index)
         width = _pick(ds.WindowWidth, window_index)
@@ -356,5 +409,14 @@ def _apply_voi(values, ds, path, voi, window_index, steps, apply_voi_lut) -> np.
             raise DicomError(path, str(err)) from err
         steps.append({"op": "window", "center": center, "width": width, "function": function.upper()})
         return out
-    steps.append({"op": "minmax"})
-    return _minmax(values)
+    valid = None if padding is None else ~padding
+    if voi == "minmax":
+        chosen = values if valid is None or not valid.any() else values[valid]
+        low, high = float(chosen.min()), float(chosen.max())
+        steps.append({"op": "minmax"})
+    else:
+        low, high = percentile_window(values, valid)
+        steps.append({"op": "percentile_window", "percentiles": list(FALLBACK_PERCENTILES), "range": [low, high]})
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.float32)
+    return np.clip((values - low) / (high - low), 0.0, 1.0).astype(np.float32)

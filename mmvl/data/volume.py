@@ -272,7 +272,9 @@ DEFLATE_MAX_RATIO = 1032  # zlib's limit on deflate's compression ratio (zlib te
 def _check_nifti_size(path: str) -> None:
     """Refuse a header whose dim/bitpix promise more bytes than the file can hold, before nibabel allocates
     them: a damaged or hostile ``dim`` field would otherwise ask for terabytes. Uncompressed: the file size;
-    gzip: the ISIZE trailer (RFC 1952, uncompressed size mod 2**32) and deflate's maximum ratio."""
+    gzip: deflate's maximum ratio first (no decompression at all for an absurd header), then the bytes the
+    stream really decompresses to, counted across all its members (RFC 1952 2.2: a gzip file is a series of
+    members, and nibabel reads them all; the last member's ISIZE gives that member's size only)."""
     import nibabel
 
     header = nibabel.load(path).header  # reads the header only
@@ -281,17 +283,47 @@ def _check_nifti_size(path: str) -> None:
     needed = int(np.prod([int(n) for n in shape], dtype=object)) * itemsize + int(header.get_data_offset())
     size = os.path.getsize(path)
     compressed = path.lower().endswith(".gz")
-    if compressed:
-        with open(path, "rb") as handle:
-            handle.seek(max(size - 4, 0))
-            isize = int.from_bytes(handle.read(4), "little")
-        short = needed > size * DEFLATE_MAX_RATIO or (needed < 2**32 and isize < needed)
-    else:
-        short = needed > size
+    short = needed > (size * DEFLATE_MAX_RATIO if compressed else size)
+    if compressed and not short:
+        decoded = gzip_decompressed_size(path, stop_at=needed)
+        if decoded < needed:
+            raise DataError(path, f"cannot read NIfTI: the gzip stream decompresses to {decoded} bytes, the header "
+                                  f"(dim {list(shape)}, {itemsize}-byte voxels) needs {needed}: truncated file")
     if short:
         raise DataError(path, f"NIfTI header promises {needed} bytes (dim {list(shape)}, {itemsize}-byte voxels) "
                               f"but the file holds fewer ({size} bytes{', compressed' if compressed else ''}): "
                               "truncated or damaged header")
+
+
+def gzip_decompressed_size(path: str | os.PathLike, stop_at: int | None = None, chunk: int = 1 << 20) -> int:
+    """Bytes a (multi-member) gzip file decompresses to, counted by streaming in ``chunk``-sized pieces (memory
+    stays at one chunk); counting stops once ``stop_at`` bytes are known. A damaged or truncated stream counts
+    what decoded before the damage: the caller compares it with what it needs."""
+    import zlib
+
+    total = 0
+    decoder = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip wrapper, one member at a time
+    pending = b""
+    with open(path, "rb") as handle:
+        while stop_at is None or total < stop_at:
+            if not pending:
+                pending = handle.read(chunk)
+                if not pending:  # end of file: what the decoder still holds, if a member was cut short
+                    try:
+                        total += len(decoder.flush())
+                    except zlib.error:
+                        pass
+                    break
+            try:
+                total += len(decoder.decompress(pending, chunk))
+            except zlib.error:  # damage, or trailing bytes that are not another member (zero padding)
+                break
+            if decoder.eof:  # end of a member: the next one (if any) starts in unused_data
+                pending = decoder.unused_data
+                decoder = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+            else:
+                pending = decoder.unconsumed_tail
+    return total
 
 
 def _orientation(path: str, affine: np.ndarray) -> str:

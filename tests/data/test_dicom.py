@@ -59,16 +59,22 @@ def test_multivalued_window_picks_the_requested_preset(make_dicom, ramp):
     np.testing.assert_allclose(second, expected_window(ramp, 1.0, 0.0, 2000.0, 4000.0), atol=1e-6)
 
 
-def test_without_window_falls_back_to_minmax_and_voi_minmax_ignores_window(make_dicom, ramp):
-    values = ramp * 0.5 - 100.0
-    expected = (values - values.min()) / (values.max() - values.min())
-    plain, meta = read_dicom_image(make_dicom("p.dcm", ramp, RescaleSlope=0.5, RescaleIntercept=-100.0))
+def test_without_window_falls_back_to_a_percentile_window_and_voi_minmax_ignores_window(make_dicom, ramp):
+    stored = ramp.copy()
+    stored[0, 0] = 65000  # a hot pixel: a min-max stretch would squeeze the rest of the image into a sliver
+    values = stored * 0.5 - 100.0
+    low, high = np.percentile(values, [0.5, 99.5])
+    expected = np.clip((values - low) / (high - low), 0, 1)
+    plain, meta = read_dicom_image(make_dicom("p.dcm", stored, RescaleSlope=0.5, RescaleIntercept=-100.0))
     np.testing.assert_allclose(plain, expected, atol=1e-6)
-    assert meta["preprocessing"][-1] == {"op": "minmax"}
-    windowed = make_dicom("q.dcm", ramp, RescaleSlope=0.5, RescaleIntercept=-100.0, WindowCenter=10.0,
+    assert meta["preprocessing"][-1] == {"op": "percentile_window", "percentiles": [0.5, 99.5],
+                                         "range": [pytest.approx(low), pytest.approx(high)]}
+    assert high < 2100 < values.max()  # the hot pixel clips instead of setting the scale
+    windowed = make_dicom("q.dcm", stored, RescaleSlope=0.5, RescaleIntercept=-100.0, WindowCenter=10.0,
                           WindowWidth=20.0)
-    forced, _ = read_dicom_image(windowed, voi="minmax")
-    np.testing.assert_allclose(forced, expected, atol=1e-6)
+    forced, meta = read_dicom_image(windowed, voi="minmax")
+    np.testing.assert_allclose(forced, (values - values.min()) / (values.max() - values.min()), atol=1e-6)
+    assert meta["preprocessing"][-1] == {"op": "minmax"}
     with pytest.raises(DicomError, match="VOILUTSequence"):
         read_dicom_image(windowed, voi="lut")
 
@@ -114,7 +120,8 @@ def test_reads_bundled_pydicom_files_like_pydicom():
     image, meta = read_dicom_image(path)
     ds = pydicom.dcmread(path)
     hu = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
-    np.testing.assert_allclose(image, (hu - hu.min()) / (hu.max() - hu.min()), atol=1e-6)
+    low, high = np.percentile(hu, [0.5, 99.5])  # no window in the file; no pixel equals its padding value
+    np.testing.assert_allclose(image, np.clip((hu - low) / (high - low), 0, 1), atol=1e-6)
     assert meta["modality"] == "CT" and meta["spacing"] == pytest.approx([0.661468, 0.661468])
 
 
@@ -180,3 +187,124 @@ def test_modality_rule_and_empty_image(make_dicom):
     empty = make_dicom("empty.dcm", np.zeros((0, 0), dtype=np.uint16))
     with pytest.raises(DicomError, match="empty image"):
         read_dicom_image(empty)
+
+
+# -- quirks of real files, on pydicom's bundled files edited where no bundled file has the quirk -------------
+def windowed_like_pydicom(ds) -> np.ndarray:
+    """``pydicom.pixels.apply_windowing`` mapped from its output range (the stored value range) to [0, 1]."""
+    from pydicom.pixels import apply_modality_lut, apply_windowing
+
+    values = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
+    out = apply_windowing(values, ds)
+    bits = int(ds.BitsStored)
+    y_min, y_max = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if ds.PixelRepresentation else (0, 2**bits - 1)
+    return (out - y_min) / (y_max - y_min)
+
+
+def edited_copy(tmp_path, name: str, **attributes) -> Path:
+    ds = pydicom.dcmread(PYDICOM_FILES / name)
+    for key, value in attributes.items():
+        setattr(ds, key, value)
+    path = tmp_path / f"edited_{name}"
+    ds.save_as(path)
+    return path
+
+
+def test_presentation_lut_shape_inverse_inverts_once(tmp_path):
+    ds = pydicom.dcmread(PYDICOM_FILES / "MR_small.dcm")
+    expected = windowed_like_pydicom(ds)
+    image, meta = read_dicom_image(edited_copy(tmp_path, "MR_small.dcm", PresentationLUTShape="INVERSE"))
+    np.testing.assert_allclose(image, 1.0 - expected, atol=1e-5)
+    assert meta["preprocessing"][-1] == {"op": "invert", "reason": "PresentationLUTShape INVERSE"}
+    identity, _ = read_dicom_image(edited_copy(tmp_path, "MR_small.dcm", PresentationLUTShape="IDENTITY"))
+    np.testing.assert_allclose(identity, expected, atol=1e-5)
+    # DX objects state MONOCHROME1 and INVERSE together (PS3.3 C.8.11.1.1.1): one inversion, not two
+    both, _ = read_dicom_image(edited_copy(tmp_path, "MR_small.dcm", PresentationLUTShape="INVERSE",
+                                           PhotometricInterpretation="MONOCHROME1"))
+    np.testing.assert_allclose(both, 1.0 - expected, atol=1e-5)
+
+
+def with_padded_border(tmp_path, name: str, padding: int, border: int = 12, limit: int | None = None
+                       ) -> tuple[Path, np.ndarray]:
+    """A copy of a bundled file whose outer ``border`` pixels hold ``padding``, as scanners pad outside the FOV."""
+    ds = pydicom.dcmread(PYDICOM_FILES / name)
+    stored = ds.pixel_array.copy()
+    stored[:border], stored[-border:], stored[:, :border], stored[:, -border:] = padding, padding, padding, padding
+    ds.PixelData = stored.tobytes()
+    vr = "SS" if ds.PixelRepresentation else "US"  # (0028,0120/0121) take the VR of the pixel values
+    ds.add_new(0x00280120, vr, padding)  # PixelPaddingValue
+    if limit is not None:
+        ds.add_new(0x00280121, vr, limit)  # PixelPaddingRangeLimit
+    path = tmp_path / f"padded_{name}"
+    ds.save_as(path)
+    return path, stored
+
+
+def test_pixel_padding_is_background_and_left_out_of_the_fallback_window(tmp_path):
+    from pydicom.pixels import apply_modality_lut
+
+    path, stored = with_padded_border(tmp_path, "CT_small.dcm", -2000)  # CT_small states -2000, uses none
+    ds = pydicom.dcmread(path)
+    hu = apply_modality_lut(stored, ds).astype(np.float64)
+    pad = stored == -2000
+    low, high = np.percentile(hu[~pad], [0.5, 99.5])
+    expected = np.where(pad, 0.0, np.clip((hu - low) / (high - low), 0, 1))
+    image, meta = read_dicom_image(path)
+    np.testing.assert_allclose(image, expected, atol=1e-6)
+    assert meta["preprocessing"][-1] == {"op": "mask_padding", "pixels": int(pad.sum())}
+    with_padding_low = np.percentile(hu, 0.5)  # what the window would have been with the padding counted in
+    assert with_padding_low == hu.min() < low
+
+    # (0028,0121) PixelPaddingRangeLimit: everything from -2000 up to -1000 is padding too
+    ranged, stored = with_padded_border(tmp_path, "CT_small.dcm", -2000, limit=-1000)
+    stored_ranged = stored.copy()
+    stored_ranged[20:24, 20:24] = -1500
+    ds = pydicom.dcmread(ranged)
+    ds.PixelData = stored_ranged.tobytes()
+    ds.save_as(ranged)
+    image, _ = read_dicom_image(ranged)
+    pad = (stored_ranged >= -2000) & (stored_ranged <= -1000)
+    hu = apply_modality_lut(stored_ranged, ds).astype(np.float64)
+    low, high = np.percentile(hu[~pad], [0.5, 99.5])
+    np.testing.assert_allclose(image, np.where(pad, 0.0, np.clip((hu - low) / (high - low), 0, 1)), atol=1e-6)
+
+
+def test_pixel_padding_with_a_window_and_monochrome1(tmp_path):
+    path, stored = with_padded_border(tmp_path, "MR_small.dcm", 0, border=8)
+    expected = windowed_like_pydicom(pydicom.dcmread(path))
+    pad = stored == 0
+    image, _ = read_dicom_image(path)
+    np.testing.assert_allclose(image, np.where(pad, 0.0, expected), atol=1e-5)
+    ds = pydicom.dcmread(path)
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.save_as(tmp_path / "mono1.dcm")
+    mono1, _ = read_dicom_image(tmp_path / "mono1.dcm")
+    np.testing.assert_allclose(mono1, np.where(pad, 0.0, 1.0 - expected), atol=1e-5)  # padding stays background
+
+
+@pytest.mark.parametrize("vr", ["US", "OW"])
+def test_voi_lut_is_scaled_by_its_data_range_not_its_declared_depth(tmp_path, vr):
+    """A vendor LUT declaring 16 bits per entry that holds 12-bit values (0..4095) must fill [0, 1]."""
+    from pydicom.dataset import Dataset
+    from pydicom.pixels import apply_voi_lut
+    from pydicom.sequence import Sequence
+
+    ds = pydicom.dcmread(PYDICOM_FILES / "MR_small.dcm")
+    entries, first = 2048, 100
+    curve = np.round(4095 * np.sqrt(np.linspace(0, 1, entries))).astype(np.uint16)  # 12-bit data, gamma-like
+    item = Dataset()
+    item.add_new(0x00283002, "US", [entries, first, 16])  # LUTDescriptor
+    item.add_new(0x00283006, vr, curve.tobytes() if vr == "OW" else [int(v) for v in curve])  # LUTData
+    ds.VOILUTSequence = Sequence([item])
+    del ds.WindowCenter, ds.WindowWidth
+    path = tmp_path / "vlut.dcm"
+    ds.save_as(path)
+    ds = pydicom.dcmread(path)
+
+    image, meta = read_dicom_image(path)
+    by_pydicom = apply_voi_lut(ds.pixel_array, ds, prefer_lut=True).astype(np.float64) / 4095
+    by_numpy = curve[np.clip(ds.pixel_array.astype(np.int64) - first, 0, entries - 1)] / 4095
+    np.testing.assert_allclose(image, by_pydicom, atol=1e-6)
+    np.testing.assert_allclose(image, by_numpy, atol=1e-6)
+    assert image.max() == pytest.approx(by_numpy.max()) and image.max() > 0.9  # not 4095 / 65535 = 0.06
+    assert meta["preprocessing"][-1] == {"op": "voi_lut", "bits": 16, "lut_range": [0.0, 4095.0]}

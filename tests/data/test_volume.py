@@ -214,3 +214,54 @@ def test_manifest_overrides_for_spacing_and_rescale(tmp_path):
     np.testing.assert_allclose(np.asarray(meta["affine"])[:3, :3], np.diag([0.75, 0.75, 1.5]))
     with pytest.raises(DataError, match="three positive numbers"):
         read_volume(tmp_path / "v.nii.gz", spacing=[1.0, 0.0])
+
+
+@pytest.mark.parametrize("cuts", [[30_000], [100, 348, 50_000]], ids=["two_members", "members_split_in_header"])
+def test_multi_member_gzip_nifti_reads_like_nibabel(tmp_path, cuts):
+    """Concatenated gzip members (RFC 1952 2.2; ``cat a.gz b.gz``, pigz -i, some PACS exports) are one valid
+    file: nibabel reads them, and the size check counts all members, not the last one's ISIZE trailer."""
+    import gzip
+
+    raw = (NIBABEL_DATA / "anatomical.nii").read_bytes()
+    bounds = [0, *cuts, len(raw)]
+    path = tmp_path / "multi.nii.gz"
+    path.write_bytes(b"".join(gzip.compress(raw[a:b]) for a, b in zip(bounds, bounds[1:])))
+    last_isize = int.from_bytes(path.read_bytes()[-4:], "little")
+    assert last_isize == len(raw) - cuts[-1] < len(raw)  # what the old check trusted
+
+    volume, meta = read_nifti(path)
+    img = nibabel.load(path)
+    np.testing.assert_array_equal(volume, img.get_fdata().astype(np.float32))
+    np.testing.assert_array_equal(volume, read_nifti(NIBABEL_DATA / "anatomical.nii")[0])
+    np.testing.assert_allclose(meta["affine"], img.affine)
+
+    cut = tmp_path / "cut.nii.gz"  # the same file missing most of its last member is still refused
+    cut.write_bytes(path.read_bytes()[:-3000])
+    with pytest.raises(DataError, match="gzip stream decompresses to \\d+ bytes.*needs 67650"):
+        read_nifti(cut)
+
+
+def test_gzip_decompressed_size_counts_members_and_stops_early(tmp_path):
+    import gzip
+
+    from mmvl.data.volume import gzip_decompressed_size
+
+    path = tmp_path / "m.gz"
+    path.write_bytes(gzip.compress(bytes(5000)) + gzip.compress(b"x" * 3_000_000) + b"\0" * 16)  # zero padding
+    assert gzip_decompressed_size(path) == 3_005_000
+    assert 10 <= gzip_decompressed_size(path, stop_at=10, chunk=4096) <= 4096  # one chunk of output
+    path.write_bytes(path.read_bytes()[:-200])  # cut inside the second member
+    assert 5000 < gzip_decompressed_size(path) < 3_005_000
+
+
+@pytest.mark.parametrize("name", ["anatomical.nii", "example_nifti2.nii.gz", "functional.nii", "standard.nii.gz",
+                                  "reoriented_anat_moved.nii"])
+def test_bundled_nibabel_examples_read_like_nibabel(name):
+    img = nibabel.load(NIBABEL_DATA / name)
+    expected = np.squeeze(img.get_fdata())
+    if expected.ndim != 3:  # functional.nii is 4D: refused by name, never read wrongly
+        with pytest.raises(DataError, match="expected a 3D volume"):
+            read_nifti(NIBABEL_DATA / name)
+        return
+    volume, _ = read_nifti(NIBABEL_DATA / name)
+    np.testing.assert_allclose(volume, expected, rtol=1e-6)
