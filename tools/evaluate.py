@@ -8,7 +8,8 @@ linear probes on frozen image features, or generated reports.
         [--tokenizer auto|ptb|simple]
 
 MODEL is a training work dir, a checkpoint file or a model-zoo entry (folder or name); images go through the
-model's recorded preprocessing.
+model's recorded preprocessing, and must lie inside the data root it was trained with (its data.root; none
+recorded: the manifest's folder) unless --data-root or --allow-outside-root says otherwise.
 
 zero_shot     per-label AUROC and F1 of the zero-shot probabilities (prompt preset and mode as tools/zero_shot.py),
               F1 at the threshold that maximises it on --val-split (0.5 where there are no validation rows)
@@ -39,7 +40,7 @@ import torch
 
 import mmvl
 from mmvl.data.inputs import InputItem, iter_batches, manifest_items
-from mmvl.data.manifest import add_root_arguments, load_manifest
+from mmvl.data.manifest import add_root_arguments, load_manifest, root_options
 from mmvl.errors import ConfigError, MMVLError
 from mmvl.evaluation.metrics import PROBE_FRACTIONS, classification_metrics, linear_probe, target_matrix
 from mmvl.evaluation.report_metrics import TOKENIZERS, caption_metrics, finding_f1
@@ -167,9 +168,11 @@ def run_zero_shot(args: argparse.Namespace, loaded: Any, runner: Runner, test: l
     prompts = prompts_from(labels, args.preset)
     positive, negative = (side.float().cpu() for side in text_prototypes(model, prompts))
     scale = float(model.contrastive_head.scale().detach())
+    study_ids: dict[str, list[str | None]] = {}  # per split, of the rows that loaded: the bootstrap's units
 
     def probabilities(items: list[InputItem], split: str) -> tuple[np.ndarray | None, np.ndarray | None]:
         embeddings, kept = runner.features(items, model.encode_image, split)
+        study_ids[split] = [item.study_id for item in kept]
         if not kept:
             return None, None
         scores = zero_shot_probabilities(torch.from_numpy(embeddings), positive, negative, scale, args.mode)
@@ -178,7 +181,8 @@ def run_zero_shot(args: argparse.Namespace, loaded: Any, runner: Runner, test: l
     scores, targets = probabilities(test, args.split)
     _require_rows(scores, args.split)
     val_scores, val_targets = probabilities(val, args.val_split) if val else (None, None)
-    metrics = classification_metrics(scores, targets, labels, val_scores, val_targets, args.n_bootstrap, args.seed)
+    metrics = classification_metrics(scores, targets, labels, val_scores, val_targets, args.n_bootstrap, args.seed,
+                                     study_ids=study_ids[args.split])
     return {"info": {"preset": str(args.preset), "mode": args.mode, "prompts": prompts, "logit_scale": scale,
                      "embedding": "model.encode_image (the shared image-text space)"},
             "metrics": metrics, "plot": (scores, targets, labels, metrics, "zero-shot")}
@@ -191,17 +195,19 @@ def run_linear_probe(args: argparse.Namespace, loaded: Any, runner: Runner, test
     def pooled(images: torch.Tensor) -> torch.Tensor:
         return loaded.model.image_encoder(images).pooled
 
-    sets = {}
+    sets, study_ids = {}, {}
     for name, items in ((args.train_split, train), (args.split, test), (args.val_split, val)):
         features, kept = runner.features(items, pooled, name) if items else (np.zeros((0, 0)), [])
         sets[name] = (features, target_matrix([item.labels for item in kept], labels))
+        study_ids[name] = [item.study_id for item in kept]
     train_features, train_targets = sets[args.train_split]
     test_features, test_targets = sets[args.split]
     val_features, val_targets = sets[args.val_split] if val else (None, None)
     _require_rows(test_features, args.split)
     _require_rows(train_features, args.train_split)
     probe = linear_probe(train_features, train_targets, test_features, test_targets, labels, val_features,
-                         val_targets, fractions=PROBE_FRACTIONS, seed=args.seed, n_bootstrap=args.n_bootstrap)
+                         val_targets, fractions=PROBE_FRACTIONS, seed=args.seed, n_bootstrap=args.n_bootstrap,
+                         test_study_ids=study_ids[args.split])
     full = probe["fractions"][f"{max(PROBE_FRACTIONS):g}"]
     plot = None
     if "metrics" in full:
@@ -225,7 +231,7 @@ def run_retrieval(args: argparse.Namespace, loaded: Any, runner: Runner, test: l
     with torch.no_grad():
         text_emb = torch.cat([model.encode_text(texts[i:i + args.batch_size]).float().cpu()
                               for i in range(0, len(texts), args.batch_size)])
-    metrics = retrieval_metrics(torch.from_numpy(images).float(), text_emb, ks=RECALL_KS)
+    metrics = retrieval_metrics(torch.from_numpy(images).float(), text_emb, ks=RECALL_KS, texts=texts)
     metrics.update(n=len(kept), n_without_report=len(test) - len(with_report))
     return {"info": {"text": "the manifest reports (sections the model was trained on)"}, "metrics": metrics}
 
@@ -299,7 +305,7 @@ def print_classification(metrics: dict[str, Any], title: str) -> None:
     ci = f"{100 * boot['confidence']:g}% CI" if boot["n_resamples"] else "CI"
     print(f"\n{title}: {metrics['n_rows']} studies; thresholds: {metrics['threshold_source']} "
           f"({metrics['n_val_rows']} validation studies); CIs from {boot['n_resamples']} bootstrap resamples "
-          f"of studies (seed {boot['seed']})")
+          f"of {boot['unit']}s (seed {boot['seed']})")
     print(f"  {'label':<{width}}  {'n':>5} {'pos':>5}  AUROC  {ci:<14}  F1     {ci:<14}  threshold")
     for name, entry in metrics["labels"].items():
         head = f"  {name:<{width}}  {entry['n']:>5} {entry['n_positive']:>5}  "
@@ -365,8 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         if loaded.preprocess is None:
             raise ConfigError(f"{loaded.source}: this model records no image preprocessing (a text-only model?)")
         sections = (loaded.config.get("data") or {}).get("report_sections", ("findings", "impression"))
-        splits, manifest_labels = load_splits(args.manifest, sections, args.limit, args.data_root,
-                                               args.allow_outside_root)
+        # the data root the model was trained with, unless --data-root / --allow-outside-root say otherwise
+        splits, manifest_labels = load_splits(args.manifest, sections, args.limit,
+                                              **root_options(args, loaded.config, source=loaded.source))
         test = split_rows(splits, args.split, args.manifest, "--split")
         val = splits.get(args.val_split, []) if args.val_split else []
         used_splits = [args.split, *([args.val_split] if args.val_split else []),

@@ -140,6 +140,37 @@ def _interval(samples: np.ndarray, confidence: float) -> dict[str, Any]:
     return {"ci": [float(low), float(high)], "n_resamples": int(len(valid))}
 
 
+def bootstrap_units(study_ids: Sequence[Any] | None, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """The resampling units of ``n_rows`` rows: ``(rows, starts)``, where unit ``u`` holds the row indices
+    ``rows[starts[u]:starts[u + 1]]``. Rows sharing a study id form one unit (in order of first appearance); a row
+    without one (None, "" or NaN), or every row when ``study_ids`` is None, is a unit of its own."""
+    if study_ids is None:
+        return np.arange(n_rows), np.arange(n_rows + 1)
+    if len(study_ids) != n_rows:
+        raise ValueError(f"study_ids: {len(study_ids)} ids for {n_rows} rows; give one per row (None where unknown)")
+    unit_of: dict[Any, int] = {}
+    codes = np.empty(n_rows, dtype=np.int64)
+    for i, study in enumerate(study_ids):
+        missing = study is None or study == "" or (isinstance(study, float) and math.isnan(study))
+        codes[i] = len(unit_of) if missing else unit_of.setdefault(study, len(unit_of))
+        if missing:
+            unit_of[("row", i)] = codes[i]  # a unit of its own, never matched by a real id
+    rows = np.argsort(codes, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(np.bincount(codes, minlength=len(unit_of)))])
+    return rows, starts
+
+
+def _resample(rng: np.random.Generator, rows: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Row indices of one bootstrap resample: as many units as there are, drawn with replacement, each with all
+    its rows."""
+    n_units = len(starts) - 1
+    drawn = rng.integers(0, n_units, n_units)
+    sizes = starts[drawn + 1] - starts[drawn]
+    # position of each output row inside its unit, added to the unit's start
+    offsets = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    return rows[np.repeat(starts[drawn], sizes) + offsets]
+
+
 def _number(value: float) -> float | None:
     return None if value is None or math.isnan(value) else float(value)
 
@@ -153,6 +184,7 @@ def classification_metrics(
     n_bootstrap: int = 1000,
     seed: int = 0,
     confidence: float = 0.95,
+    study_ids: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
     """Per-label AUROC and F1 with bootstrap intervals, and their macro and micro averages.
 
@@ -160,9 +192,12 @@ def classification_metrics(
     hold one class only is skipped (``skipped`` gives the reason) and left out of the macro averages; the micro
     values pool every known label-row of every label. F1 uses, per label, the threshold that maximises F1 on
     ``val_scores``/``val_targets`` (default 0.5 where there are no validation rows or no positive one; each label's
-    ``threshold_source`` says which). Intervals: ``n_bootstrap`` resamples of the N rows (studies) with replacement,
-    seeded, percentile method; a resample where a value is undefined (one class drawn) is left out of that value's
-    interval, and ``n_resamples`` counts the rest. Undefined values are None.
+    ``threshold_source`` says which). Intervals: ``n_bootstrap`` resamples with replacement, seeded, percentile
+    method, of the studies when ``study_ids`` (one per row) is given: all rows of a study are drawn together, so
+    several images of one study do not narrow the interval; a row without a study id is a unit of its own.
+    Without ``study_ids`` each row is a unit. ``bootstrap`` reports the ``unit`` ("study" or "row") and
+    ``n_units``. A resample where a value is undefined (one class drawn) is left out of that value's interval,
+    and ``n_resamples`` counts the rest. Undefined values are None.
     """
     label_names = list(label_names)
     scores, targets = _check(scores, targets, len(label_names), "classification_metrics")
@@ -189,11 +224,12 @@ def classification_metrics(
             evaluated.append(j)
         per_label[name] = entry
 
+    unit_rows, unit_starts = bootstrap_units(study_ids, len(scores))
     point = _point_metrics(scores, targets, thresholds, evaluated)
     rng = np.random.default_rng(seed)
     draws: dict[str, list] = {key: [] for key in point}
     for _ in range(n_bootstrap):
-        index = rng.integers(0, len(scores), len(scores))
+        index = _resample(rng, unit_rows, unit_starts)
         for key, value in _point_metrics(scores[index], targets[index], thresholds, evaluated).items():
             draws[key].append(value)
     samples = {key: np.asarray(values, dtype=np.float64) for key, values in draws.items()}
@@ -225,7 +261,8 @@ def classification_metrics(
         "n_val_rows": 0 if val_scores is None else int(len(val_scores)),
         "threshold_source": "val" if all(source == "val" for source in sources) else (
             "default" if not any(source == "val" for source in sources) else "val, default for some labels"),
-        "bootstrap": {"n_resamples": n_bootstrap, "seed": seed, "confidence": confidence, "unit": "study",
+        "bootstrap": {"n_resamples": n_bootstrap, "seed": seed, "confidence": confidence,
+                      "unit": "row" if study_ids is None else "study", "n_units": int(len(unit_starts) - 1),
                       "method": "percentile"},
     }
 
@@ -278,13 +315,15 @@ def linear_probe(
     seed: int = 0,
     n_bootstrap: int = 1000,
     c_grid: Sequence[float] = PROBE_C_GRID,
+    test_study_ids: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
     """One logistic regression per label (standardised features, scikit-learn lbfgs) trained on ``fractions`` of
     the training rows (see :func:`sample_training_rows`) and scored on the test rows with
     :func:`classification_metrics`. ``C`` is chosen per label from ``c_grid`` by validation AUROC where the
     validation rows hold both classes, else 1.0. A label whose training sample has one class gets no probe
-    (``not_trained``). Returns ``{"fractions": {"0.01": {...}, ...}}``; each entry also holds ``test_scores``, an
-    ``(N, L)`` array (NaN for labels without a probe) for plots."""
+    (``not_trained``). ``test_study_ids`` (one per test row) makes the bootstrap resample studies. Returns
+    ``{"fractions": {"0.01": {...}, ...}}``; each entry also holds ``test_scores``, an ``(N, L)`` array (NaN for
+    labels without a probe) for plots."""
     label_names = list(label_names)
     train_features = np.asarray(train_features, dtype=np.float64)
     test_features = np.asarray(test_features, dtype=np.float64)
@@ -341,7 +380,7 @@ def linear_probe(
             entry["metrics"] = classification_metrics(
                 test_scores[:, trained], test_targets[:, trained], names,
                 val_scores[:, trained] if has_val else None, val_targets[:, trained] if has_val else None,
-                n_bootstrap=n_bootstrap, seed=seed)
+                n_bootstrap=n_bootstrap, seed=seed, study_ids=test_study_ids)
         entry["test_scores"] = test_scores  # (N, L) array, NaN for labels without a probe; not JSON
         out["fractions"][f"{fraction:g}"] = entry
     return out

@@ -110,9 +110,43 @@ def test_bootstrap_intervals_hold_the_estimate_narrow_with_more_studies_and_are_
     for key in ("auroc", "f1"):
         width = {name: np.diff(m["macro"][f"{key}_ci"])[0] for name, m in (("small", small), ("large", large))}
         assert width["large"] < width["small"] / 2  # ~1/sqrt(20) as wide in theory
-    assert small["labels"]["a"]["auroc_n_resamples"] == 200 and small["bootstrap"]["unit"] == "study"
+    assert small["labels"]["a"]["auroc_n_resamples"] == 200
+    assert small["bootstrap"]["unit"] == "row" and small["bootstrap"]["n_units"] == 60  # no study ids given
     runs = [classification_metrics(*_noisy(60, 0), ["a", "b"], n_bootstrap=50, seed=seed) for seed in (0, 0, 1)]
     assert runs[0]["macro"]["auroc_ci"] == runs[1]["macro"]["auroc_ci"] != runs[2]["macro"]["auroc_ci"]
+
+
+def _intervals(metrics: dict) -> list:
+    return [metrics[average][f"{key}_ci"] for average in ("macro", "micro") for key in ("auroc", "f1")] + [
+        entry[f"{key}_ci"] for entry in metrics["labels"].values() for key in ("auroc", "f1")]
+
+
+def test_bootstrap_resamples_studies_not_rows():
+    scores, targets = _noisy(40, 3)
+    studies = [f"s{i}" for i in range(40)]
+    # every study's row written three times, interleaved as a per-image manifest would list them
+    order = np.tile(np.arange(40), 3)
+    copies = (scores[order], targets[order])
+    deduplicated = classification_metrics(scores, targets, ["a", "b"], n_bootstrap=200, seed=0)
+    by_study = classification_metrics(*copies, ["a", "b"], n_bootstrap=200, seed=0,
+                                      study_ids=[studies[i] for i in order])
+    by_row = classification_metrics(*copies, ["a", "b"], n_bootstrap=200, seed=0)
+    assert by_study["bootstrap"]["unit"] == "study" and by_study["bootstrap"]["n_units"] == 40
+    assert by_row["bootstrap"]["unit"] == "row" and by_row["bootstrap"]["n_units"] == 120
+    assert by_study["macro"]["auroc"] == deduplicated["macro"]["auroc"]
+    # duplicating every study leaves AUROC and F1 unchanged, so a study resample equals one of the deduplicated set
+    assert np.ravel(_intervals(by_study)) == pytest.approx(np.ravel(_intervals(deduplicated)))
+    study_width = np.diff(by_study["macro"]["auroc_ci"])[0]
+    assert np.diff(by_row["macro"]["auroc_ci"])[0] < 0.75 * study_width  # rows pretend to be 3x the evidence
+
+
+def test_rows_without_a_study_id_are_their_own_unit():
+    scores, targets = _noisy(6, 1)
+    ids = ["s1", "s1", None, "", float("nan"), "s2"]
+    metrics = classification_metrics(scores, targets, ["a", "b"], n_bootstrap=5, seed=0, study_ids=ids)
+    assert metrics["bootstrap"]["n_units"] == 5  # s1, three rows without an id, s2
+    with pytest.raises(ValueError, match="3 ids for 6 rows"):
+        classification_metrics(scores, targets, ["a", "b"], n_bootstrap=5, study_ids=ids[:3])
 
 
 @pytest.mark.filterwarnings("error")  # no sklearn UndefinedMetricWarning: one-class draws are not scored at all

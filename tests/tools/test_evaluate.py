@@ -35,7 +35,7 @@ def check_classification(metrics: dict, labels: list[str], n_rows: int) -> None:
     for average in ("macro", "micro"):
         assert math.isfinite(metrics[average]["auroc"]) and 0.0 <= metrics[average]["auroc"] <= 1.0
     assert metrics["bootstrap"] == {"n_resamples": 50, "seed": 3, "confidence": 0.95, "unit": "study",
-                                    "method": "percentile"}
+                                    "n_units": n_rows, "method": "percentile"}  # one study per synthetic row
 
 
 def test_zero_shot_with_plots(tiny_clip, synthetic_cxr, tmp_path, one_thread, capsys):
