@@ -8,17 +8,17 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mmvl.evaluation.zero_shot import zero_shot_scans
-from mmvl.loading import load_model
+from mmvl.errors import ConfigError
+from mmvl.loading import LoadedModel, load_model
 
 PathLike = str | os.PathLike
 
 
 def zero_shot(
     model: Any,
-    inputs: Sequence[PathLike] | PathLike = (),
-    labels: Sequence[str] | str = (),
-    preset: str | Mapping[str, Any] = "chexzero",
+    inputs: Sequence[PathLike] | PathLike | None = (),
+    labels: Sequence[str] | str | None = None,
+    preset: str | Mapping[str, Any] | None = None,
     mode: str = "pairwise",
     manifest: PathLike | None = None,
     batch_size: int = 32,
@@ -28,19 +28,28 @@ def zero_shot(
     limit: int | None = None,
     data_root: PathLike | None = None,
     allow_outside_root: bool = False,
+    reader_options: Mapping[str, Any] | None = None,
 ) -> Any:
     """Zero-shot probabilities of ``labels`` for every scan in ``inputs`` (files or folders) and/or ``manifest``.
 
     ``model``: a training work dir, a checkpoint file, a zoo entry (folder or name) or a loaded model
-    (``mmvl.zoo.load_pretrained``). ``labels``: names, or one comma-separated string. ``preset``: ``chexzero``,
-    ``ctclip``, ``ensemble``, a prompt dict or a JSON/YAML prompt file (see
-    ``mmvl.evaluation.zero_shot.load_prompt_file``). ``mode``: ``pairwise`` (per label, softmax over its positive
-    and negative prompts) or ``multiclass`` (softmax across labels). Returns one dict per scan (``path``,
-    ``study_id``, one probability per label, ``error`` naming why a scan could not be read, empty otherwise;
-    probabilities are NaN then), in input order (``limit``: only the first N scans); ``as_frame=True`` gives a
-    pandas DataFrame. ``manifest`` images must lie inside ``data_root`` (default: the manifest's folder) unless
-    ``allow_outside_root``.
+    (``mmvl.zoo.load_pretrained``). ``inputs``: files or folders, searched recursively
+    (:func:`mmvl.data.inputs.find_inputs`: a DICOMDIR is read, every file seen is a scan or an error row).
+    ``labels``: names, or one comma-separated string; default: those of the zoo entry's ``prompts.json``.
+    ``preset``: ``chexzero``, ``ctclip``, ``ensemble``, a prompt dict or a JSON/YAML prompt file (see
+    ``mmvl.evaluation.zero_shot.load_prompt_file``); default: the entry's recorded prompts, else ``chexzero``.
+    ``mode``: ``pairwise`` (per label, softmax over its positive and negative prompts) or ``multiclass`` (softmax
+    across two or more labels). Returns one dict per scan (``path``, ``study_id``, one probability per label,
+    ``error`` naming why a scan could not be read, empty otherwise; probabilities are NaN then), in input order
+    (``limit``: only the first N scans); ``as_frame=True`` gives a pandas DataFrame. ``manifest`` images must lie
+    inside ``data_root`` (default: the training config's ``data.root``, else the manifest's folder) unless
+    ``allow_outside_root``. ``reader_options`` override the recorded reader's options, e.g.
+    ``{"allow_gaps": True}`` to interpolate the missing slices of a gapped DICOM series.
     """
-    return zero_shot_scans(load_model(model, device), inputs, labels, preset=preset, mode=mode, manifest=manifest,
-                           batch_size=batch_size, progress=progress, as_frame=as_frame, limit=limit,
-                           data_root=data_root, allow_outside_root=allow_outside_root)
+    if model is None or not isinstance(model, (str, os.PathLike, LoadedModel)):
+        raise ConfigError(f"zero_shot: model must be a work dir, checkpoint, zoo entry (folder or name) or a loaded "
+                          f"model (mmvl.zoo.load_pretrained), got {type(model).__name__}")
+    return load_model(model, device).zero_shot(
+        inputs, labels, preset, mode=mode, manifest=manifest, batch_size=batch_size, progress=progress,
+        as_frame=as_frame, limit=limit, data_root=data_root, allow_outside_root=allow_outside_root,
+        reader_options=reader_options)

@@ -4,6 +4,7 @@ zero-shot classification through the API (``mmvl.zero_shot``) and the CLI (tools
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -13,12 +14,14 @@ import pytest
 from PIL import Image
 
 import mmvl
+import mmvl.loading
 from mmvl.config import Config
 from mmvl.data.inputs import find_inputs, input_kind
 from mmvl.engine.trainer import Trainer
-from mmvl.errors import ConfigError
+from mmvl.errors import ConfigError, ManifestError
 from mmvl.evaluation.zero_shot import auroc
-from tests.conftest import load_script, load_tool
+from tests.conftest import load_script, load_tool, make_phantom, write_ct_series
+from tests.data.test_inputs import write_dicomdir_export, write_exam_tree
 
 REPO = Path(__file__).resolve().parents[1]
 NIBABEL_DATA = Path(__import__("nibabel").__file__).parent / "tests" / "data"
@@ -53,15 +56,18 @@ def test_find_inputs_for_2d_and_3d_models(mixed_folder, tmp_path):
     errors = {Path(item.path).name: item.error for item in flat}
     assert errors["a_xray.dcm"] is None and errors["b_photo.png"] is None and errors["d_corrupt.dcm"] is None
     assert "3D volume (NIfTI); this is a 2D model" in errors["c_volume.nii"]
-    assert errors["e_notes.txt"].startswith("not a DICOM (no DICM preamble), NIfTI")
+    assert errors["e_notes.txt"].startswith("unsupported kind: not a DICOM (no DICM preamble), NIfTI")
     assert errors["gone.dcm"] == "no such file or folder"
 
     volumes = {Path(item.path).name: item.error for item in find_inputs([mixed_folder], volumes=True)}
-    # the folder holding DICOM files is taken as one series folder (its corrupt slice fails when read)
-    assert volumes == {"mixed": None}
+    # the one DICOM at the top is no series, and the NIfTI volume in the sub-folder is not lost under it
+    assert list(volumes) == ["a_xray.dcm", "b_photo.png", "e_notes.txt", "c_volume.nii", "d_corrupt.dcm"]
+    assert volumes["c_volume.nii"] is None and "single DICOM slice" in volumes["a_xray.dcm"]
+    assert "a 2D image; this is a 3D model" in volumes["b_photo.png"] and volumes["d_corrupt.dcm"]
     series = {Path(item.path).name: item.error for item in find_inputs([mixed_folder / "sub",
                                                                           mixed_folder / "b_photo.png"], True)}
-    assert series["sub"] is None and "a 2D image; this is a 3D model" in series["b_photo.png"]
+    assert list(series) == ["c_volume.nii", "d_corrupt.dcm", "b_photo.png"] and series["c_volume.nii"] is None
+    assert "a 2D image; this is a 3D model" in series["b_photo.png"] and series["d_corrupt.dcm"]
 
 
 def test_zero_shot_beats_chance_on_held_out_studies(tiny_clip, synthetic_cxr):
@@ -165,8 +171,123 @@ def test_zero_shot_on_volumes_with_a_3d_model(tiny_ct_model, mixed_folder, tmp_p
     assert series["error"] == nifti["error"] == ""
     # the DICOM series and its NIfTI copy are the same volume after the recorded preprocessing
     assert series["emphysema"] == pytest.approx(nifti["emphysema"], abs=1e-4)
-    assert "a 2D image; this is a 3D model" in photo["error"] and notes["error"].startswith("not a DICOM")
+    assert "a 2D image; this is a 3D model" in photo["error"]
+    assert notes["error"].startswith("unsupported kind: not a DICOM")
     # a folder of study folders: one input per series
     found = mmvl.zero_shot(work, data / "dicom", ["emphysema"], progress=False)
     assert [Path(row["path"]).name for row in found] == [f"ct{i:06d}" for i in range(6)]
     assert all(row["error"] == "" for row in found)
+
+
+def test_every_scan_of_an_exam_tree_through_the_api_and_the_cli(tiny_ct_model, tmp_path):
+    """Two series folders, a NIfTI file, a stray DICOM and a text file at the top, a third series and NIfTI
+    below: five scans and two error rows, none lost under a folder taken whole."""
+    work, _ = tiny_ct_model
+    tree = write_exam_tree(tmp_path / "exam")
+    rows = mmvl.zero_shot(work, tree, ["emphysema"], progress=False)
+    scans = sorted(Path(row["path"]).relative_to(tree).as_posix() for row in rows if not row["error"])
+    assert scans == ["ct3.nii.gz", "more/ct4.nii", "more/series_c", "series_a", "series_b"]
+    assert len(rows) == 7 and all(0 < row["emphysema"] < 1 for row in rows if not row["error"])
+    out = tmp_path / "tree.csv"
+    assert load_tool("zero_shot").main([str(work), str(tree), "--labels", "emphysema", "--out", str(out)]) == 1
+    csv_rows = list(csv.DictReader(out.open()))
+    assert len(csv_rows) == 7 and sum(not row["error"] for row in csv_rows) == 5
+    assert json.loads(out.with_suffix(".json").read_text())["n_failed"] == 2
+
+
+def test_a_dicomdir_export_through_the_api_and_the_cli(tiny_ct_model, tmp_path):
+    work, _ = tiny_ct_model
+    write_dicomdir_export(tmp_path / "source", tmp_path / "cd")
+    rows = mmvl.zero_shot(work, tmp_path / "cd", ["emphysema"], progress=False)
+    assert len(rows) == 2 and not any(row["error"] for row in rows)
+    out = tmp_path / "cd.csv"
+    assert load_tool("zero_shot").main([str(work), str(tmp_path / "cd"), "--labels", "emphysema",
+                                        "--out", str(out)]) == 0
+    assert len(list(csv.DictReader(out.open()))) == 2
+
+
+def test_allow_gaps_reads_a_gapped_series_refused_without_it(tiny_ct_model, tmp_path, capsys):
+    work, _ = tiny_ct_model
+    written = write_ct_series(tmp_path / "gapped", make_phantom((12, 10, 8)), instance_order="position")
+    written["paths"][3].unlink()
+    tool, out = load_tool("zero_shot"), tmp_path / "gaps.csv"
+    assert tool.main([str(work), str(tmp_path / "gapped"), "--labels", "emphysema", "--out", str(out)]) == 1
+    assert "missing slice" in next(csv.DictReader(out.open()))["error"]
+    assert tool.main([str(work), str(tmp_path / "gapped"), "--labels", "emphysema", "--out", str(out),
+                      "--allow-gaps"]) == 0
+    assert next(csv.DictReader(out.open()))["error"] == ""
+    assert json.loads(out.with_suffix(".json").read_text())["reader_options"] == {"allow_gaps": True}
+    assert tool.main([str(work), str(tmp_path / "gapped"), "--labels", "emphysema", "--out", str(out),
+                      "--reader-option", "allow_gaps=true"]) == 0
+    rows = mmvl.zero_shot(work, tmp_path / "gapped", ["emphysema"], progress=False,
+                          reader_options={"allow_gaps": True})
+    assert rows[0]["error"] == ""
+    assert tool.main([str(work), str(tmp_path / "gapped"), "--labels", "emphysema", "--out", str(out),
+                      "--reader-option", "allow_gap=true"]) == 2
+    assert "Did you mean 'allow_gaps'" in capsys.readouterr().err
+
+
+def test_labels_from_the_zoo_entry_prompts(tiny_clip, synthetic_cxr, tmp_path):
+    from mmvl import zoo
+
+    work, _ = tiny_clip
+    record = {"labels": ["nodule", "pneumothorax"],
+              "prompts": {"nodule": {"positive": ["a nodule"], "negative": ["no nodule"]},
+                          "pneumothorax": {"positive": ["pneumothorax"], "negative": ["no pneumothorax"]}}}
+    entry = zoo.export(work, "tiny-cxr", out=tmp_path / "zoo" / "tiny-cxr", formats=["mmvl"], prompts=record).path
+    image = next((synthetic_cxr.parent / "images").glob("*.dcm"))
+    rows = mmvl.zero_shot(entry, image, progress=False)
+    assert list(rows[0]) == ["path", "study_id", "nodule", "pneumothorax", "error"]
+    out = tmp_path / "entry.csv"
+    assert load_tool("zero_shot").main([str(entry), str(image), "--out", str(out)]) == 0
+    row = next(csv.DictReader(out.open()))
+    assert float(row["nodule"]) == pytest.approx(rows[0]["nodule"], abs=1e-5)
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["labels"] == record["labels"] and sidecar["prompts"]["nodule"]["positive"] == ["a nodule"]
+
+
+def test_arguments_are_checked_with_clear_errors(tiny_clip, synthetic_cxr, tmp_path, capsys):
+    work, _ = tiny_clip
+    image = next((synthetic_cxr.parent / "images").glob("*.dcm"))
+    with pytest.raises(ConfigError, match="no inputs"):
+        mmvl.zero_shot(work, None, ["nodule"])
+    with pytest.raises(ConfigError, match="model must be a work dir"):
+        mmvl.zero_shot(None, image, ["nodule"])
+    with pytest.raises(ConfigError, match="labels must be label names"):
+        mmvl.zero_shot(work, image, 3)
+    with pytest.raises(ConfigError, match="inputs must be a path"):
+        mmvl.zero_shot(work, [image, 7], ["nodule"])
+    with pytest.raises(ConfigError, match="batch_size"):
+        mmvl.zero_shot(work, image, ["nodule"], batch_size=0)
+    with pytest.raises(ConfigError, match="mode 'multiclass'.*every probability is 1.0"):
+        mmvl.zero_shot(work, image, ["nodule"], mode="multiclass")
+    tool = load_tool("zero_shot")
+    assert tool.main([str(work), str(image), "--labels", "nodule", "--mode", "multiclass",
+                      "--out", str(tmp_path / "p.csv")]) == 2
+    assert "give two or more labels" in capsys.readouterr().err
+    assert tool.main([str(work), str(image), "--out", str(tmp_path / "p.csv")]) == 2
+    assert "give --labels" in capsys.readouterr().err
+
+
+def test_manifests_default_to_the_trained_data_root(tiny_clip, synthetic_cxr, tmp_path, monkeypatch, capsys):
+    work, _ = tiny_clip
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(next((synthetic_cxr.parent / "images").glob("*.dcm")), images / "x.dcm")
+    (tmp_path / "lists").mkdir()
+    manifest = tmp_path / "lists" / "m.jsonl"
+    manifest.write_text(json.dumps({"image": "../images/x.dcm", "report": "r"}) + "\n")
+    loaded = mmvl.loading.load_model(work)
+    with pytest.raises(ManifestError, match="outside the data root"):  # the manifest's folder by default
+        mmvl.zero_shot(loaded, labels=["nodule"], manifest=manifest, progress=False)
+    trained = dataclasses.replace(loaded, config={**loaded.config, "data": {**loaded.config["data"],
+                                                                            "root": str(tmp_path)}})
+    rows = mmvl.zero_shot(trained, labels=["nodule"], manifest=manifest, progress=False)
+    assert len(rows) == 1 and rows[0]["error"] == ""
+    tool = load_tool("zero_shot")
+    monkeypatch.setattr(tool, "load_model", lambda model, device=None: trained)
+    out = tmp_path / "m.csv"
+    assert tool.main([str(work), "--manifest", str(manifest), "--labels", "nodule", "--out", str(out)]) == 0
+    assert tool.main([str(work), "--manifest", str(manifest), "--labels", "nodule", "--out", str(out),
+                      "--data-root", str(tmp_path / "lists")]) == 2
+    assert "outside the data root" in capsys.readouterr().err

@@ -1,17 +1,23 @@
 """Zero-shot classification of scans from label names.
 
-    python tools/zero_shot.py MODEL INPUT... --labels "pleural effusion,pneumothorax"
+    python tools/zero_shot.py MODEL INPUT... [--labels "pleural effusion,pneumothorax"]
         [--preset chexzero|ctclip|ensemble|prompts.json|prompts.yaml] [--mode pairwise|multiclass]
         [--out preds.csv] [--batch-size 32] [--device cpu] [--limit N]
-    python tools/zero_shot.py MODEL --manifest test.jsonl --labels ...
+        [--allow-gaps] [--reader-option KEY=VALUE ...]
+    python tools/zero_shot.py MODEL --manifest test.jsonl [--data-root DIR] ...
 
-MODEL is a training work dir, a checkpoint file or a model-zoo entry (folder or name).
-INPUT may be files or folders, searched recursively: a 2D
-model takes DICOM, PNG and JPEG files, a 3D model NIfTI files and DICOM series folders. Preprocessing is rebuilt
-from the model's recorded spec. The CSV has one row per scan (path, study_id, one probability column per label,
-error); a file that cannot be read gets its reason in ``error`` and the run goes on. A ``.json`` sidecar records
-the model, preset, prompts, mode and mmvl version. Exit code: 0 all scans classified, 1 some failed, 2 bad
-arguments. With a labelled manifest, per-label AUROC is printed.
+MODEL is a training work dir, a checkpoint file or a model-zoo entry (folder or name). Without --labels (and
+--preset) the labels and prompts recorded in the zoo entry's prompts.json are used.
+INPUT may be files or folders, searched recursively: a 2D model takes DICOM, PNG, JPEG and TIFF files, a 3D
+model NIfTI files and DICOM series (the DICOM slices in one folder, one input per series); a DICOMDIR (CD/PACS
+export) is read for the images and series it lists. Every other file found is a row with its reason.
+Preprocessing is rebuilt from the model's recorded spec; --allow-gaps (interpolate the missing slices of a
+DICOM series) and --reader-option override its reader's options. Manifest images must lie in --data-root
+(default: the data.root the model was trained with, else the manifest's folder).
+The CSV has one row per scan (path, study_id, one probability column per label, error); a file that cannot
+be read gets its reason in ``error`` and the run goes on. A ``.json`` sidecar records the model, preset,
+prompts, mode and mmvl version. Exit code: 0 all scans classified, 1 some failed, 2 bad arguments. With a
+labelled manifest, per-label AUROC is printed.
 """
 
 from __future__ import annotations
@@ -28,12 +34,12 @@ from typing import Any
 import torch
 
 import mmvl
-from mmvl.data.inputs import manifest_items
+from mmvl.data.inputs import add_reader_arguments, manifest_items, reader_options
 from mmvl.data.manifest import add_root_arguments
-from mmvl.errors import MMVLError
+from mmvl.errors import ConfigError, MMVLError
 from mmvl.evaluation.zero_shot import PRESETS, auroc, prompts_from
 from mmvl.inference import zero_shot
-from mmvl.loading import load_model
+from mmvl.loading import load_model, recorded_preset
 from mmvl.utils import atomic_write_text, setup_logging
 
 
@@ -43,14 +49,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("inputs", nargs="*", help="scan files or folders")
     parser.add_argument("--manifest", help="also run over the rows of a manifest (JSONL/CSV)")
     add_root_arguments(parser)
-    parser.add_argument("--labels", required=True, help="comma-separated label names")
-    parser.add_argument("--preset", default="chexzero",
-                        help=f"prompt preset ({', '.join(PRESETS)}) or a JSON/YAML prompt file")
+    parser.add_argument("--labels", help="comma-separated label names (default: those of the zoo entry's "
+                        "prompts.json)")
+    parser.add_argument("--preset", help=f"prompt preset ({', '.join(PRESETS)}) or a JSON/YAML prompt file "
+                        "(default: the zoo entry's recorded prompts, else chexzero)")
     parser.add_argument("--mode", default="pairwise", choices=["pairwise", "multiclass"])
     parser.add_argument("--out", default="zero_shot.csv", help="output CSV (a .json sidecar is written beside it)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--limit", type=int, help="only the first N scans")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_reader_arguments(parser)
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
@@ -60,29 +68,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
-    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
     try:
         loaded = load_model(args.model, device=args.device)
-        prompts = prompts_from(labels, args.preset)
-        rows = zero_shot(loaded, args.inputs, labels, preset=args.preset, mode=args.mode, manifest=args.manifest,
+        recorded = loaded.prompts or {}
+        labels = [label.strip() for label in args.labels.split(",") if label.strip()] if args.labels else \
+            list(recorded.get("labels") or [])
+        if not labels:
+            raise ConfigError(f"{args.model}: give --labels (this model records no zero-shot labels in a "
+                              "prompts.json)")
+        preset = args.preset or (recorded_preset(recorded) if recorded else "chexzero")
+        prompts = prompts_from(labels, preset)
+        trained_data = (loaded.config or {}).get("data") or {}
+        data_root = args.data_root or trained_data.get("root")
+        allow_outside_root = args.allow_outside_root or bool(trained_data.get("allow_outside_root", False))
+        options = reader_options(args)
+        rows = zero_shot(loaded, args.inputs, labels, preset=preset, mode=args.mode, manifest=args.manifest,
                          batch_size=args.batch_size, device=args.device, limit=args.limit,
-                         data_root=args.data_root, allow_outside_root=args.allow_outside_root)
+                         data_root=data_root, allow_outside_root=allow_outside_root,
+                         reader_options=options)
     except MMVLError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
     atomic_write_text(out, _csv_text(rows, ["path", "study_id", *labels, "error"]))
     n_failed = sum(bool(row["error"]) for row in rows)
-    sidecar = {"model": loaded.source, "preset": args.preset, "mode": args.mode, "labels": labels,
-               "prompts": prompts, "logit_scale": float(loaded.model.contrastive_head.scale().detach()),
-               "preprocess": loaded.preprocess.kind, "mmvl_version": mmvl.__version__, "n_inputs": len(rows),
-               "n_failed": n_failed}
+    sidecar = {"model": loaded.source, "preset": args.preset or ("prompts.json" if recorded else "chexzero"),
+               "mode": args.mode, "labels": labels, "prompts": prompts,
+               "logit_scale": float(loaded.model.contrastive_head.scale().detach()),
+               "preprocess": loaded.preprocess.kind, "reader_options": options,
+               "mmvl_version": mmvl.__version__, "n_inputs": len(rows), "n_failed": n_failed}
     atomic_write_text(out.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
     truth = {}
     if args.manifest:
         truth = {(item.path, item.study_id or ""): item.labels for item in manifest_items(
-            args.manifest, root=args.data_root, allow_outside_root=args.allow_outside_root)
-                 if item.labels}
+            args.manifest, root=data_root, allow_outside_root=allow_outside_root) if item.labels}
     _print_summary(rows, labels, truth)
     print(f"wrote {out} and {out.with_suffix('.json')} ({n_failed} of {len(rows)} failed)")
     return 1 if n_failed else 0

@@ -9,9 +9,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from mmvl.data.inputs import find_inputs, iter_batches, manifest_items
+from mmvl.data.inputs import find_inputs, iter_batches, manifest_items, with_reader_options
 from mmvl.errors import ConfigError
 
 # Named prompt presets: where the field's published systems differ, the preset records which was used.
@@ -115,15 +116,32 @@ def zero_shot_probabilities(
 
 
 def auroc(scores: Sequence[float], targets: Sequence[int]) -> float:
-    """Area under the ROC curve by the Mann-Whitney U statistic (ties count half); NaN if one class."""
-    scores_t = torch.as_tensor(scores, dtype=torch.float64)
-    targets_t = torch.as_tensor(targets, dtype=torch.float64)
-    pos, neg = scores_t[targets_t == 1], scores_t[targets_t == 0]
-    if len(pos) == 0 or len(neg) == 0:
+    """Area under the ROC curve (scikit-learn's ``roc_auc_score``: sorting, so memory grows with the rows and not
+    with positives x negatives); NaN if one class is absent."""
+    from sklearn.metrics import roc_auc_score
+
+    targets_a = np.asarray(targets, dtype=np.int64)
+    if targets_a.size == 0 or targets_a.min() == targets_a.max():
         return float("nan")
-    greater = (pos[:, None] > neg[None, :]).double().sum()
-    ties = (pos[:, None] == neg[None, :]).double().sum()
-    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+    return float(roc_auc_score(targets_a, np.asarray(scores, dtype=np.float64)))
+
+
+def _check_arguments(inputs: Any, labels: Any, mode: str, batch_size: Any, limit: Any) -> None:
+    """Clear :mod:`mmvl.errors` errors for arguments of the wrong kind, before any work."""
+    paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs
+    if not isinstance(paths, Sequence) or not all(isinstance(p, (str, os.PathLike)) for p in paths):
+        raise ConfigError(f"zero_shot: inputs must be a path or a list of paths (files or folders), got "
+                          f"{type(inputs).__name__}: {inputs!r:.80}")
+    names = labels.split(",") if isinstance(labels, str) else labels
+    if not isinstance(names, Sequence) or not all(isinstance(label, str) for label in names):
+        raise ConfigError(f"zero_shot: labels must be label names (a list, or one comma-separated string), got "
+                          f"{type(labels).__name__}: {labels!r:.80}")
+    if mode not in ("pairwise", "multiclass"):
+        raise ConfigError(f"zero_shot: mode must be 'pairwise' or 'multiclass', got {mode!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"zero_shot: batch_size must be an integer >= 1, got {batch_size!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"zero_shot: limit must be None or an integer >= 1, got {limit!r}")
 
 
 def zero_shot_scans(
@@ -140,22 +158,37 @@ def zero_shot_scans(
     limit: int | None = None,
     data_root: str | os.PathLike | None = None,
     allow_outside_root: bool = False,
+    reader_options: Mapping[str, Any] | None = None,
 ) -> Any:
     """Zero-shot probabilities of ``labels`` for every scan in ``inputs`` and/or ``manifest``, by ``loaded`` (a
     :class:`mmvl.loading.LoadedModel`: its ``model`` and ``preprocess``); see :func:`mmvl.inference.zero_shot`
-    for the arguments and the rows returned. ``device``: where to move the model first (default: where it is)."""
+    for the arguments and the rows returned. ``device``: where to move the model first (default: where it is).
+    ``data_root`` defaults to the training config's ``data.root``; ``reader_options`` override the recorded
+    reading step's options (:func:`~mmvl.data.inputs.with_reader_options`)."""
+    inputs = () if inputs is None else inputs
+    _check_arguments(inputs, labels, mode, batch_size, limit)
     labels = [label.strip() for label in (labels.split(",") if isinstance(labels, str) else labels) if label.strip()]
     if not labels:
         raise ConfigError("zero_shot: no labels given")
     if len(set(labels)) != len(labels):
         raise ConfigError(f"zero_shot: repeated label names in {labels}")
+    if mode == "multiclass" and len(labels) < 2:
+        raise ConfigError(f"zero_shot: mode 'multiclass' takes a softmax across labels, so with one label "
+                          f"({labels[0]!r}) every probability is 1.0; give two or more labels, or use mode 'pairwise'")
+    if loaded.preprocess is None:
+        raise ConfigError(f"{loaded.source}: this model has no image preprocessing (a text-only model)")
+    preprocess = with_reader_options(loaded.preprocess, reader_options)
+    trained_data = (loaded.config or {}).get("data") or {}
+    if data_root is None:
+        data_root = trained_data.get("root")  # where training read its manifest's images from
+    allow_outside_root = allow_outside_root or bool(trained_data.get("allow_outside_root", False))
     net = loaded.model
     if device is not None:
         net.to(device)
     device = next(net.parameters()).device
     prompts = prompts_from(labels, preset)
     items = find_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs),
-                        volumes=loaded.preprocess.kind == "3d")
+                        volumes=preprocess.kind == "3d")
     if manifest is not None:
         items += manifest_items(manifest, root=data_root, allow_outside_root=allow_outside_root)
     items = items[:limit] if limit else items
@@ -164,7 +197,7 @@ def zero_shot_scans(
     positive, negative = text_prototypes(net, prompts)
     scale = float(net.contrastive_head.scale().detach())
     rows: list[dict[str, Any]] = []
-    for batch in iter_batches(loaded.preprocess, items, batch_size, device, progress, desc="zero-shot"):
+    for batch in iter_batches(preprocess, items, batch_size, device, progress, desc="zero-shot"):
         if batch.images is not None:
             with torch.no_grad():
                 embeddings = net.encode_image(batch.images)
