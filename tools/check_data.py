@@ -2,7 +2,8 @@
 
 Lists every problem (file and reason): bytes that are not UTF-8, empty reports, missing files, images that
 cannot be read (corrupt DICOM, no PixelData, undecodable transfer syntax, wrong modality, empty or NaN
-images, inconsistent DICOM series). With ``--config`` the config's eval pipeline (up to its first random
+images, inconsistent DICOM series), and every image outside the data root (listed, never read, with the root
+that would hold them all where one is safe). With ``--config`` the config's eval pipeline (up to its first random
 step) runs on every image, otherwise just the reader. Exit code 0 when clean, 1 when problems were found,
 2 when the manifest itself cannot be read or the config is wrong.
 """
@@ -15,7 +16,7 @@ import json
 import sys
 from collections import Counter
 
-from mmvl.data.manifest import add_root_arguments
+from mmvl.data.manifest import add_root_arguments, load_manifest, outside_root_advice, root_options
 from mmvl.errors import MMVLError
 from mmvl.utils import setup_logging
 
@@ -76,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     from mmvl.data.check import check_manifest
 
     pipeline, sections = None, ("findings", "impression")
-    root, allow_outside_root = args.data_root, args.allow_outside_root
     try:
+        options = root_options(args, source=args.config)
         if args.config:
             from mmvl.config import Config
             from mmvl.config.validate import validate_config
@@ -85,13 +86,13 @@ def main(argv: list[str] | None = None) -> int:
             data = validate_config(Config.fromfile(args.config))["data"]
             pipeline = list(data["eval_pipeline"])
             sections = tuple(data.get("report_sections", sections))
-            root = root or data.get("root")
-            allow_outside_root = allow_outside_root or bool(data.get("allow_outside_root", False))
+            options = root_options(args, {"data": data}, source=args.config)
+            # unlike a model's recorded config, this is the config training will run this manifest with
+            options["allow_outside_root"] |= bool(data.get("allow_outside_root", False))
         if args.sections is not None:
             sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
         n_rows, problems = check_manifest(args.manifest, pipeline=pipeline, split=args.split,
-                                          report_sections=sections, read=not args.no_read, jobs=args.jobs,
-                                          root=root, allow_outside_root=allow_outside_root)
+                                          report_sections=sections, read=not args.no_read, jobs=args.jobs, **options)
     except MMVLError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -103,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     rows_with_problems = len({p.line for p in problems})
     summary = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())) or "no problems"
     print(f"checked {n_rows} rows of {args.manifest}: {rows_with_problems} with problems ({summary})")
+    escaping = {p.line for p in problems if p.kind == "outside_root"}
+    if escaping:  # one fix for all of them: a root holding every image, where one is safe
+        rows = load_manifest(args.manifest, keep_outside_root=True, **options)
+        print(f"{len(escaping)} row{'s' if len(escaping) > 1 else ''} with images outside the data root: "
+              f"{outside_root_advice(rows)}")
     return 1 if problems else 0
 
 

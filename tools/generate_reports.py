@@ -10,7 +10,9 @@ DICOM/PNG/JPEG files, 3D models NIfTI files and DICOM series folders; other file
 Preprocessing is rebuilt from the model's recorded spec. One JSON line per input: ``path``, ``study_id``
 (manifest rows), and ``report`` or ``error``;
 the exit code is 1 if any input failed, 2 on bad arguments. A ``.json`` sidecar beside ``--out`` records the
-model and settings. With a manifest that has reports and/or labels, BLEU-1..4 and ROUGE-L against the
+model and settings. Manifest images must lie inside the data root the model was trained with (its data.root;
+none recorded: the manifest's folder) unless --data-root or --allow-outside-root says otherwise. With a manifest
+that has reports and/or labels, BLEU-1..4 and ROUGE-L against the
 reports (the sections the model was trained on) and finding F1 from the keyword labeller against the labels,
 beside the majority-class and always-present baselines, are printed and stored in the sidecar.
 """
@@ -27,7 +29,7 @@ import torch
 
 import mmvl
 from mmvl.data.inputs import find_inputs, iter_batches, manifest_items
-from mmvl.data.manifest import add_root_arguments
+from mmvl.data.manifest import add_root_arguments, root_options
 from mmvl.errors import ConfigError, MMVLError
 from mmvl.evaluation.report_metrics import finding_f1, report_metrics
 from mmvl.utils import atomic_write_text, setup_logging
@@ -72,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         items = find_inputs(args.inputs, volumes=loaded.preprocess.kind == "3d")
         if args.manifest:
             sections = loaded.config["data"].get("report_sections", ("findings", "impression"))
-            items += manifest_items(args.manifest, sections=sections, root=args.data_root,
-                                    allow_outside_root=args.allow_outside_root)
+            # the data root the model was trained with, unless --data-root / --allow-outside-root say otherwise
+            items += manifest_items(args.manifest, sections=sections,
+                                    **root_options(args, loaded.config, source=loaded.source))
     except MMVLError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

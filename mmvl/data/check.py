@@ -19,7 +19,7 @@ from mmvl.data.transforms import LoadVolume, Pipeline
 from mmvl.data.volume import is_volume_source
 from mmvl.errors import DataError
 
-KINDS = ("encoding", "empty_report", "missing_file", "unreadable", "unexpected")
+KINDS = ("encoding", "outside_root", "empty_report", "missing_file", "unreadable", "unexpected")
 
 
 @dataclass(frozen=True)
@@ -63,17 +63,21 @@ def check_manifest(
 ) -> tuple[int, list[Problem]]:
     """Rows checked and the problems found. ``pipeline``: the deterministic steps to run on each image
     (default: just the reader); ``read=False`` checks presence only; ``jobs`` worker processes; ``root`` and
-    ``allow_outside_root`` as for :func:`~mmvl.data.manifest.load_manifest`."""
-    # a malformed manifest (or one pointing outside its root) is an error, not a per-row problem
-    rows = load_manifest(manifest, root=root, allow_outside_root=allow_outside_root)
+    ``allow_outside_root`` as for :func:`~mmvl.data.manifest.load_manifest`. Every image outside the data root
+    is an ``outside_root`` problem, and is neither opened nor looked for."""
+    # a malformed manifest is an error, not a per-row problem; rows outside the root are listed, all of them
+    rows = load_manifest(manifest, root=root, allow_outside_root=allow_outside_root, keep_outside_root=True)
     if split is not None:
         rows = [row for row in rows if row.get("split") == split]
     problems: list[Problem] = []
     tasks = []
     volume_pipeline = bool(pipeline) and Pipeline(pipeline).kind == "3d"
     spec = list(Pipeline(pipeline).deterministic_spec) if pipeline else None
+    data_root = os.path.abspath(root if root is not None else os.path.dirname(manifest))
     for row in rows:
         line = row["line"]
+        outside = row.get("outside_root") or []
+        problems.extend(Problem(line, path, "outside_root", f"outside the data root {data_root}") for path in outside)
         if row.get("error"):
             problems.append(Problem(line, row["image"][0], "encoding", row["error"]))
             continue
@@ -82,6 +86,8 @@ def check_manifest(
                                                                            f"extraction {list(report_sections)}"))
         fields = {key: row[key] for key in LoadVolume.FIELDS if row.get(key) is not None}
         for path in row["image"]:
+            if path in outside:
+                continue  # never opened, nor looked for
             if not os.path.exists(path):
                 problems.append(Problem(line, path, "missing_file", "not found"))
             elif os.path.isdir(path) and pipeline and not volume_pipeline:

@@ -7,7 +7,10 @@ folder and may add ``series_uid``, ``spacing`` and ``rescale`` (see ``datasets/R
 Image paths must lie inside the data root: the manifest's folder, or ``root`` (config ``data.root``). A path
 that escapes it (``../``, or an absolute path elsewhere) is refused unless ``allow_outside_root=True``
 (``data.allow_outside_root``), so a manifest from elsewhere cannot make mmvl read arbitrary files. The check
-is on the path text after normalisation; symbolic links inside the root are followed as they are.
+is on the path text after normalisation; symbolic links inside the root are followed as they are. The refusal
+names every escaping row and suggests a root (:func:`suggest_root`: the images' common folder, never ``/``, a
+system folder or the home folder). Tools that run a trained model take its training ``data.root`` by default
+(:func:`root_options`).
 
 Manifests must be UTF-8. A row holding bytes that are not UTF-8 (typically a report exported as
 Latin-1) is kept with an ``error`` entry, so datasets skip and count it and ``tools/check_data.py`` lists it.
@@ -21,10 +24,12 @@ import io
 import json
 import os
 import re
+import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from mmvl.errors import ManifestError
+from mmvl.errors import ConfigError, ManifestError
 
 REQUIRED_KEYS = ("image", "report")
 _UNDECODED = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by errors="surrogateescape"
@@ -51,6 +56,61 @@ def _readable(value: Any) -> Any:
 def _inside(path: str, root: str) -> bool:
     path, root = os.path.normpath(path), os.path.normpath(root)
     return os.path.commonpath([path, root]) == root if os.path.isabs(path) == os.path.isabs(root) else False
+
+
+# Folders no data root should be: a root there would let a manifest read the system's or everyone's files. Their
+# sub-folders (/home/me/data, /tmp/run1, /mnt/nas/mimic) are fine.
+SYSTEM_FOLDERS = ("/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32", "/media", "/mnt",
+                  "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var", "/var/tmp",
+                  "/private", "/private/etc", "/private/tmp", "/private/var", "/Users", "/Volumes", "/System",
+                  "/Library", "/Applications")
+SHOWN_ROWS = 10  # escaping rows named in an error message; tools/check_data.py lists them all
+
+
+def too_wide_for_root(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is the filesystem (or a drive's) root, a system folder (``SYSTEM_FOLDERS``, the temp
+    folder itself) or the user's home folder: never a data root to suggest or inherit."""
+    folder = os.path.normpath(os.path.abspath(folder))
+    if os.path.dirname(folder) == folder:  # "/" or "C:\\"
+        return True
+    wide = {os.path.normpath(p) for p in (*SYSTEM_FOLDERS, tempfile.gettempdir(), os.path.expanduser("~"))}
+    return folder in wide or os.path.realpath(folder) in {os.path.realpath(p) for p in wide}
+
+
+def suggest_root(images: Iterable[str | os.PathLike]) -> str | None:
+    """The narrowest data root holding every one of ``images``: their common folder, or None when that would be
+    too wide to be safe (:func:`too_wide_for_root`) or there are no images."""
+    folders = {os.path.dirname(os.path.normpath(os.path.abspath(image))) for image in images}
+    if not folders:
+        return None
+    try:
+        common = os.path.commonpath(sorted(folders))
+    except ValueError:  # paths on different drives
+        return None
+    return None if too_wide_for_root(common) else common
+
+
+def outside_root_advice(rows: list[dict[str, Any]]) -> str:
+    """How to fix rows that escape the data root: a root holding every image of ``rows``, or why none is
+    suggested, and the trusted-manifest switch."""
+    images = [image for row in rows for image in row["image"]]
+    suggested = suggest_root(images)
+    if suggested is not None:
+        where = f"set data.root (--data-root) to a folder holding every image, such as {suggested} (their " \
+                "common folder)"
+    else:
+        folders = {os.path.dirname(os.path.abspath(image)) for image in images}
+        common = os.path.commonpath(sorted(folders)) if len({os.path.splitdrive(f)[0] for f in folders}) == 1 else ""
+        where = (f"no safe data root can be suggested: the images' common folder is {common or 'none'}, which "
+                 "would let the manifest read system or home files; fix or remove the rows that escape, or move "
+                 "the images under one data folder and set data.root (--data-root) to it")
+    return f"{where}, or set data.allow_outside_root=True (--allow-outside-root) if the manifest is trusted"
+
+
+def outside_root_lines(rows: list[dict[str, Any]], limit: int | None = None) -> list[str]:
+    """``row N: path`` for every image of ``rows`` outside the data root (the first ``limit`` rows)."""
+    escaping = [row for row in rows if row.get("outside_root")]
+    return [f"row {row['line']}: {image}" for row in escaping[:limit] for image in row["outside_root"]]
 
 
 FRONTAL_VIEWS = ("PA", "AP", "AP AXIAL", "PA AXIAL", "FRONTAL")  # (0018,5101) ViewPosition values seen frontal
@@ -90,14 +150,10 @@ def _parse_row(raw: dict[str, Any], path: Path, line: int, csv_row: bool, root: 
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
         raise ManifestError(path, f"row {line}: 'image' must be a path or a list of paths, got {images!r}")
     row["image"] = [os.path.normpath(p if os.path.isabs(p) else str(path.parent / p)) for p in images]
-    if root is not None:
-        for image in row["image"]:
-            if not _inside(os.path.abspath(image), root):
-                common = os.path.commonpath([os.path.abspath(image), root])
-                raise ManifestError(path, f"row {line}: image path {image} lies outside the data root {root}; "
-                                          f"set data.root (--data-root) to a folder holding every image, such as "
-                                          f"{common}, or data.allow_outside_root=True (--allow-outside-root) if "
-                                          "the manifest is trusted")
+    if root is not None:  # refused by load_manifest once every row is read, so that all of them are named
+        outside = [image for image in row["image"] if not _inside(os.path.abspath(image), root)]
+        if outside:
+            row["outside_root"] = outside
     row["views"] = _parse_views(raw.get("views"), len(row["image"]), path, line, csv_row)
     row["report"] = "" if raw.get("report") is None else str(raw["report"])
     labels = raw.get("labels")
@@ -124,12 +180,15 @@ def _parse_row(raw: dict[str, Any], path: Path, line: int, csv_row: bool, root: 
 
 
 def load_manifest(
-    path: str | os.PathLike, *, root: str | os.PathLike | None = None, allow_outside_root: bool = False
+    path: str | os.PathLike, *, root: str | os.PathLike | None = None, allow_outside_root: bool = False,
+    keep_outside_root: bool = False,
 ) -> list[dict[str, Any]]:
     """Read a ``.jsonl`` or ``.csv`` manifest into rows with absolute image paths (files not checked).
 
-    ``root``: the folder every image must lie in (default the manifest's folder); a row pointing outside
-    it is a :class:`ManifestError` unless ``allow_outside_root``.
+    ``root``: the folder every image must lie in (default the manifest's folder); rows pointing outside it are
+    a :class:`ManifestError` naming them all unless ``allow_outside_root``. ``keep_outside_root`` returns them
+    instead, with their escaping paths in ``outside_root`` (for ``tools/check_data.py``, which lists them and
+    reads none of them).
     """
     path = Path(path)
     if not path.is_file():
@@ -162,13 +221,40 @@ def load_manifest(
             rows.append(_parse_row(raw, path, line, csv_row=False, root=data_root))
     if not rows:
         raise ManifestError(path, "manifest has no rows")
+    escaping = [row for row in rows if row.get("outside_root")]
+    if escaping and not keep_outside_root:
+        lines = outside_root_lines(escaping, SHOWN_ROWS)
+        more = f"; and {len(escaping) - SHOWN_ROWS} more rows" if len(escaping) > SHOWN_ROWS else ""
+        raise ManifestError(path, f"{len(escaping)} row{'s' if len(escaping) > 1 else ''} with image paths outside "
+                                  f"the data root {data_root} ({'; '.join(lines)}{more}; tools/check_data.py lists "
+                                  f"them all); {outside_root_advice(rows)}")
     return rows
 
 
 def add_root_arguments(parser: argparse.ArgumentParser) -> None:
     """``--data-root`` and ``--allow-outside-root`` for the tools that read a manifest (as ``data.root`` and
     ``data.allow_outside_root`` in a config)."""
-    parser.add_argument("--data-root", help="folder every manifest image must lie in (default: the manifest's "
-                        "folder); paths outside it are refused")
+    parser.add_argument("--data-root", help="folder every manifest image must lie in (default: data.root of "
+                        "the config or model, else the manifest's folder); paths outside it are refused")
     parser.add_argument("--allow-outside-root", action="store_true",
                         help="read manifest images wherever they are (only for a manifest you trust)")
+
+
+def root_options(args: argparse.Namespace, config: Mapping[str, Any] | None = None,
+                 source: str = "the model") -> dict[str, Any]:
+    """``root`` and ``allow_outside_root`` for :func:`load_manifest` in a tool that reads a manifest with a trained
+    model: ``--data-root`` / ``--allow-outside-root`` when given, else the ``data.root`` recorded with the model
+    (``config``: a work dir's training config, or a zoo entry's ``config.json``; a root of None, or none
+    recorded, means the manifest's folder). ``data.allow_outside_root`` is not inherited: a model does not vouch
+    for the manifest it is run on. A recorded root that is too wide (:func:`too_wide_for_root`, e.g. ``/``) is
+    refused rather than used; ``source`` names the model in that message."""
+    if args.allow_outside_root:
+        return {"root": args.data_root, "allow_outside_root": True}
+    if args.data_root is not None:
+        return {"root": args.data_root, "allow_outside_root": False}
+    data = (config or {}).get("data") or {}
+    root = data.get("root")
+    if root is not None and too_wide_for_root(root):
+        raise ConfigError(f"{source}: its recorded data.root {root} would let a manifest read system or home files; "
+                          "pass --data-root FOLDER (the folder holding the manifest's images)")
+    return {"root": None if root is None else os.fspath(root), "allow_outside_root": False}
