@@ -1,7 +1,7 @@
 """Convert CheXpert (v1.0 or v1.0-small), with CheXpert Plus reports when given, to an mmvl manifest.
 
-One JSONL row per radiograph: ``train.csv`` gives train and a patient-level val split, ``valid.csv`` gives
-test. See ``datasets/chexpert.md``.
+One JSONL row per study (its radiographs as a list, with their views): ``train.csv`` gives train and a
+patient-level val split, ``valid.csv`` gives test. See ``datasets/chexpert.md``.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 HERE = Path(__file__).resolve().parent
@@ -29,7 +30,6 @@ from _converter import (  # noqa: E402
     add_common_arguments,
     check_fractions,
     deidentified_copy,
-    format_summary,
     hashed_split,
     parse_label,
     progress_bar,
@@ -40,6 +40,7 @@ from mimic_cxr import (  # noqa: E402
     CHEXPERT_LABELS,
     UNCERTAIN_POLICIES,
     apply_uncertain_policy,
+    study_summary,
 )
 
 RELEASE_FOLDERS = ("CheXpert-v1.0-small", "CheXpert-v1.0")
@@ -92,6 +93,39 @@ def read_reports(path: str | os.PathLike, sections: Sequence[str], progress: boo
     return reports
 
 
+@dataclass
+class Study:
+    """The kept images of one study, in CSV order, with their views, report texts and label values."""
+
+    patient: str
+    source_split: str
+    images: list[tuple[Path, str, str | None]] = field(default_factory=list)  # (file, key below release, view)
+    reports: list[str | None] = field(default_factory=list)  # per image: CheXpert Plus text, None when absent
+    values: list[list[float | None]] = field(default_factory=list)  # per image: one value per LABEL_COLUMNS
+
+    def report(self) -> str | None:
+        """The first non-empty report of its images; "" when they have only empty ones, None when none has one."""
+        texts = [text for text in self.reports if text is not None]
+        return next((text for text in texts if text), "" if texts else None)
+
+    def label_values(self) -> tuple[list[float | None], int]:
+        """One value per label, and how many labels its images disagree on. CheXpert labels a study's report,
+        so its images normally agree; a blank is unknown and yields to a value, a disagreement is left unknown."""
+        merged: list[float | None] = []
+        conflicts = 0
+        for values in zip(*self.values):
+            given = set(values) - {None}
+            conflicts += len(given) > 1
+            merged.append(given.pop() if len(given) == 1 else None)
+        return merged, conflicts
+
+
+def view_of(row: dict[str, str]) -> str | None:
+    """The view in (0018,5101) ViewPosition terms: CheXpert's AP/PA column (AP, PA, LL...), else its Frontal/Lateral
+    (LATERAL, or FRONTAL for a frontal image of unknown projection), upper case; None when both are blank."""
+    return (row["AP/PA"].strip() or row["Frontal/Lateral"].strip()).upper() or None
+
+
 def convert(
     root: str | os.PathLike,
     out: str | os.PathLike,
@@ -110,8 +144,11 @@ def convert(
     ``root`` is the CheXpert-v1.0-small (or CheXpert-v1.0) folder or its parent; ``reports`` the CheXpert
     Plus CSV. ``val_fraction`` of the train.csv patients (by a hash of the patient id) become "val";
     valid.csv is "test". Rows without a report are skipped unless ``allow_missing_report``, which keeps them
-    with ``"report": ""``. Returns ``{"rows", "studies", "splits", "skipped": {reason: images},
-    "without_report", "manifest", "data_root"}``; skip reasons are ``SKIP_REASONS``.
+    with ``"report": ""``. One row per study: ``image`` lists its images in CSV order and ``views`` their views
+    (:func:`view_of`); its report is the first non-empty CheXpert Plus report of its images, its labels those of
+    its images (see ``Study.label_values``). Returns ``{"rows", "studies", "images", "splits", "skipped": {reason:
+    images}, "without_report": rows, "label_conflicts": labels left unknown, "manifest", "data_root"}``; skip
+    reasons are ``SKIP_REASONS``.
 
     ``deidentify``: ``study_id`` becomes a stable pseudonym of ``<patient>_<study>`` and rows point at hard
     links (or copies) under ``<manifest folder>/deidentified/<study pseudonym>/``, named by a pseudonym of the
@@ -132,56 +169,73 @@ def convert(
     report_of = read_reports(reports, sections, progress) if reports is not None else {}
     label_names = [name.lower() for name in LABEL_COLUMNS]
     skipped = Counter(dict.fromkeys(SKIP_REASONS, 0))
-    without_report = 0
+    studies: dict[tuple[str, str, str], Study] = {}  # (split folder, patient, study) -> Study, in CSV order
+    for csv_name, source_split in SOURCES:
+        csv_path = release / csv_name
+        rows = read_csv(csv_path, CSV_COLUMNS, hint=HINT)
+        for line, row in enumerate(progress_bar(rows, progress, desc=csv_name, unit="image"), start=2):
+            if views == "frontal" and row["Frontal/Lateral"].strip().lower() != "frontal":
+                skipped["other_view"] += 1
+                continue
+            try:
+                key = image_key(row["Path"])
+            except ValueError as err:
+                raise DataError(csv_path, f"line {line}, 'Path': {err}") from err
+            values = [parse_label(row[name], csv_path, line, name, CHEXPERT_VALUES) for name in LABEL_COLUMNS]
+            split_folder, patient, study_name, _view_file = key.parts
+            study = studies.setdefault((split_folder, patient, study_name), Study(patient, source_split))
+            study.images.append((release / key, str(key), view_of(row)))
+            study.reports.append(report_of.get(str(key.with_suffix(""))))
+            study.values.append(values)
+
+    without_report = images_written = label_conflicts = 0
     deidentifier = None
     with ManifestWriter(out) as writer:
-        for csv_name, source_split in SOURCES:
-            csv_path = release / csv_name
-            rows = read_csv(csv_path, CSV_COLUMNS, hint=HINT)
-            for line, row in enumerate(progress_bar(rows, progress, desc=csv_name, unit="image"), start=2):
-                if views == "frontal" and row["Frontal/Lateral"].strip().lower() != "frontal":
-                    skipped["other_view"] += 1
-                    continue
-                try:
-                    key = image_key(row["Path"])
-                except ValueError as err:
-                    raise DataError(csv_path, f"line {line}, 'Path': {err}") from err
-                text = report_of.get(str(key.with_suffix("")))
-                if not text and not allow_missing_report:
-                    skipped["missing_report" if text is None else "empty_report"] += 1
-                    continue
-                image = release / key
-                if not image.is_file():
-                    skipped["missing_image"] += 1
-                    continue
-                values = [parse_label(row[name], csv_path, line, name, CHEXPERT_VALUES) for name in LABEL_COLUMNS]
-                _split_folder, patient, study, _view_file = key.parts
-                without_report += not text
-                study_id = f"{patient}_{study}"
-                if deidentify:
-                    if deidentifier is None:
-                        deidentifier = Deidentifier(pseudonym_key or writer.folder / "pseudonym.key")
-                    study_id = deidentifier.pseudonym(study_id)
-                    image = deidentified_copy(deidentifier, image, str(key), study_id, writer.folder)
-                writer.write(
-                    {
-                        "image": writer.relative(image),
-                        "report": text or "",
-                        "labels": apply_uncertain_policy(label_names, values, uncertain),
-                        # by the original patient id: the same split with or without --deidentify
-                        "split": hashed_split(patient, val_fraction) if source_split == "train" else source_split,
-                        "study_id": study_id,
-                        "view": row["AP/PA"].strip() or row["Frontal/Lateral"].strip() or None,
-                    }
-                )
+        for (_split_folder, patient, study_name), study in studies.items():
+            text = study.report()
+            if not text and not allow_missing_report:
+                skipped["missing_report" if text is None else "empty_report"] += len(study.images)
+                continue
+            present = [(image, key, view) for image, key, view in study.images if image.is_file()]
+            skipped["missing_image"] += len(study.images) - len(present)
+            if not present:
+                continue
+            values, conflicts = study.label_values()
+            label_conflicts += conflicts
+            without_report += not text
+            study_id = f"{patient}_{study_name}"
+            if deidentify:
+                if deidentifier is None:
+                    deidentifier = Deidentifier(pseudonym_key or writer.folder / "pseudonym.key")
+                study_id = deidentifier.pseudonym(study_id)
+            paths = [
+                writer.relative(deidentified_copy(deidentifier, image, key, study_id, writer.folder)
+                                if deidentify else image)
+                for image, key, _view in present
+            ]
+            images_written += len(paths)
+            writer.write(
+                {
+                    "image": paths,
+                    "report": text or "",
+                    "labels": apply_uncertain_policy(label_names, values, uncertain),
+                    # by the original patient id: the same split with or without --deidentify
+                    "split": hashed_split(patient, val_fraction) if study.source_split == "train"
+                    else study.source_split,
+                    "study_id": study_id,
+                    "views": [view for _image, _key, view in present],
+                }
+            )
         writer.require_rows(release, skipped)
-    return writer.counts(skipped, without_report=without_report)
+    return writer.counts(skipped, images=images_written, without_report=without_report,
+                         label_conflicts=label_conflicts)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Convert CheXpert (with CheXpert Plus reports) to an mmvl manifest.",
-        epilog="Rows hold image (relative to the manifest), report, labels, split, study_id and view; no age, "
+        epilog="One row per study: image (a list, relative to the manifest), views, report, labels, split and "
+        "study_id; no age, "
         "sex or other patient data (and, with --deidentify, no patient id). valid.csv becomes the test split. "
         "See datasets/chexpert.md.",
     )
@@ -218,9 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     counts = run_cli(convert, vars(build_parser().parse_args(argv)))
-    print(format_summary(counts, "images"))
+    print(study_summary(counts, "images"))
     if counts["without_report"]:
-        print(f"  kept without a report: {counts['without_report']}")
+        print(f"  studies kept without a report: {counts['without_report']}")
+    if counts["label_conflicts"]:
+        print(f"  labels left unknown because a study's images disagree on them: {counts['label_conflicts']}")
     return counts
 
 

@@ -1,8 +1,8 @@
 """Import a hospital export: a folder tree of DICOM files plus a CSV of reports, joined into an mmvl manifest.
 
-``--kind 2d`` writes one row per image file, ``--kind 3d`` one row per series (its folder). Only the CSV key,
-the report, its labels and split, and file paths are written: no DICOM header value identifies anyone in the
-output. See ``datasets/dicom_folder.md``.
+``--kind 2d`` writes one row per study (CSV key: its image files as a list, with their (0018,5101) ViewPosition),
+``--kind 3d`` one row per series (its folder). Only the CSV key, the report, its labels and split, file paths and
+view positions are written: no DICOM header value identifies anyone in the output. See ``datasets/dicom_folder.md``.
 """
 
 from __future__ import annotations
@@ -42,11 +42,12 @@ from _converter import (  # noqa: E402
     read_csv,
     run_cli,
 )
+from mimic_cxr import study_summary  # noqa: E402
 
 MATCHES = ("folder", "study_uid", "filename")
 KINDS = ("2d", "3d")
 # The only header attributes read; with specific_tags pydicom does not even keep the others (names, ids).
-HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns", "NumberOfFrames"]
+HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns", "NumberOfFrames", "ViewPosition"]
 SPLIT_ALIASES = {
     **{name: name for name in SPLIT_NAMES},
     "training": "train",
@@ -59,7 +60,7 @@ FILE_SKIP_REASONS = {  # per file
     "2d": ("not_dicom", "unreadable", "no_pixel_data"),
     "3d": ("not_dicom", "unreadable", "no_pixel_data", "no_series_uid"),
 }
-SKIP_REASONS = {  # per row: an image file (2d) or a series (3d)
+SKIP_REASONS = {  # per image file (2d) or per series (3d)
     "2d": ("unmatched", "empty_report"),
     "3d": ("series_across_folders", "too_few_slices", "unmatched", "empty_report"),
 }
@@ -82,6 +83,7 @@ class DicomFile:
     series_uid: str | None
     frames: int
     is_image: bool  # has the Image Pixel module, (0028,0010) Rows and (0028,0011) Columns
+    view: str | None = None  # (0018,5101) ViewPosition: PA, AP, LATERAL, LL...; None when absent or blank
 
 
 def is_dicom(path: Path) -> bool:
@@ -103,6 +105,7 @@ def read_header(path: Path, root: Path) -> DicomFile:
             series_uid=str(ds.get("SeriesInstanceUID", "")).strip() or None,
             frames=int(ds.get("NumberOfFrames") or 1),
             is_image="Rows" in ds and "Columns" in ds,
+            view=str(ds.get("ViewPosition", "")).strip().upper() or None,
         )
 
 
@@ -190,9 +193,12 @@ def convert(
 
     Files join report rows by ``match``: ``folder`` (the first folder below ``root`` is the key),
     ``study_uid`` (StudyInstanceUID is the key) or ``filename`` (the name without .dcm is the key; 2d only).
-    Splits come from ``split_column``, else from a hash of the key. Returns ``{"rows", "studies", "splits",
-    "skipped": {reason: rows}, "skipped_files": {reason: files}, "unreadable_examples", "unused_reports",
-    "manifest"}``; see ``SKIP_REASONS`` and ``FILE_SKIP_REASONS``.
+    Splits come from ``split_column``, else from a hash of the key. ``2d``: one row per key (a study), ``image``
+    listing its files (sorted by path) and, where any has one, ``views`` their ViewPosition (None where absent).
+    ``3d``: one row per series, so a key with several series has several rows with one ``study_id``. Returns
+    ``{"rows", "studies", "images": files (2d) or series (3d), "splits", "skipped": {reason: files (2d) or series
+    (3d)}, "skipped_files": {reason: files}, "unreadable_examples", "unused_reports", "manifest"}``; see
+    ``SKIP_REASONS`` and ``FILE_SKIP_REASONS``.
 
     ``deidentify``: rows point at de-identified copies under ``<manifest folder>/deidentified/`` (see
     ``_converter.Deidentifier``; one folder per study and series) and ``study_id`` is a stable pseudonym of
@@ -216,9 +222,12 @@ def convert(
 
     images = [dicom for dicom in files if dicom.is_image]
     skipped_files["no_pixel_data"] = len(files) - len(images)  # SR, PR, KO, DICOMDIR: no Image Pixel module
-    # Candidate rows: (SeriesInstanceUID or None for 2d, the files, the image path, the key).
-    if kind == "2d":
-        candidates = [(None, [dicom], dicom.path, file_key(dicom, match)) for dicom in images]
+    # Candidate rows: (SeriesInstanceUID or None for 2d, the files, the image path (3d), the key).
+    if kind == "2d":  # a study's files, in path order; keys in order of their first file
+        by_key: dict[str | None, list[DicomFile]] = {}
+        for dicom in images:
+            by_key.setdefault(file_key(dicom, match), []).append(dicom)
+        candidates = [(None, members, None, key) for key, members in by_key.items()]
     else:
         skipped_files["no_series_uid"] = sum(dicom.series_uid is None for dicom in images)
         series: dict[str, list[DicomFile]] = {}
@@ -235,8 +244,10 @@ def convert(
     skipped = Counter(dict.fromkeys(SKIP_REASONS[kind], 0))
     used_keys: set[str] = set()
     deidentifier = None
+    written = 0  # image files (2d) or series (3d)
     with ManifestWriter(out) as writer:
         for series_uid, members, image, key in candidates:
+            weight = len(members) if kind == "2d" else 1  # skips count files (2d) or series (3d)
             if series_uid is not None:
                 if len({dicom.path.parent for dicom in members}) > 1:
                     skipped["series_across_folders"] += 1
@@ -246,30 +257,40 @@ def convert(
                     continue
             report = report_of.get(key) if key is not None else None
             if report is None:
-                skipped["unmatched"] += 1
+                skipped["unmatched"] += weight
                 continue
             used_keys.add(key)
             if not report.text:
-                skipped["empty_report"] += 1
+                skipped["empty_report"] += weight
                 continue
             study_id = key
             if deidentify:
                 if deidentifier is None:
                     deidentifier = Deidentifier(pseudonym_key or writer.folder / "pseudonym.key")
                 study_id = deidentifier.pseudonym(key)
-                image = _deidentified_copy(deidentifier, members, image, series_uid, study_id, writer.folder)
-                series_uid = None  # the copy's folder holds this series alone
-            row = {"image": writer.relative(image), "report": report.text}
+            if kind == "2d":
+                paths = [_deidentified_copy(deidentifier, [dicom], dicom.path, None, study_id, writer.folder)
+                         if deidentify else dicom.path for dicom in members]
+                row = {"image": [writer.relative(path) for path in paths], "report": report.text}
+            else:
+                if deidentify:
+                    image = _deidentified_copy(deidentifier, members, image, series_uid, study_id, writer.folder)
+                    series_uid = None  # the copy's folder holds this series alone
+                row = {"image": writer.relative(image), "report": report.text}
             if report.labels is not None:
                 row["labels"] = report.labels
             row["split"] = report.split or hashed_split(key, val_fraction, test_fraction)
             row["study_id"] = study_id
             if series_uid is not None and series_in[image] > 1:  # the loader must pick this series
                 row["series_uid"] = series_uid
+            if kind == "2d" and any(dicom.view for dicom in members):
+                row["views"] = [dicom.view for dicom in members]
             writer.write(row)
+            written += weight
         writer.require_rows(root, {**skipped_files, **skipped})
     return writer.counts(
         skipped,
+        images=written,
         skipped_files=dict(skipped_files),
         unreadable_examples=unreadable,
         unused_reports=len(report_of.keys() - used_keys),
@@ -293,8 +314,9 @@ def _deidentified_copy(deidentifier: Deidentifier, members: list[DicomFile], ima
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Import a folder of DICOM files and a CSV of reports as an mmvl manifest.",
-        epilog="Rows hold image (relative to the manifest), report, labels, split, study_id (the CSV key) and, "
-        "for a 3d folder holding several series, series_uid; never a name, id or date from the headers. "
+        epilog="Rows hold image (relative to the manifest; for 2d a list: one row per key), views (2d, from "
+        "ViewPosition), report, labels, split, study_id (the CSV key) and, for a 3d folder holding several series, "
+        "series_uid; never a name, id or date from the headers. "
         "See datasets/dicom_folder.md.",
     )
     parser.add_argument("root", help="folder searched recursively for DICOM files (with or without .dcm)")
@@ -307,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="folder",
         help="key = first folder below ROOT, StudyInstanceUID, or file name without .dcm (default folder)",
     )
-    parser.add_argument("--kind", choices=KINDS, default="2d", help="a row per image file, or per series (default 2d)")
+    parser.add_argument("--kind", choices=KINDS, default="2d",
+                        help="a row per study (its image files as a list), or per series (default 2d)")
     parser.add_argument("--split-column", help="CSV column holding train/val/test (default: hash of the key)")
     parser.add_argument("--label-columns", type=comma_list, default=[], help="CSV columns of 1/0/blank labels")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="hashed split: share of keys in val")
@@ -327,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     counts = run_cli(convert, vars(args))
     unit = "images" if args.kind == "2d" else "series"
-    print(format_summary(counts, unit))
+    print(study_summary(counts, unit) if args.kind == "2d" else format_summary(counts, unit))
     print("  skipped files: " + ", ".join(f"{reason} {number}" for reason, number in counts["skipped_files"].items()))
     if counts["unreadable_examples"]:
         print("  unreadable, e.g.: " + "; ".join(counts["unreadable_examples"]))

@@ -1,7 +1,8 @@
 """Convert MIMIC-CXR (DICOM 2.0.0 or JPG 2.0.0) with its reports and CheXpert labels to an mmvl manifest.
 
 MIMIC-CXR is credentialed-access PhysioNet data: download it yourself, then see ``datasets/mimic_cxr.md``.
-Writes one JSONL row per image, plus ``train.jsonl``, ``val.jsonl`` and ``test.jsonl`` beside it.
+Writes one JSONL row per study (its images as a list, with their ViewPositions), plus ``train.jsonl``, ``val.jsonl``
+and ``test.jsonl`` beside it.
 """
 
 from __future__ import annotations
@@ -20,12 +21,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 try:
-    from mmvl.data.manifest import too_wide_for_root
     from mmvl.data.reports import report_text
     from mmvl.errors import DataError, MMVLError
 except ImportError:  # run as `python datasets/mimic_cxr.py` from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from mmvl.data.manifest import too_wide_for_root
     from mmvl.data.reports import report_text
     from mmvl.errors import DataError, MMVLError
 HERE = Path(__file__).resolve().parent
@@ -164,9 +163,11 @@ def convert(
     """Write the manifest ``out`` (and ``train/val/test.jsonl`` in its folder); return the counts.
 
     ``images`` and ``reports`` are the download roots holding ``files/p10/...`` (or those ``files/`` folders).
-    ``views`` keeps only those ViewPosition values (e.g. ``("PA", "AP")``; None keeps all); ``limit`` stops
-    after that many rows. Returns ``{"rows", "studies", "splits": {split: rows}, "skipped": {reason: images},
-    "manifest", "data_root"}``; skip reasons are ``SKIP_REASONS``.
+    One row per study: ``image`` lists the study's images and ``views`` their ViewPosition (metadata CSV;
+    None where blank), in metadata order. ``views`` keeps only those ViewPosition values (e.g. ``("PA", "AP")``;
+    None keeps all); ``limit`` stops after that many rows (studies). Returns ``{"rows", "studies", "images",
+    "splits": {split: rows}, "skipped": {reason: images}, "manifest", "data_root"}``; skip reasons are
+    ``SKIP_REASONS``.
 
     ``deidentify``: ``study_id`` becomes a stable pseudonym of ``s<study>`` and rows point at copies under
     ``<manifest folder>/deidentified/<study pseudonym>/`` (hard links to the JPEGs, DICOMs rewritten without
@@ -204,7 +205,7 @@ def convert(
     rows_per_split = Counter({name: 0 for name in SPLITS.values()})
     skipped = Counter({reason: 0 for reason in SKIP_REASONS})
     studies_written: set[str] = set()
-    image_folder: str | None = None  # the common folder of the images written
+    images_written = 0
     deidentifier = None
     quiet = not progress or os.environ.get("MMVL_NO_PROGRESS") == "1"
     bar = tqdm(studies.items(), total=len(studies), desc="MIMIC-CXR", unit="study", disable=quiet)
@@ -232,34 +233,41 @@ def convert(
             if not text:
                 skipped["empty_report"] += len(candidates)
                 continue
-            for dicom_id, view in candidates:
+            present = [(dicom_id, view) for dicom_id, view in candidates
+                       if (image_files / study_dir / f"{dicom_id}.{ext}").is_file()]
+            skipped["missing_image"] += len(candidates) - len(present)
+            if not present:
+                continue
+            # the official split, by dicom_id (the same with or without --deidentify); PhysioNet splits by
+            # subject, so the images of one study never disagree unless the CSV is not the official one
+            splits = sorted({split_of[dicom_id] for dicom_id, _view in present})
+            if len(splits) > 1:
+                raise DataError(split, f"study s{study} has images in splits {splits}; one study, one split. "
+                                       "Is this the official mimic-cxr-2.0.0-split.csv.gz?")
+            study_id = f"s{study}"
+            if deidentify:
+                if deidentifier is None:
+                    deidentifier = Deidentifier(pseudonym_key or out_dir / "pseudonym.key")
+                study_id = deidentifier.pseudonym(study_id)
+            paths = []
+            for dicom_id, _view in present:
                 image_path = image_files / study_dir / f"{dicom_id}.{ext}"
-                if not image_path.is_file():
-                    skipped["missing_image"] += 1
-                    continue
-                study_id = f"s{study}"
                 if deidentify:
-                    if deidentifier is None:
-                        deidentifier = Deidentifier(pseudonym_key or out_dir / "pseudonym.key")
-                    study_id = deidentifier.pseudonym(study_id)
                     original = (study_dir / image_path.name).as_posix()  # p10/p10000032/s50414267/<dicom_id>.jpg
                     image_path = deidentified_copy(deidentifier, image_path, original, study_id, out_dir, ext == "dcm")
-                folder = os.path.dirname(os.path.abspath(image_path))
-                image_folder = folder if image_folder is None else os.path.commonpath([image_folder, folder])
-                relative = Path(os.path.relpath(os.path.abspath(image_path), out_dir)).as_posix()
-                row: dict = {"image": relative, "report": text}
-                if chexpert is not None:  # a study the labeller skipped gets no labels, not all-negative ones
-                    values = labels_of.get(study, ())
-                    row["labels"] = apply_uncertain_policy(label_names, values, uncertain)
-                # the official split, by dicom_id: the same with or without --deidentify
-                row.update(split=split_of[dicom_id], study_id=study_id, view=view or None)
-                line = json.dumps(row, ensure_ascii=False) + "\n"
-                handles[out].write(line)
-                handles[split_paths[row["split"]]].write(line)
-                rows_per_split[row["split"]] += 1
-                studies_written.add(study)
-                if limit is not None and sum(rows_per_split.values()) >= limit:
-                    break
+                paths.append(Path(os.path.relpath(os.path.abspath(image_path), out_dir)).as_posix())
+            row: dict = {"image": paths, "report": text}
+            if chexpert is not None:  # a study the labeller skipped gets no labels, not all-negative ones
+                values = labels_of.get(study, ())
+                row["labels"] = apply_uncertain_policy(label_names, values, uncertain)
+            # (0018,5101) ViewPosition as the metadata CSV gives it; None where it is blank
+            row.update(split=splits[0], study_id=study_id, views=[view or None for _dicom_id, view in present])
+            line = json.dumps(row, ensure_ascii=False) + "\n"
+            handles[out].write(line)
+            handles[split_paths[row["split"]]].write(line)
+            rows_per_split[row["split"]] += 1
+            studies_written.add(study)
+            images_written += len(paths)
     except BaseException:
         bar.close()
         for path, handle in handles.items():
@@ -273,26 +281,26 @@ def convert(
     return {
         "rows": sum(rows_per_split.values()),
         "studies": len(studies_written),
+        "images": images_written,
         "splits": dict(rows_per_split),
         "skipped": dict(skipped),
         "manifest": str(out),
-        **data_root(image_folder, out_dir),
+        "data_root": None if deidentify else data_root(image_files, out_dir),
     }
 
 
-def data_root(image_folder: str | None, out_dir: Path) -> dict[str, str | None]:
-    """``{"data_root": ...}``: the ``data.root`` training needs, the common folder of the images written
-    (``image_folder``) when it lies outside the manifest's folder, else None. Never a folder wider than that, nor
-    ``/``, a system folder or the home folder (:func:`mmvl.data.manifest.too_wide_for_root`): then it is None and
-    ``data_root_problem`` says why."""
-    if image_folder is None or os.path.commonpath([image_folder, str(out_dir)]) == str(out_dir):
-        return {"data_root": None}
-    if too_wide_for_root(image_folder):
-        return {"data_root": None, "data_root_problem": (
-            f"images lie outside the manifest's folder and their common folder, {image_folder}, is too wide for a "
-            "safe data.root (it would let training read system or home files): keep the images in one data folder "
-            "and convert again, or train with data.allow_outside_root=True if you trust this manifest")}
-    return {"data_root": image_folder}
+def data_root(images: Path, out_dir: Path) -> str | None:
+    """The ``data.root`` training needs when the images lie outside the manifest's folder, else None."""
+    common = os.path.commonpath([os.path.abspath(images), str(out_dir)])
+    return None if common == str(out_dir) else common
+
+
+def study_summary(counts: dict, unit: str) -> str:
+    """``format_summary`` for a manifest of one row per study: rows are studies, each of ``counts["images"]``
+    files (``unit``: "images", "series") is one view, and skips are counted in ``unit``."""
+    _first_line, rest = format_summary(counts, unit).split("\n", 1)
+    return (f"wrote {counts['rows']} studies ({counts['images']} {unit}) to {counts['manifest']}\n"
+            + rest.replace("per split:", "studies per split:", 1))
 
 
 def _comma_list(text: str) -> list[str]:
@@ -302,7 +310,8 @@ def _comma_list(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Convert MIMIC-CXR / MIMIC-CXR-JPG with reports and CheXpert labels to an mmvl manifest.",
-        epilog="Rows hold image (relative to the manifest), report, labels, split, study_id and view; "
+        epilog="One row per study: image (a list, relative to the manifest), views (their ViewPosition), report, "
+        "labels, split and study_id; "
         "no subject_id and no DICOM header data (and, with --deidentify, no PhysioNet id at all). "
         "See datasets/mimic_cxr.md.",
     )
@@ -327,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="drop",
         help="CheXpert -1.0 (uncertain) becomes 1, 0, or is left out (default drop)",
     )
-    parser.add_argument("--limit", type=int, help="stop after this many images (for a quick try)")
+    parser.add_argument("--limit", type=int, help="stop after this many studies (for a quick try)")
     parser.add_argument("--deidentify", action="store_true",
                         help="pseudonymous study ids, and rows pointing at copies under <out folder>/deidentified/ "
                         "named by pseudonyms (hard links to JPEGs; DICOMs rewritten without names, ids, dates of "
@@ -361,9 +370,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
     except MMVLError as err:
         sys.exit(f"error: {err}")
-    print(format_summary(counts, "images"))
-    if counts.get("data_root_problem"):
-        print(f"  {counts['data_root_problem']}")
+    print(study_summary(counts, "images"))
     return counts
 
 

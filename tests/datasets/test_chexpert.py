@@ -111,36 +111,36 @@ def rows_with_reports(uncertain: str, val: bool = False) -> list[dict]:
     opacity = {"ones": {"lung opacity": 1}, "zeros": {"lung opacity": 0}, "drop": {}}[uncertain]
     return [
         {
-            "image": image("train/patient00001/study1/view1_frontal.jpg"),
+            "image": [image("train/patient00001/study1/view1_frontal.jpg")],
             "report": STUDY1_TEXT,
             "labels": {"edema": 0, "pleural effusion": 1, **cardiomegaly},
             "split": "train",
             "study_id": "patient00001_study1",
-            "view": "AP",
+            "views": ["AP"],
         },
         {
-            "image": image("train/patient00001/study2/view1_frontal.jpg"),
+            "image": [image("train/patient00001/study2/view1_frontal.jpg")],
             "report": "No acute cardiopulmonary process.",
             "labels": {"no finding": 1},
             "split": "train",
             "study_id": "patient00001_study2",
-            "view": "PA",
+            "views": ["PA"],
         },
         {
-            "image": image("train/patient00003/study1/view1_frontal.jpg"),
+            "image": [image("train/patient00003/study1/view1_frontal.jpg")],
             "report": "Patchy right basilar opacity.",
             "labels": opacity,
             "split": "val" if val else "train",  # hashed_fraction("patient00003") = 0.061
             "study_id": "patient00003_study1",
-            "view": "AP",
+            "views": ["AP"],
         },
         {
-            "image": image("valid/patient64541/study1/view1_frontal.jpg"),
+            "image": [image("valid/patient64541/study1/view1_frontal.jpg")],
             "report": "Enlarged heart. Cardiomegaly.",
             "labels": {"cardiomegaly": 1, "edema": 0},
             "split": "test",  # valid.csv is the test split
             "study_id": "patient64541_study1",
-            "view": "AP",
+            "views": ["AP"],
         },
     ]
 
@@ -155,16 +155,18 @@ def test_frontal_rows_labels_and_skips(layout: dict[str, Path], uncertain: str, 
     assert counts == {
         "rows": 4,
         "studies": 4,
+        "images": 4,
         "splits": {"train": 3, "val": 0, "test": 1},  # no patient hashes below the default 0.05
         # two laterals; patient00002/study1 has no CheXpert Plus row, patient00003/study2 an empty report;
         # patient00002/study2's image is not on disk.
         "skipped": {"other_view": 2, "missing_report": 1, "empty_report": 1, "missing_image": 1},
         "without_report": 0,
+        "label_conflicts": 0,
         "manifest": str(manifest),
         "data_root": str(tmp_path),  # images outside the manifest's folder: the root training needs
     }
     for row in read_jsonl(manifest):
-        assert (manifest.parent / row["image"]).is_file()
+        assert all((manifest.parent / path).is_file() for path in row["image"])
 
 
 def test_patient_level_val_split_and_split_files(layout: dict[str, Path]) -> None:
@@ -203,25 +205,39 @@ def test_main_all_views_and_missing_reports_kept(layout: dict[str, Path], capsys
     ]
     counts = chexpert.main(argv)
     rows = read_jsonl(out)
-    assert [(row["study_id"], row["view"], row["report"][:12]) for row in rows] == [
-        ("patient00001_study1", "AP", "Small right "),
-        ("patient00001_study1", "Lateral", "Small right "),
-        ("patient00001_study2", "PA", "No acute car"),
-        ("patient00002_study1", "AP", ""),  # no report: kept for zero-shot evaluation
-        ("patient00003_study1", "AP", "Patchy right"),
-        ("patient00003_study2", "PA", ""),
-        ("patient64541_study1", "AP", "Enlarged hea"),
-        ("patient64541_study1", "Lateral", ""),
+    # one row per study, never two: its images in CSV order, their views, the report of any of them
+    assert [(row["study_id"], row["views"], row["report"][:12]) for row in rows] == [
+        ("patient00001_study1", ["AP", "LATERAL"], "Small right "),
+        ("patient00001_study2", ["PA"], "No acute car"),
+        ("patient00002_study1", ["AP"], ""),  # no report: kept for zero-shot evaluation
+        ("patient00003_study1", ["AP"], "Patchy right"),
+        ("patient00003_study2", ["PA"], ""),
+        ("patient64541_study1", ["AP", "LATERAL"], "Enlarged hea"),  # the lateral has no report of its own
     ]
-    assert rows[3]["labels"] == {"support devices": 1}
+    assert rows[0]["image"] == [image("train/patient00001/study1/view1_frontal.jpg"),
+                                image("train/patient00001/study1/view2_lateral.jpg")]
+    assert rows[2]["labels"] == {"support devices": 1}
+    # a blank label of one view yields to the other view's value
+    assert rows[5]["labels"] == {"cardiomegaly": 1, "edema": 0} and rows[0]["labels"]["cardiomegaly"] == 0
     assert counts["skipped"] == {"other_view": 0, "missing_report": 0, "empty_report": 0, "missing_image": 1}
-    assert counts["without_report"] == 3
+    assert counts["without_report"] == 2 and counts["images"] == 8 and counts["label_conflicts"] == 0
     printed = capsys.readouterr().out
-    assert f"wrote 8 images from 6 studies to {out}" in printed
-    assert "kept without a report: 3" in printed
+    assert f"wrote 6 studies (8 images) to {out}" in printed
+    assert "studies kept without a report: 2" in printed
     text = out.read_text(encoding="utf-8")
     for private in ("Female", "87", "PID99", "Sex", "Age"):  # patient attributes of both CSVs stay out
         assert private not in text
+
+
+def test_images_of_one_study_that_disagree_on_a_label_leave_it_unknown(layout: dict[str, Path]) -> None:
+    rows = [[f"CheXpert-v1.0-small/{path}", "F", "1", view, ap_pa,
+             *({"Edema": edema, "Pleural Effusion": "1.0"}.get(name, "") for name in chexpert.LABEL_COLUMNS)]
+            for (path, view, ap_pa, *_), edema in zip(TRAIN[:2], ("1.0", "0.0"))]
+    write_csv(layout["release"] / "train.csv", HEADER, rows)
+    counts = chexpert.convert(layout["root"], layout["out"], reports=layout["reports"], views="all", progress=False)
+    first = read_jsonl(layout["out"] / "manifest.jsonl")[0]
+    assert first["study_id"] == "patient00001_study1" and first["labels"] == {"pleural effusion": 1}
+    assert counts["label_conflicts"] == 1
 
 
 def test_images_and_labels_only_without_reports(layout: dict[str, Path]) -> None:
@@ -310,15 +326,17 @@ def test_deidentify_pseudonyms_links_and_unchanged_splits(
     printed = capsys.readouterr()
     rows, again = read_jsonl(tmp_path / "anon1" / "manifest.jsonl"), read_jsonl(tmp_path / "anon2" / "manifest.jsonl")
     assert [(row["study_id"], row["image"]) for row in rows] == [(row["study_id"], row["image"]) for row in again]
-    assert len(rows) == len(expected) == plain["rows"] == 8
+    assert len(rows) == len(expected) == plain["rows"] == 6
     assert {row["split"] for row in rows} == {"train", "val", "test"}
     for row, original in zip(rows, expected):
         assert {**row, "image": None, "study_id": None} == {**original, "image": None, "study_id": None}
-        assert re.fullmatch(rf"deidentified/{row['study_id']}/[0-9a-f]{{16}}\.jpg", row["image"])
-        copy = tmp_path / "anon1" / row["image"]
-        assert os.path.samefile(copy, layout["out"] / original["image"]) or copy.read_bytes() == (
-            layout["out"] / original["image"]
-        ).read_bytes()
+        assert len(row["image"]) == len(original["image"])
+        for path, original_path in zip(row["image"], original["image"]):
+            assert re.fullmatch(rf"deidentified/{row['study_id']}/[0-9a-f]{{16}}\.jpg", path)
+            copy = tmp_path / "anon1" / path
+            assert os.path.samefile(copy, layout["out"] / original_path) or copy.read_bytes() == (
+                layout["out"] / original_path
+            ).read_bytes()
     pairs = {(original["study_id"], row["study_id"]) for row, original in zip(rows, expected)}
     assert len(pairs) == len(dict(pairs)) == len({pseudonym for _, pseudonym in pairs}) == 6  # one per study
     for name in ("train", "val", "test"):

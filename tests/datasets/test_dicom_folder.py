@@ -108,7 +108,7 @@ def assert_private_values_absent(*texts: str) -> None:
             assert value not in text
 
 
-def test_2d_one_row_per_image_joined_by_folder(
+def test_2d_one_row_per_study_joined_by_folder(
     export: Path, reports: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "manifests"
@@ -137,18 +137,18 @@ def test_2d_one_row_per_image_joined_by_folder(
         "split": "val",
         "study_id": "S007",
     }
-    assert rows == [
-        *({"image": image(f"S001/CT/IM000{n}"), **s001} for n in range(1, 5)),
-        {"image": image("S001/CT/scout.dcm"), **s001},  # under S001's folder, so S001's report
-        {"image": image("S005/DX/1.2.826.0.9.99"), **s005},
-        {"image": image("S005/DX/chest.dcm"), **s005},
-        {"image": image("S005/MF/enhanced.dcm"), **s005},
-        *({"image": image(f"S007/{name}"), **s007} for name in ("a/1.dcm", "a/2.dcm", "b/3.dcm")),
+    assert rows == [  # one row per study (CSV key), its files in path order; no ViewPosition, so no views
+        # the scout lies under S001's folder, so it is S001's
+        {"image": [*(image(f"S001/CT/IM000{n}") for n in range(1, 5)), image("S001/CT/scout.dcm")], **s001},
+        {"image": [image(f"S005/{name}") for name in ("DX/1.2.826.0.9.99", "DX/chest.dcm", "MF/enhanced.dcm")],
+         **s005},
+        {"image": [image(f"S007/{name}") for name in ("a/1.dcm", "a/2.dcm", "b/3.dcm")], **s007},
     ]
     assert counts == {
-        "rows": 11,
+        "rows": 3,
         "studies": 3,
-        "splits": {"train": 5, "val": 3, "test": 3},
+        "images": 11,
+        "splits": {"train": 1, "val": 1, "test": 1},
         "skipped": {"unmatched": 5, "empty_report": 3},  # S003's 4 images and loose.dcm; S006's 3 images
         "skipped_files": {"not_dicom": 1, "unreadable": 1, "no_pixel_data": 1},
         "unreadable_examples": ["S009/broken.dcm (NotImplementedError)"],
@@ -159,7 +159,7 @@ def test_2d_one_row_per_image_joined_by_folder(
     for name in ("train", "val", "test"):
         assert read_jsonl(out / f"{name}.jsonl") == [row for row in rows if row["split"] == name]
     captured = capsys.readouterr()
-    assert f"wrote 11 images from 3 studies to {out / 'manifest.jsonl'}" in captured.out
+    assert f"wrote 3 studies (11 images) to {out / 'manifest.jsonl'}" in captured.out
     assert "skipped files: not_dicom 1, unreadable 1, no_pixel_data 1" in captured.out
     assert "unreadable, e.g.: S009/broken.dcm (NotImplementedError)" in captured.out
     assert "reports matching no images: 1" in captured.out
@@ -221,6 +221,23 @@ def test_3d_joined_by_study_uid_leaves_the_foreign_series_out(export: Path, tmp_
     assert counts["skipped"] == {"series_across_folders": 1, "too_few_slices": 0, "unmatched": 4, "empty_report": 0}
 
 
+def test_2d_views_from_view_position(tmp_path: Path, make_dicom) -> None:
+    """(0018,5101) ViewPosition becomes ``views``, one per image (None where a file has none)."""
+    pixels = np.zeros((4, 4), np.uint16)
+    for name, view in (("P1/1.dcm", "PA"), ("P1/2.dcm", "LATERAL"), ("P1/3.dcm", None), ("P2/1.dcm", "AP")):
+        make_dicom(f"cxr/{name}", pixels, Modality="DX", **({"ViewPosition": view} if view else {}))
+    make_dicom("cxr/P3/1.dcm", pixels, Modality="DX")
+    reports = write_csv(tmp_path / "r.csv", ["study_id", "report"], [["P1", "One."], ["P2", "Two."], ["P3", "Three."]])
+    counts = dicom_folder.convert(tmp_path / "cxr", reports, tmp_path / "out", progress=False)
+    rows = read_jsonl(tmp_path / "out" / "manifest.jsonl")
+    assert [(row["study_id"], len(row["image"]), row.get("views")) for row in rows] == [
+        ("P1", 3, ["PA", "LATERAL", None]),
+        ("P2", 1, ["AP"]),
+        ("P3", 1, None),  # no file of the study has a ViewPosition: no views key
+    ]
+    assert counts["rows"] == counts["studies"] == 3 and counts["images"] == 5
+
+
 def test_2d_joined_by_file_name(export: Path, tmp_path: Path) -> None:
     reports = write_csv(
         tmp_path / "by_file.csv",
@@ -233,9 +250,9 @@ def test_2d_joined_by_file_name(export: Path, tmp_path: Path) -> None:
     )
     rows = read_jsonl(out / "manifest.jsonl")
     assert [(row["image"], row["study_id"], row["report"]) for row in rows] == [
-        ("../export/S001/CT/IM0001", "IM0001", "First."),
-        ("../export/S005/DX/1.2.826.0.9.99", "1.2.826.0.9.99", "UID-named."),  # its dots are not a suffix
-        ("../export/S005/DX/chest.dcm", "chest", "Chest."),
+        (["../export/S001/CT/IM0001"], "IM0001", "First."),
+        (["../export/S005/DX/1.2.826.0.9.99"], "1.2.826.0.9.99", "UID-named."),  # its dots are not a suffix
+        (["../export/S005/DX/chest.dcm"], "chest", "Chest."),
     ]
     assert all("labels" not in row for row in rows)
     assert counts["splits"] == {"train": 3, "val": 0, "test": 0}
@@ -305,7 +322,10 @@ def test_deidentify_copies_without_phi_and_stable_pseudonyms(
     rows = read_jsonl(tmp_path / "a" / "manifest.jsonl")
     again = read_jsonl(tmp_path / "b" / "manifest.jsonl")
     assert rows and [r["study_id"] for r in rows] == [r["study_id"] for r in again]
-    assert all(r["study_id"].startswith("anon-") and r["image"].startswith("deidentified/") for r in rows)
+    paths = [path for r in rows for path in (r["image"] if kind == "2d" else [r["image"]])]
+    assert all(r["study_id"].startswith("anon-") for r in rows) and all(p.startswith("deidentified/") for p in paths)
+    # 2d: every file of S001, S005, S007; 3d: S001 CT and scout, S005 DX and MF
+    assert len(paths) == len(set(paths)) == (11 if kind == "2d" else 4)
     assert all("series_uid" not in r for r in rows)
     output = _all_bytes(tmp_path / "a" / "deidentified") + (tmp_path / "a" / "manifest.jsonl").read_bytes()
     for value in (*PRIVATE.values(), "PID-SECRET-0001", "SECRET"):

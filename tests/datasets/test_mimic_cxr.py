@@ -168,36 +168,36 @@ def frontal_rows(uncertain: str) -> list[dict]:
     effusion = {"ones": {"pleural effusion": 1}, "zeros": {"pleural effusion": 0}, "drop": {}}[uncertain]
     return [
         {
-            "image": jpg("01", "10000032", "50000001"),
+            "image": [jpg("01", "10000032", "50000001")],  # its LATERAL is filtered, the other PA has no split
             "report": STUDY1_TEXT,
             "labels": {"cardiomegaly": 0, **effusion},
             "split": "train",
             "study_id": "s50000001",
-            "view": "PA",
+            "views": ["PA"],
         },
         {
-            "image": jpg("04", "10000032", "50000002"),
+            "image": [jpg("04", "10000032", "50000002")],
             "report": STUDY2_TEXT,
             "labels": {"atelectasis": 0, "edema": 1, **effusion},
             "split": "train",
             "study_id": "s50000002",
-            "view": "AP",
+            "views": ["AP"],
         },
         {
-            "image": jpg("06", "10000764", "50000007"),
+            "image": [jpg("06", "10000764", "50000007")],
             "report": "No acute process.",
             "labels": {"no finding": 1},
             "split": "val",
             "study_id": "s50000007",
-            "view": "AP",
+            "views": ["AP"],
         },
         {
-            "image": jpg("09", "12000022", "50000006"),
+            "image": [jpg("09", "12000022", "50000006")],
             "report": "Lungs are clear. No pneumothorax.",
             "labels": {},  # study not in the CheXpert CSV
             "split": "test",
             "study_id": "s50000006",
-            "view": "PA",
+            "views": ["PA"],
         },
     ]
 
@@ -216,6 +216,7 @@ def test_frontal_rows_and_uncertain_label_policy(layout: dict[str, Path], uncert
     assert counts == {
         "rows": 4,
         "studies": 4,
+        "images": 4,
         "splits": {"train": 2, "val": 1, "test": 1},
         # LATERAL and the image without a ViewPosition; one PA image absent from the split CSV; s50000005
         # has no report file; s50000004's report is empty once cleaned; s50000003's image is not on disk.
@@ -227,11 +228,10 @@ def test_frontal_rows_and_uncertain_label_policy(layout: dict[str, Path], uncert
             "missing_image": 1,
         },
         "manifest": str(layout["out"]),
-        # images outside the manifest's folder: the root training needs is their common folder, no wider
-        "data_root": str(layout["images"] / "files"),
+        "data_root": str(tmp_path),  # images outside the manifest's folder: the root training needs
     }
     for row in rows:
-        assert (layout["out"].parent / row["image"]).is_file()
+        assert all((layout["out"].parent / image).is_file() for image in row["image"])
         assert "subject_id" not in row
 
 
@@ -249,15 +249,17 @@ def test_split_files_beside_the_manifest(layout: dict[str, Path]) -> None:
 def test_all_views_without_chexpert_have_no_labels_and_no_phi(layout: dict[str, Path]) -> None:
     counts = run(layout, chexpert=None, ext="jpg")
     rows = read_jsonl(layout["out"])
-    assert [(row["study_id"], row["view"]) for row in rows] == [
-        ("s50000001", "PA"),
-        ("s50000001", "LATERAL"),
-        ("s50000002", "AP"),
-        ("s50000007", "AP"),
-        ("s50000006", "PA"),
-        ("s50000006", None),  # empty ViewPosition
+    # one row per study, never two: its images as a list, with their ViewPositions in the same order
+    assert [(row["study_id"], row["views"]) for row in rows] == [
+        ("s50000001", ["PA", "LATERAL"]),  # its other PA is not in the split CSV
+        ("s50000002", ["AP"]),
+        ("s50000007", ["AP"]),
+        ("s50000006", ["PA", None]),  # empty ViewPosition
     ]
-    assert all(set(row) == {"image", "report", "split", "study_id", "view"} for row in rows)
+    assert rows[0]["image"] == [jpg("01", "10000032", "50000001"), jpg("02", "10000032", "50000001")]
+    assert rows[3]["image"] == [jpg("09", "12000022", "50000006"), jpg("10", "12000022", "50000006")]
+    assert all(set(row) == {"image", "report", "split", "study_id", "views"} for row in rows)
+    assert counts["rows"] == counts["studies"] == 4 and counts["images"] == 6
     assert counts["skipped"] == {
         "other_view": 0,
         "no_split": 1,
@@ -284,10 +286,11 @@ def test_dicom_extension_and_sections(layout: dict[str, Path]) -> None:
         progress=False,
     )
     rows = read_jsonl(out)
-    assert [row["image"] for row in rows] == [
+    assert [row["image"] for row in rows] == [[
         f"../../physionet/mimic-cxr/2.0.0/files/p10/p10000032/s50000001/{ID}01.dcm",
         f"../../physionet/mimic-cxr/2.0.0/files/p10/p10000032/s50000001/{ID}02.dcm",
-    ]
+    ]]
+    assert rows[0]["views"] == ["PA", "LATERAL"]
     assert {row["report"] for row in rows} == {"Small right pleural effusion."}
     assert counts["skipped"]["missing_image"] == 2  # only s50000001 has DICOMs here
 
@@ -304,15 +307,23 @@ def test_limit_and_main_prints_summary(layout: dict[str, Path], capsys: pytest.C
     assert counts["splits"] == {"train": 2, "val": 0, "test": 0}
     assert read_jsonl(layout["out"].with_name("val.jsonl")) == []
     printed = capsys.readouterr().out
-    assert f"wrote 2 images from 2 studies to {layout['out']}" in printed
-    assert "per split: train 2, val 0, test 0" in printed
+    assert f"wrote 2 studies (2 images) to {layout['out']}" in printed
+    assert "studies per split: train 2, val 0, test 0" in printed
 
 
 def test_rerun_replaces_previous_manifest(layout: dict[str, Path]) -> None:
     run(layout, ext="jpg")
     run(layout, ext="jpg", views=["AP"])
-    assert [row["view"] for row in read_jsonl(layout["out"])] == ["AP", "AP"]
+    assert [row["views"] for row in read_jsonl(layout["out"])] == [["AP"], ["AP"]]
     assert not list(layout["out"].parent.glob("*.tmp"))
+
+
+def test_a_study_split_across_splits_is_a_data_error(layout: dict[str, Path]) -> None:
+    rows = [[d, st, su, "test" if d.endswith("02") else sp] for d, su, st, _v, sp, _ in IMAGES if sp is not None]
+    write_csv_gz(layout["split"], ["dicom_id", "study_id", "subject_id", "split"], rows)
+    with pytest.raises(DataError, match=r"study s50000001 has images in splits \['test', 'train'\]"):
+        run(layout, ext="jpg")
+    assert not layout["out"].exists()
 
 
 def test_missing_csv_is_a_data_error_naming_the_file(layout: dict[str, Path]) -> None:
@@ -394,12 +405,15 @@ def test_deidentify_pseudonyms_copies_and_unchanged_splits(
     printed = capsys.readouterr()
     rows, again = read_jsonl(first), read_jsonl(second)
     assert [(row["study_id"], row["image"]) for row in rows] == [(row["study_id"], row["image"]) for row in again]
-    assert len(rows) == len(expected) == plain["rows"] == (6 if ext == "jpg" else 2)
+    assert len(rows) == len(expected) == plain["rows"] == (4 if ext == "jpg" else 1)
     assert counts["data_root"] is None and counts["splits"] == plain["splits"]
     for row, original in zip(rows, expected):
         assert {**row, "image": None, "study_id": None} == {**original, "image": None, "study_id": None}
-        assert re.fullmatch(rf"deidentified/{row['study_id']}/[0-9a-f]{{16}}\.{ext}", row["image"])
-        assert re.fullmatch(r"anon-[0-9a-f]{16}", row["study_id"]) and (first.parent / row["image"]).is_file()
+        assert len(row["image"]) == len(original["image"]) == len(set(row["image"]))
+        for image in row["image"]:
+            assert re.fullmatch(rf"deidentified/{row['study_id']}/[0-9a-f]{{16}}\.{ext}", image)
+            assert (first.parent / image).is_file()
+        assert re.fullmatch(r"anon-[0-9a-f]{16}", row["study_id"])
     pairs = {(original["study_id"], row["study_id"]) for row, original in zip(rows, expected)}
     assert len(pairs) == len(dict(pairs)) == len({pseudonym for _, pseudonym in pairs})  # one per study
     for name in ("train", "val", "test"):
@@ -409,22 +423,13 @@ def test_deidentify_pseudonyms_copies_and_unchanged_splits(
     for value in ids:
         assert value.encode() not in output and value not in printed.out + printed.err, value
     if ext == "dcm":
-        for row in rows:
-            copy = first.parent / row["image"]
+        for study_id, image in ((row["study_id"], image) for row in rows for image in row["image"]):
+            copy = first.parent / image
             ds = pydicom.dcmread(copy)
-            assert ds.PatientID == ds.PatientName == row["study_id"] and ds.PatientIdentityRemoved == "YES"
+            assert ds.PatientID == ds.PatientName == study_id and ds.PatientIdentityRemoved == "YES"
             assert "StudyID" not in ds and "AccessionNumber" not in ds
             assert b"10000032" not in copy.read_bytes() and b"50000001" not in copy.read_bytes()
     else:
-        copy, source = first.parent / rows[0]["image"], layout["out"].parent / expected[0]["image"]
+        copy, source = first.parent / rows[0]["image"][0], layout["out"].parent / expected[0]["image"][0]
         assert copy.read_bytes() == source.read_bytes()
 
-
-def test_data_root_is_the_images_common_folder_never_a_system_folder(tmp_path: Path) -> None:
-    out = tmp_path / "manifests"
-    assert mimic_cxr.data_root(str(out / "images"), out) == {"data_root": None}  # inside: no root needed
-    images = tmp_path / "mimic" / "files"
-    assert mimic_cxr.data_root(str(images), out) == {"data_root": str(images)}  # not tmp_path: no wider
-    for wide in ("/", "/tmp", "/etc", str(Path.home())):
-        answer = mimic_cxr.data_root(wide, out)
-        assert answer["data_root"] is None and f"common folder, {wide}, is too wide" in answer["data_root_problem"]
