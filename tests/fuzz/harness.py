@@ -1,7 +1,10 @@
-"""Fuzzing the DICOM and NIfTI readers with mutated real files, each read in a worker process with a time limit.
+"""Fuzzing mmvl's readers with mutated real files, each read in a worker process with a time limit.
 
-Seeds are the sample files pydicom and nibabel ship inside their packages (read from the installed folders;
-pydicom's ``get_testdata_files`` would try the network). A mutation flips, overwrites, inserts, deletes or
+Four targets: ``dicom`` (``read_dicom_image``), ``nifti`` (``read_nifti``), ``series`` (``read_dicom_series``
+on a folder of slices) and ``raster`` (``read_image`` on PNG/JPEG/TIFF/BMP). Seeds are the sample files pydicom
+and nibabel ship inside their packages (read from the installed folders; pydicom's ``get_testdata_files`` would
+try the network); series are built from pydicom's CT and MR slices restacked at successive positions, raster
+seeds are small images Pillow writes here (no package ships any). A mutation flips, overwrites, inserts, deletes or
 truncates bytes, favouring the values that break parsers (0, 0xFF.., lengths near 2**31). The reader runs in
 a forked worker with an address-space limit, so a hang (no answer within ``timeout`` s), a crash (the worker
 dies: segfault, abort, out of memory) and an exception that is not an ``mmvl.errors.DataError`` naming the
@@ -11,9 +14,11 @@ for N minutes.
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
 import resource
+import shutil
 import tempfile
 import traceback
 from dataclasses import dataclass
@@ -38,6 +43,79 @@ def seed_files() -> dict[str, list[Path]]:
     nifti = sorted(p for p in NIBABEL_FILES.iterdir() if p.is_file() and p.name.endswith((".nii", ".nii.gz"))
                    and p.stat().st_size <= MAX_SEED_BYTES)
     return {"dicom": dicom, "nifti": nifti}
+
+
+# Series seeds: (bundled slice, number of slices). CT_small is plain little endian, MR_small_RLE compressed.
+SERIES_SEEDS = (("CT_small.dcm", 4), ("MR_small.dcm", 3), ("MR_small_RLE.dcm", 3))
+
+
+def series_seeds() -> dict[str, dict[str, bytes]]:
+    """``{seed name: {file name: bytes}}``: each bundled slice copied to ``n`` slices of one series, stepped by
+    its SliceThickness along the slice normal (new SOPInstanceUIDs, InstanceNumbers against position)."""
+    import numpy as np
+    from pydicom.uid import generate_uid
+
+    seeds = {}
+    for name, n in SERIES_SEEDS:
+        files = {}
+        for k in range(n):
+            ds = pydicom.dcmread(PYDICOM_FILES / name)
+            orientation = np.asarray(ds.ImageOrientationPatient, dtype=float)
+            normal = np.cross(orientation[:3], orientation[3:])
+            position = np.asarray(ds.ImagePositionPatient, dtype=float) + k * float(ds.SliceThickness) * normal
+            ds.ImagePositionPatient = [round(float(v), 4) for v in position]
+            ds.InstanceNumber = n - k
+            ds.SOPInstanceUID = generate_uid(entropy_srcs=[name, str(k)])
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            buffer = io.BytesIO()
+            ds.save_as(buffer)
+            files[f"slice{k:02d}.dcm"] = buffer.getvalue()
+        seeds[name] = files
+    return seeds
+
+
+def raster_seeds() -> dict[str, bytes]:
+    """``{file name: bytes}``: small gray, 16-bit, colour, palette and JPEG images written by Pillow."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:24, 0:32]
+    gray = ((x * 7 + y * 3) % 256).astype(np.uint8)
+    images = {
+        "gray8.png": (Image.fromarray(gray), {}),
+        "gray16.png": (Image.fromarray(gray.astype(np.uint16) * 257), {}),
+        "gray16.tif": (Image.fromarray(gray.astype(np.uint16) * 16), {}),
+        "rgb.png": (Image.fromarray(np.stack([gray, gray[::-1], 255 - gray], axis=-1)), {}),
+        "palette.png": (Image.fromarray(gray).convert("P"), {}),
+        "gray.jpg": (Image.fromarray(gray), {"quality": 90}),
+        "rgb.jpg": (Image.fromarray(np.stack([gray, 255 - gray, gray], axis=-1)), {"quality": 90}),
+        "gray.bmp": (Image.fromarray(gray), {}),
+    }
+    seeds = {}
+    for name, (image, options) in images.items():
+        buffer = io.BytesIO()
+        image.save(buffer, format={"jpg": "JPEG", "tif": "TIFF"}.get(name.rsplit(".")[-1], name.rsplit(".")[-1]),
+                   **options)
+        seeds[name] = buffer.getvalue()
+    return seeds
+
+
+def mutate_series(files: dict[str, bytes], target: int, operations: list[tuple[int, int, int]],
+                  folder_op: int = 0) -> dict[str, bytes]:
+    """Mutate slice ``target`` (wrapping) of a series with ``operations``; ``folder_op`` 1 also drops the next
+    slice, 2 adds a copy of the mutated slice under a new name (same position), 3 mutates the next slice too."""
+    names = sorted(files)
+    out = dict(files)
+    name = names[target % len(names)]
+    out[name] = mutate(files[name], operations)
+    following = names[(target + 1) % len(names)]
+    if folder_op == 1 and following != name:
+        del out[following]
+    elif folder_op == 2:
+        out[f"copy_{name}"] = out[name]
+    elif folder_op == 3 and following != name:
+        out[following] = mutate(files[following], operations)
+    return out
 
 
 def _has_magic(path: Path) -> bool:
@@ -78,9 +156,10 @@ class Outcome:
 
 def _readers() -> dict:
     from mmvl.data.dicom import read_dicom_image
-    from mmvl.data.volume import read_nifti
+    from mmvl.data.io import read_image
+    from mmvl.data.volume import read_dicom_series, read_nifti
 
-    return {"dicom": read_dicom_image, "nifti": read_nifti}
+    return {"dicom": read_dicom_image, "nifti": read_nifti, "series": read_dicom_series, "raster": read_image}
 
 
 READERS = None  # {kind: reader}; None: mmvl's (the harness's own test puts misbehaving readers here)
@@ -92,7 +171,8 @@ def _read(kind: str, path: str) -> Outcome:
     try:
         (READERS or _readers())[kind](path)
     except DataError as err:
-        if err.path != path or path not in str(err):
+        inside = os.path.isdir(path) and os.path.dirname(err.path or "") == path  # a series names its slice
+        if (err.path != path and not inside) or err.path not in str(err):
             return Outcome("wrong_error", f"DataError without the file path: {err!r}")
         return Outcome("data_error", err.problem[:200])
     except BaseException as err:  # anything else is the finding
@@ -126,8 +206,15 @@ def _worker(connection, folder: str) -> None:
             return
         kind, suffix, data = job
         path = os.path.join(folder, f"fuzz{suffix}")
-        with open(path, "wb") as handle:
-            handle.write(data)
+        if isinstance(data, dict):  # a folder of files (a DICOM series): written afresh for each input
+            shutil.rmtree(path, ignore_errors=True)
+            os.makedirs(path)
+            for name, content in data.items():
+                with open(os.path.join(path, name), "wb") as handle:
+                    handle.write(content)
+        else:
+            with open(path, "wb") as handle:
+                handle.write(data)
         connection.send(_read(kind, path))
 
 
@@ -139,6 +226,10 @@ class Reader:
         self.folder = tempfile.mkdtemp(prefix="mmvl_fuzz_")
         self.process = None
         self.started = 0
+        import monai.data  # noqa: F401  (imported once here: every forked worker, restarts included, starts in ms)
+        import PIL.Image  # noqa: F401
+
+        _readers()
 
     def _start(self) -> None:
         context = multiprocessing.get_context("fork")  # no re-import of the test process; Linux and macOS
@@ -151,7 +242,8 @@ class Reader:
             raise RuntimeError("fuzz worker did not start")
         self.connection.recv()
 
-    def read(self, kind: str, data: bytes, suffix: str) -> Outcome:
+    def read(self, kind: str, data: bytes | dict[str, bytes], suffix: str) -> Outcome:
+        """Read ``data`` (a file's bytes, or ``{name: bytes}`` for a folder) saved as ``fuzz{suffix}``."""
         if self.process is None or not self.process.is_alive():
             self._start()
         self.connection.send((kind, suffix, data))
@@ -175,10 +267,16 @@ class Reader:
             self.process.join(5)
             if self.process.is_alive():
                 self.process.kill()
-        for name in os.listdir(self.folder):
-            os.remove(os.path.join(self.folder, name))
-        os.rmdir(self.folder)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def suffix_of(kind: str, path: Path) -> str:
-    return ".dcm" if kind == "dicom" else (".nii.gz" if path.name.endswith(".gz") else ".nii")
+def suffix_of(kind: str, path: Path | str) -> str:
+    """The name a mutated input is saved under: the readers route by suffix."""
+    name = Path(path).name
+    if kind == "dicom":
+        return ".dcm"
+    if kind == "series":
+        return "_series"
+    if kind == "raster":
+        return Path(name).suffix
+    return ".nii.gz" if name.endswith(".gz") else ".nii"

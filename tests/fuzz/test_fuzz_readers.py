@@ -1,6 +1,8 @@
-"""The DICOM and NIfTI readers on mutated real files: every outcome is an image or an mmvl DataError naming the
-file, never another exception, a hang (10 s per file) or a dead process. Bounded for CI (4,500 mutated files,
-about 20 s); run ``python tests/fuzz/run_fuzz.py --minutes N`` for a long run."""
+"""The readers on mutated real files: every outcome is an image or an mmvl DataError naming the file (for a
+series folder: the folder or one of its slices), never another exception, a hang (10 s per input) or a dead
+process. Targets: DICOM file, NIfTI, DICOM series folder, raster image. Bounded for CI (4,500 DICOM/NIfTI files,
+about 20 s; 600 series folders and 1,000 raster files, about 5 s each); run
+``python tests/fuzz/run_fuzz.py --minutes N`` for a long run."""
 
 from __future__ import annotations
 
@@ -8,9 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.fuzz.harness import Reader, mutate, seed_files, suffix_of
+from tests.fuzz.harness import Reader, mutate, mutate_series, raster_seeds, seed_files, series_seeds, suffix_of
 
 SEEDS = seed_files()
+SERIES = series_seeds()
+RASTER = raster_seeds()
 OPERATIONS = st.lists(st.tuples(st.integers(0, 5), st.integers(0, 2**20), st.integers(0, 2**16)),
                       min_size=1, max_size=8)
 
@@ -48,6 +52,38 @@ def test_mutated_files(reader, kind, examples):
     check()
 
 
+def test_unmutated_series_and_raster_seeds_read(reader):
+    for name, files in SERIES.items():
+        assert reader.read("series", files, "_series").status == "ok", name
+    for name, content in RASTER.items():
+        assert reader.read("raster", content, suffix_of("raster", name)).status == "ok", name
+
+
+def test_mutated_series_folders(reader):
+    """A folder whose slices are mutated (one or two), one slice dropped, or one duplicated under a new name."""
+    @settings(max_examples=600, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(seed=st.sampled_from(sorted(SERIES)), target=st.integers(0, 7), folder_op=st.integers(0, 3),
+           operations=OPERATIONS)
+    def check(seed, target, folder_op, operations):
+        outcome = reader.read("series", mutate_series(SERIES[seed], target, operations, folder_op), "_series")
+        assert outcome.status in ("ok", "data_error"), (
+            f"{seed} slice {target} folder_op {folder_op} {operations}: {outcome.status}\n{outcome.detail}")
+
+    check()
+
+
+def test_mutated_raster_images(reader):
+    @settings(max_examples=1000, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(seed=st.sampled_from(sorted(RASTER)), operations=OPERATIONS)
+    def check(seed, operations):
+        outcome = reader.read("raster", mutate(RASTER[seed], operations), suffix_of("raster", seed))
+        assert outcome.status in ("ok", "data_error"), f"{seed} {operations}: {outcome.status}\n{outcome.detail}"
+
+    check()
+
+
 def test_regression_jp2_box_of_length_zero(reader):
     """Found by run_fuzz.py: a JP2 box of length 0 before the codestream made pydicom's JPEG 2000 header walk
     loop forever; it is now a DicomError."""
@@ -58,9 +94,10 @@ def test_regression_jp2_box_of_length_zero(reader):
     assert outcome.status == "data_error" and "JPEG 2000 box" in outcome.detail, outcome
 
 
-def test_harness_tells_hangs_crashes_and_wrong_errors_apart(monkeypatch):
-    """The outcomes the fuzz tests fail on are detected: a reader that sleeps, dies, raises a non-mmvl error or
-    a DataError naming another file."""
+@pytest.mark.parametrize("kind", ["dicom", "series", "raster"])
+def test_harness_tells_hangs_crashes_and_wrong_errors_apart(monkeypatch, kind):
+    """The outcomes the fuzz tests fail on are detected, for a file and for a folder of slices: a reader that
+    sleeps, dies, raises a non-mmvl error or a DataError naming another file (a series may name its slice)."""
     import os
     import time
 
@@ -68,7 +105,13 @@ def test_harness_tells_hangs_crashes_and_wrong_errors_apart(monkeypatch):
     from tests.fuzz import harness
 
     def misbehaving(path):
-        data = open(path, "rb").read()
+        if os.path.isdir(path):  # a series: the content of its one slice says what to do
+            names = sorted(os.listdir(path))
+            data = b"".join(open(os.path.join(path, name), "rb").read() for name in names)
+            if data == b"slice":
+                raise DataError(os.path.join(path, names[0]), "refused, naming the slice")
+        else:
+            data = open(path, "rb").read()
         if data == b"hang":
             time.sleep(60)
         elif data == b"crash":
@@ -80,14 +123,18 @@ def test_harness_tells_hangs_crashes_and_wrong_errors_apart(monkeypatch):
         elif data == b"bad":
             raise DataError(path, "refused")
 
-    monkeypatch.setattr(harness, "READERS", {"dicom": misbehaving})
+    monkeypatch.setattr(harness, "READERS", {"dicom": misbehaving, kind: misbehaving})
     reader = harness.Reader(timeout=1.0)  # forks after the patch: the worker runs ``misbehaving``
+    inputs = [b"fine", b"bad", b"hang", b"crash", b"wrong", b"other", b"fine"]
+    expected = ["ok", "data_error", "hang", "crash", "wrong_error", "wrong_error", "ok"]
+    if kind == "series":
+        inputs, expected = [{"s0.dcm": data} for data in [*inputs, b"slice"]], [*expected, "data_error"]
+    suffix = {"dicom": ".dcm", "series": "_series", "raster": ".png"}[kind]
     try:
-        outcomes = [reader.read("dicom", data, ".dcm").status
-                    for data in (b"fine", b"bad", b"hang", b"crash", b"wrong", b"other", b"fine")]
+        outcomes = [reader.read(kind, data, suffix).status for data in inputs]
     finally:
         reader.close()
-    assert outcomes == ["ok", "data_error", "hang", "crash", "wrong_error", "wrong_error", "ok"]
+    assert outcomes == expected
     assert reader.started == 3  # restarted after the hang and after the crash
 
 
