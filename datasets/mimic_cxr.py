@@ -21,10 +21,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 try:
+    from mmvl.data.manifest import too_wide_for_root
     from mmvl.data.reports import report_text
     from mmvl.errors import DataError, MMVLError
 except ImportError:  # run as `python datasets/mimic_cxr.py` from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from mmvl.data.manifest import too_wide_for_root
     from mmvl.data.reports import report_text
     from mmvl.errors import DataError, MMVLError
 HERE = Path(__file__).resolve().parent
@@ -206,6 +208,7 @@ def convert(
     skipped = Counter({reason: 0 for reason in SKIP_REASONS})
     studies_written: set[str] = set()
     images_written = 0
+    image_folder: str | None = None  # the common folder of the images written
     deidentifier = None
     quiet = not progress or os.environ.get("MMVL_NO_PROGRESS") == "1"
     bar = tqdm(studies.items(), total=len(studies), desc="MIMIC-CXR", unit="study", disable=quiet)
@@ -255,6 +258,8 @@ def convert(
                 if deidentify:
                     original = (study_dir / image_path.name).as_posix()  # p10/p10000032/s50414267/<dicom_id>.jpg
                     image_path = deidentified_copy(deidentifier, image_path, original, study_id, out_dir, ext == "dcm")
+                folder = os.path.dirname(os.path.abspath(image_path))
+                image_folder = folder if image_folder is None else os.path.commonpath([image_folder, folder])
                 paths.append(Path(os.path.relpath(os.path.abspath(image_path), out_dir)).as_posix())
             row: dict = {"image": paths, "report": text}
             if chexpert is not None:  # a study the labeller skipped gets no labels, not all-negative ones
@@ -285,14 +290,23 @@ def convert(
         "splits": dict(rows_per_split),
         "skipped": dict(skipped),
         "manifest": str(out),
-        "data_root": None if deidentify else data_root(image_files, out_dir),
+        **data_root(image_folder, out_dir),
     }
 
 
-def data_root(images: Path, out_dir: Path) -> str | None:
-    """The ``data.root`` training needs when the images lie outside the manifest's folder, else None."""
-    common = os.path.commonpath([os.path.abspath(images), str(out_dir)])
-    return None if common == str(out_dir) else common
+def data_root(image_folder: str | None, out_dir: Path) -> dict[str, str | None]:
+    """``{"data_root": ...}``: the ``data.root`` training needs, the common folder of the images written
+    (``image_folder``) when it lies outside the manifest's folder, else None. Never a folder wider than that, nor
+    ``/``, a system folder or the home folder (:func:`mmvl.data.manifest.too_wide_for_root`): then it is None and
+    ``data_root_problem`` says why."""
+    if image_folder is None or os.path.commonpath([image_folder, str(out_dir)]) == str(out_dir):
+        return {"data_root": None}
+    if too_wide_for_root(image_folder):
+        return {"data_root": None, "data_root_problem": (
+            f"images lie outside the manifest's folder and their common folder, {image_folder}, is too wide for a "
+            "safe data.root (it would let training read system or home files): keep the images in one data folder "
+            "and convert again, or train with data.allow_outside_root=True if you trust this manifest")}
+    return {"data_root": image_folder}
 
 
 def study_summary(counts: dict, unit: str) -> str:
@@ -371,6 +385,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     except MMVLError as err:
         sys.exit(f"error: {err}")
     print(study_summary(counts, "images"))
+    if counts.get("data_root_problem"):
+        print(f"  {counts['data_root_problem']}")
     return counts
 
 

@@ -228,7 +228,8 @@ def test_frontal_rows_and_uncertain_label_policy(layout: dict[str, Path], uncert
             "missing_image": 1,
         },
         "manifest": str(layout["out"]),
-        "data_root": str(tmp_path),  # images outside the manifest's folder: the root training needs
+        # images outside the manifest's folder: the root training needs is their common folder, no wider
+        "data_root": str(layout["images"] / "files"),
     }
     for row in rows:
         assert all((layout["out"].parent / image).is_file() for image in row["image"])
@@ -433,3 +434,12 @@ def test_deidentify_pseudonyms_copies_and_unchanged_splits(
         copy, source = first.parent / rows[0]["image"][0], layout["out"].parent / expected[0]["image"][0]
         assert copy.read_bytes() == source.read_bytes()
 
+
+def test_data_root_is_the_images_common_folder_never_a_system_folder(tmp_path: Path) -> None:
+    out = tmp_path / "manifests"
+    assert mimic_cxr.data_root(str(out / "images"), out) == {"data_root": None}  # inside: no root needed
+    images = tmp_path / "mimic" / "files"
+    assert mimic_cxr.data_root(str(images), out) == {"data_root": str(images)}  # not tmp_path: no wider
+    for wide in ("/", "/tmp", "/etc", str(Path.home())):
+        answer = mimic_cxr.data_root(wide, out)
+        assert answer["data_root"] is None and f"common folder, {wide}, is too wide" in answer["data_root_problem"]
