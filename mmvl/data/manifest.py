@@ -9,8 +9,8 @@ that escapes it (``../``, or an absolute path elsewhere) is refused unless ``all
 (``data.allow_outside_root``), so a manifest from elsewhere cannot make mmvl read arbitrary files. The check
 is on the path text after normalisation; symbolic links inside the root are followed as they are. The refusal
 names every escaping row and suggests a root (:func:`suggest_root`: the images' common folder, never ``/``, a
-system folder or the home folder). Tools that run a trained model take its training ``data.root`` by default
-(:func:`root_options`).
+system folder or the home folder). Tools and functions that run a trained model take its training ``data.root``
+by default (:func:`trained_root`, :func:`root_options` for command-line options).
 
 Manifests must be UTF-8. A row holding bytes that are not UTF-8 (typically a report exported as
 Latin-1) is kept with an ``error`` entry, so datasets skip and count it and ``tools/check_data.py`` lists it.
@@ -242,18 +242,23 @@ def add_root_arguments(parser: argparse.ArgumentParser) -> None:
 
 def root_options(args: argparse.Namespace, config: Mapping[str, Any] | None = None,
                  source: str = "the model") -> dict[str, Any]:
-    """``root`` and ``allow_outside_root`` for :func:`load_manifest` in a tool that reads a manifest with a trained
-    model: ``--data-root`` / ``--allow-outside-root`` when given, else the ``data.root`` recorded with the model
-    (``config``: a work dir's training config, or a zoo entry's ``config.json``; a root of None, or none
-    recorded, means the manifest's folder). ``data.allow_outside_root`` is not inherited: a model does not vouch
-    for the manifest it is run on. A recorded root that is too wide (:func:`too_wide_for_root`, e.g. ``/``) is
-    refused rather than used; ``source`` names the model in that message."""
-    if args.allow_outside_root:
-        return {"root": args.data_root, "allow_outside_root": True}
-    if args.data_root is not None:
-        return {"root": args.data_root, "allow_outside_root": False}
-    data = (config or {}).get("data") or {}
-    root = data.get("root")
+    """:func:`trained_root` for a tool's ``--data-root`` / ``--allow-outside-root`` (:func:`add_root_arguments`)."""
+    return trained_root(config, args.data_root, args.allow_outside_root, source=source)
+
+
+def trained_root(config: Mapping[str, Any] | None, data_root: str | os.PathLike | None = None,
+                 allow_outside_root: bool = False, source: str = "the model") -> dict[str, Any]:
+    """``root`` and ``allow_outside_root`` for :func:`load_manifest` when a manifest is read with a trained model:
+    ``data_root`` / ``allow_outside_root`` when given, else the ``data.root`` recorded with the model (``config``:
+    a work dir's training config, or a zoo entry's ``config.json``; a root of None, or none recorded, means the
+    manifest's folder). ``data.allow_outside_root`` is not inherited: a model does not vouch for the manifest it
+    is run on. A recorded root that is too wide (:func:`too_wide_for_root`, e.g. ``/``) is refused rather than
+    used; ``source`` names the model in that message."""
+    if allow_outside_root:
+        return {"root": None if data_root is None else os.fspath(data_root), "allow_outside_root": True}
+    if data_root is not None:
+        return {"root": os.fspath(data_root), "allow_outside_root": False}
+    root = ((config or {}).get("data") or {}).get("root")
     if root is not None and too_wide_for_root(root):
         raise ConfigError(f"{source}: its recorded data.root {root} would let a manifest read system or home files; "
                           "pass --data-root FOLDER (the folder holding the manifest's images)")

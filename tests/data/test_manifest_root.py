@@ -21,6 +21,7 @@ from mmvl.data.manifest import (
     root_options,
     suggest_root,
     too_wide_for_root,
+    trained_root,
 )
 from mmvl.errors import ConfigError, ManifestError
 
@@ -164,3 +165,7 @@ def test_root_options_default_to_the_recorded_data_root(tmp_path):
     with pytest.raises(ConfigError, match="model.pt: its recorded data.root / would let a manifest read"):
         root_options(options(), {"data": {"root": "/"}}, source="model.pt")
     assert root_options(options("--data-root", "/"), {"data": {"root": "/"}})["root"] == "/"  # the user's choice
+    # the same lookup without argparse, for library functions (mmvl.zero_shot's data_root=None)
+    assert trained_root(trained) == {"root": str(tmp_path / "data"), "allow_outside_root": False}
+    assert trained_root(trained, tmp_path / "x") == {"root": str(tmp_path / "x"), "allow_outside_root": False}
+    assert trained_root(trained, allow_outside_root=True) == {"root": None, "allow_outside_root": True}
