@@ -196,7 +196,9 @@ class ValidationHook(Hook):
 @torch.no_grad()
 def validate(trainer: Any) -> dict[str, float]:
     """On the validation split: every loss the heads log (``val/loss``, ``val/<head>/loss``...), averaged over
-    samples, and with a contrastive head retrieval Recall@1/5/10 (image->text, text->image). Every rank
+    samples, and with a contrastive head retrieval Recall@1/5/10 (image->text, text->image; a retrieved report
+    whose text equals the query's own counts as a hit, so boilerplate reports are not held against the model,
+    nor can they choose best.pt). Every rank
     validates the whole split on its own (local batches, no gathers); the training RNG stream is untouched and
     masking heads draw the same masks at every validation."""
     model, device = trainer.model, trainer.strategy.device
@@ -207,7 +209,7 @@ def validate(trainer: Any) -> dict[str, float]:
         and model.text_encoder is not None
     totals: dict[str, float] = {}
     count = 0
-    image_embs, text_embs = [], []
+    image_embs, text_embs, texts = [], [], []
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(int(trainer.train_cfg["seed"]))
@@ -221,6 +223,7 @@ def validate(trainer: Any) -> dict[str, float]:
                     if contrastive:
                         image_embs.append(model.encode_image(batch["image"]).float())
                         text_embs.append(model.encode_text(batch).float())
+                        texts += batch["report"]
                 for key, value in out.items():
                     if torch.is_tensor(value) and value.numel() == 1:
                         totals[key] = totals.get(key, 0.0) + float(value) * n
@@ -229,7 +232,7 @@ def validate(trainer: Any) -> dict[str, float]:
         model.set_world(trainer.strategy.dist.rank, world)
     metrics = {f"val/{k}": v / max(count, 1) for k, v in totals.items()}
     if image_embs:
-        recall = retrieval_metrics(torch.cat(image_embs), torch.cat(text_embs))
+        recall = retrieval_metrics(torch.cat(image_embs), torch.cat(text_embs), texts=texts)
         metrics.update({f"val/{k}": v for k, v in recall.items()})
     return metrics
 

@@ -116,3 +116,20 @@ def test_two_view_study_training_sees_both_views_and_resumes_exactly(two_view_ma
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.pt")["model"]
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_validation_retrieval_counts_identical_reports_as_hits(two_view_manifest, tmp_path, one_thread, monkeypatch):
+    """The validation hook hands the reports to retrieval, which counts a twin report as a hit (its own tests)."""
+    from mmvl.engine import hooks
+
+    seen = {}
+    original = hooks.retrieval_metrics
+
+    def spy(image_emb, text_emb, ks=(1, 5, 10), texts=None):
+        seen["texts"] = texts
+        return original(image_emb, text_emb, ks, texts=texts)
+
+    monkeypatch.setattr(hooks, "retrieval_metrics", spy)
+    trainer = Trainer(tinier_config(two_view_manifest, "data.allow_outside_root=True"), tmp_path / "run")
+    metrics = trainer.validate()
+    assert seen["texts"] == [row["text"] for row in trainer.val_set.rows] and "val/i2t_R@1" in metrics
