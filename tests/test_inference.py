@@ -291,3 +291,14 @@ def test_manifests_default_to_the_trained_data_root(tiny_clip, synthetic_cxr, tm
     assert tool.main([str(work), "--manifest", str(manifest), "--labels", "nodule", "--out", str(out),
                       "--data-root", str(tmp_path / "lists")]) == 2
     assert "outside the data root" in capsys.readouterr().err
+
+
+def test_evaluate_takes_the_reader_options(tiny_clip, synthetic_cxr, tmp_path, capsys):
+    work, _ = tiny_clip
+    evaluate, out = load_tool("evaluate"), tmp_path / "metrics.json"
+    common = [str(work), "--manifest", str(synthetic_cxr), "--task", "retrieval", "--out", str(out), "--limit", "8"]
+    assert evaluate.main([*common, "--reader-option", "voi=minmax"]) == 0
+    record = json.loads(out.read_text())
+    assert record["reader_options"] == {"voi": "minmax"} and record["n_failed"] == 0
+    assert evaluate.main([*common, "--allow-gaps"]) == 2  # a 2D reader has no such option: refused, not ignored
+    assert "unknown key 'reader_options.allow_gaps' in transform 'LoadImage'" in capsys.readouterr().err

@@ -9,7 +9,9 @@ linear probes on frozen image features, or generated reports.
 
 MODEL is a training work dir, a checkpoint file or a model-zoo entry (folder or name); images go through the
 model's recorded preprocessing, and must lie inside the data root it was trained with (its data.root; none
-recorded: the manifest's folder) unless --data-root or --allow-outside-root says otherwise.
+recorded: the manifest's folder) unless --data-root or --allow-outside-root says otherwise. --allow-gaps
+(interpolate the missing slices of a DICOM series) and --reader-option KEY=VALUE override the recorded reader's
+options.
 
 zero_shot     per-label AUROC and F1 of the zero-shot probabilities (prompt preset and mode as tools/zero_shot.py),
               F1 at the threshold that maximises it on --val-split (0.5 where there are no validation rows)
@@ -39,7 +41,14 @@ import numpy as np
 import torch
 
 import mmvl
-from mmvl.data.inputs import InputItem, iter_batches, manifest_items
+from mmvl.data.inputs import (
+    InputItem,
+    add_reader_arguments,
+    iter_batches,
+    manifest_items,
+    reader_options,
+    with_reader_options,
+)
 from mmvl.data.manifest import add_root_arguments, load_manifest, root_options
 from mmvl.errors import ConfigError, MMVLError
 from mmvl.evaluation.metrics import PROBE_FRACTIONS, classification_metrics, linear_probe, target_matrix
@@ -58,6 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("model", help="training work dir, checkpoint file, or model-zoo entry (folder or name)")
     parser.add_argument("--manifest", required=True, help="manifest (JSONL/CSV) with split, labels and reports")
     add_root_arguments(parser)
+    add_reader_arguments(parser)
     parser.add_argument("--task", required=True, choices=TASKS)
     parser.add_argument("--split", default="test", help="the rows evaluated (manifest 'split')")
     parser.add_argument("--val-split", default="val", help="rows that choose F1 thresholds and probe C ('' for none)")
@@ -370,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_pretrained(args.model, device=args.device)
         if loaded.preprocess is None:
             raise ConfigError(f"{loaded.source}: this model records no image preprocessing (a text-only model?)")
+        loaded.preprocess = with_reader_options(loaded.preprocess, reader_options(args))  # --allow-gaps...
         sections = (loaded.config.get("data") or {}).get("report_sections", ("findings", "impression"))
         # the data root the model was trained with, unless --data-root / --allow-outside-root say otherwise
         splits, manifest_labels = load_splits(args.manifest, sections, args.limit,
@@ -405,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     record: dict[str, Any] = {
         "task": args.task, "model": loaded.source, "manifest": str(args.manifest), "split": args.split,
         "val_split": args.val_split or None, "mmvl_version": mmvl.__version__, "seed": args.seed,
-        "n_bootstrap": args.n_bootstrap, "preprocess": loaded.preprocess.kind,
+        "n_bootstrap": args.n_bootstrap, "preprocess": loaded.preprocess.kind, "reader_options": reader_options(args),
         "n_rows": {name: len(splits.get(name, [])) for name in used_splits},
         "n_failed": len(runner.failed), "failed": runner.failed,
     }

@@ -13,7 +13,7 @@ model NIfTI files and DICOM series (the DICOM slices in one folder, one input pe
 export) is read for the images and series it lists. Every other file found is a row with its reason.
 Preprocessing is rebuilt from the model's recorded spec; --allow-gaps (interpolate the missing slices of a
 DICOM series) and --reader-option override its reader's options. Manifest images must lie in --data-root
-(default: the data.root the model was trained with, else the manifest's folder).
+(default: the data.root the model was trained with, else the manifest's folder; --allow-outside-root: anywhere).
 The CSV has one row per scan (path, study_id, one probability column per label, error); a file that cannot
 be read gets its reason in ``error`` and the run goes on. A ``.json`` sidecar records the model, preset,
 prompts, mode and mmvl version. Exit code: 0 all scans classified, 1 some failed, 2 bad arguments. With a
@@ -35,7 +35,7 @@ import torch
 
 import mmvl
 from mmvl.data.inputs import add_reader_arguments, manifest_items, reader_options
-from mmvl.data.manifest import add_root_arguments
+from mmvl.data.manifest import add_root_arguments, root_options
 from mmvl.errors import ConfigError, MMVLError
 from mmvl.evaluation.zero_shot import PRESETS, auroc, prompts_from
 from mmvl.inference import zero_shot
@@ -78,13 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                               "prompts.json)")
         preset = args.preset or (recorded_preset(recorded) if recorded else "chexzero")
         prompts = prompts_from(labels, preset)
-        trained_data = (loaded.config or {}).get("data") or {}
-        data_root = args.data_root or trained_data.get("root")
-        allow_outside_root = args.allow_outside_root or bool(trained_data.get("allow_outside_root", False))
         options = reader_options(args)
         rows = zero_shot(loaded, args.inputs, labels, preset=preset, mode=args.mode, manifest=args.manifest,
                          batch_size=args.batch_size, device=args.device, limit=args.limit,
-                         data_root=data_root, allow_outside_root=allow_outside_root,
+                         data_root=args.data_root, allow_outside_root=args.allow_outside_root,
                          reader_options=options)
     except MMVLError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -101,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     truth = {}
     if args.manifest:
         truth = {(item.path, item.study_id or ""): item.labels for item in manifest_items(
-            args.manifest, root=data_root, allow_outside_root=allow_outside_root) if item.labels}
+            args.manifest, **root_options(args, loaded.config, source=loaded.source)) if item.labels}
     _print_summary(rows, labels, truth)
     print(f"wrote {out} and {out.with_suffix('.json')} ({n_failed} of {len(rows)} failed)")
     return 1 if n_failed else 0

@@ -7,12 +7,14 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
 from mmvl.data.inputs import find_inputs, iter_batches, manifest_items, with_reader_options
+from mmvl.data.manifest import root_options
 from mmvl.errors import ConfigError
 
 # Named prompt presets: where the field's published systems differ, the preset records which was used.
@@ -163,8 +165,9 @@ def zero_shot_scans(
     """Zero-shot probabilities of ``labels`` for every scan in ``inputs`` and/or ``manifest``, by ``loaded`` (a
     :class:`mmvl.loading.LoadedModel`: its ``model`` and ``preprocess``); see :func:`mmvl.inference.zero_shot`
     for the arguments and the rows returned. ``device``: where to move the model first (default: where it is).
-    ``data_root`` defaults to the training config's ``data.root``; ``reader_options`` override the recorded
-    reading step's options (:func:`~mmvl.data.inputs.with_reader_options`)."""
+    ``data_root`` defaults to the ``data.root`` recorded with the model
+    (:func:`~mmvl.data.manifest.root_options`); ``reader_options`` override the recorded reading step's options
+    (:func:`~mmvl.data.inputs.with_reader_options`)."""
     inputs = () if inputs is None else inputs
     _check_arguments(inputs, labels, mode, batch_size, limit)
     labels = [label.strip() for label in (labels.split(",") if isinstance(labels, str) else labels) if label.strip()]
@@ -178,10 +181,6 @@ def zero_shot_scans(
     if loaded.preprocess is None:
         raise ConfigError(f"{loaded.source}: this model has no image preprocessing (a text-only model)")
     preprocess = with_reader_options(loaded.preprocess, reader_options)
-    trained_data = (loaded.config or {}).get("data") or {}
-    if data_root is None:
-        data_root = trained_data.get("root")  # where training read its manifest's images from
-    allow_outside_root = allow_outside_root or bool(trained_data.get("allow_outside_root", False))
     net = loaded.model
     if device is not None:
         net.to(device)
@@ -190,7 +189,8 @@ def zero_shot_scans(
     items = find_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs),
                         volumes=preprocess.kind == "3d")
     if manifest is not None:
-        items += manifest_items(manifest, root=data_root, allow_outside_root=allow_outside_root)
+        given = SimpleNamespace(data_root=data_root, allow_outside_root=allow_outside_root)
+        items += manifest_items(manifest, **root_options(given, loaded.config, source=loaded.source))
     items = items[:limit] if limit else items
     if not items:
         raise ConfigError("zero_shot: no inputs (give files, folders or a manifest)")
