@@ -7,7 +7,8 @@
 MODEL is a training work dir, a checkpoint file or a model-zoo entry (folder or name).
 INPUT may be files or folders, searched recursively (``mmvl.data.inputs.find_inputs``): 2D models take
 DICOM/PNG/JPEG files, 3D models NIfTI files and DICOM series folders; other files get an error line.
-Preprocessing is rebuilt from the model's recorded spec. One JSON line per input: ``path``, ``study_id``
+Preprocessing is rebuilt from the model's recorded spec; --allow-gaps (interpolate the missing slices of a DICOM
+series) and --reader-option KEY=VALUE override its reader's options. One JSON line per input: ``path``, ``study_id``
 (manifest rows), and ``report`` or ``error``;
 the exit code is 1 if any input failed, 2 on bad arguments. A ``.json`` sidecar beside ``--out`` records the
 model and settings. Manifest images must lie inside the data root the model was trained with (its data.root;
@@ -28,7 +29,14 @@ from typing import Any
 import torch
 
 import mmvl
-from mmvl.data.inputs import find_inputs, iter_batches, manifest_items
+from mmvl.data.inputs import (
+    add_reader_arguments,
+    find_inputs,
+    iter_batches,
+    manifest_items,
+    reader_options,
+    with_reader_options,
+)
 from mmvl.data.manifest import add_root_arguments, root_options
 from mmvl.errors import ConfigError, MMVLError
 from mmvl.evaluation.report_metrics import finding_f1, report_metrics
@@ -43,6 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--manifest", help="also run over the rows of a manifest (JSONL/CSV); with reports/labels "
                                            "the generated reports are scored")
     add_root_arguments(parser)
+    add_reader_arguments(parser)
     parser.add_argument("--out", default="reports.jsonl", help="output JSONL (a .json sidecar is written beside it)")
     parser.add_argument("--method", default="beam", choices=["beam", "greedy"])
     parser.add_argument("--num-beams", type=int, default=4)
@@ -71,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         max_length = head.max_length if args.max_length is None else args.max_length
         if not 2 <= max_length <= head.max_length:
             raise ConfigError(f"--max-length must be in [2, {head.max_length}] for this model, got {max_length}")
-        items = find_inputs(args.inputs, volumes=loaded.preprocess.kind == "3d")
+        preprocess = with_reader_options(loaded.preprocess, reader_options(args))  # --allow-gaps...
+        items = find_inputs(args.inputs, volumes=preprocess.kind == "3d")
         if args.manifest:
             sections = loaded.config["data"].get("report_sections", ("findings", "impression"))
             # the data root the model was trained with, unless --data-root / --allow-outside-root say otherwise
@@ -90,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = dict(method=args.method, num_beams=args.num_beams, length_penalty=args.length_penalty,
                     no_repeat_ngram_size=args.no_repeat_ngram_size, max_length=max_length)
     rows: list[dict[str, Any]] = []
-    for batch in iter_batches(loaded.preprocess, items, args.batch_size, args.device, desc="reports"):
+    for batch in iter_batches(preprocess, items, args.batch_size, args.device, desc="reports"):
         if batch.images is not None:
             kept = [batch.rows[index] for index in batch.loaded]
             try:
@@ -109,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(out, "".join(json.dumps(row) + "\n" for row in rows))
     n_failed = sum("error" in row for row in rows)
     sidecar: dict[str, Any] = {"model": loaded.source, "mmvl_version": mmvl.__version__, **settings,
+                               "reader_options": reader_options(args),
                                "n_inputs": len(rows), "n_failed": n_failed}
     scores = _score(rows, items)
     if scores:

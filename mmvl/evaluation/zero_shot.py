@@ -7,14 +7,13 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
 from mmvl.data.inputs import find_inputs, iter_batches, manifest_items, with_reader_options
-from mmvl.data.manifest import root_options
+from mmvl.data.manifest import trained_root
 from mmvl.errors import ConfigError
 
 # Named prompt presets: where the field's published systems differ, the preset records which was used.
@@ -166,7 +165,7 @@ def zero_shot_scans(
     :class:`mmvl.loading.LoadedModel`: its ``model`` and ``preprocess``); see :func:`mmvl.inference.zero_shot`
     for the arguments and the rows returned. ``device``: where to move the model first (default: where it is).
     ``data_root`` defaults to the ``data.root`` recorded with the model
-    (:func:`~mmvl.data.manifest.root_options`); ``reader_options`` override the recorded reading step's options
+    (:func:`~mmvl.data.manifest.trained_root`); ``reader_options`` override the recorded reading step's options
     (:func:`~mmvl.data.inputs.with_reader_options`)."""
     inputs = () if inputs is None else inputs
     _check_arguments(inputs, labels, mode, batch_size, limit)
@@ -189,8 +188,8 @@ def zero_shot_scans(
     items = find_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs),
                         volumes=preprocess.kind == "3d")
     if manifest is not None:
-        given = SimpleNamespace(data_root=data_root, allow_outside_root=allow_outside_root)
-        items += manifest_items(manifest, **root_options(given, loaded.config, source=loaded.source))
+        items += manifest_items(manifest, **trained_root(loaded.config, data_root, allow_outside_root,
+                                                         source=loaded.source))
     items = items[:limit] if limit else items
     if not items:
         raise ConfigError("zero_shot: no inputs (give files, folders or a manifest)")
