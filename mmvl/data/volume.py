@@ -272,9 +272,11 @@ DEFLATE_MAX_RATIO = 1032  # zlib's limit on deflate's compression ratio (zlib te
 def _check_nifti_size(path: str) -> None:
     """Refuse a header whose dim/bitpix promise more bytes than the file can hold, before nibabel allocates
     them: a damaged or hostile ``dim`` field would otherwise ask for terabytes. Uncompressed: the file size;
-    gzip: deflate's maximum ratio first (no decompression at all for an absurd header), then the bytes the
-    stream really decompresses to, counted across all its members (RFC 1952 2.2: a gzip file is a series of
-    members, and nibabel reads them all; the last member's ISIZE gives that member's size only)."""
+    gzip: deflate's maximum ratio first (no decompression at all for an absurd header), then, unless the ISIZE
+    trailer already covers the header's promise, the bytes the stream really decompresses to, counted across
+    all its members (RFC 1952 2.2: a gzip file is a series of members, and nibabel reads them all; the last
+    member's ISIZE gives that member's size only). A cut file whose last 4 bytes happen to look large enough
+    passes here and fails in nibabel's read, as a DataError all the same."""
     import nibabel
 
     header = nibabel.load(path).header  # reads the header only
@@ -284,7 +286,9 @@ def _check_nifti_size(path: str) -> None:
     size = os.path.getsize(path)
     compressed = path.lower().endswith(".gz")
     short = needed > (size * DEFLATE_MAX_RATIO if compressed else size)
-    if compressed and not short:
+    if compressed and not short and _last_isize(path, size) < needed:
+        # The trailer of a single-member file states its whole size, so streaming (as costly as nibabel's own
+        # read) is only needed when it says too little: several members, a >= 4 GiB stream, or a cut file.
         decoded = gzip_decompressed_size(path, stop_at=needed)
         if decoded < needed:
             raise DataError(path, f"cannot read NIfTI: the gzip stream decompresses to {decoded} bytes, the header "
@@ -293,6 +297,13 @@ def _check_nifti_size(path: str) -> None:
         raise DataError(path, f"NIfTI header promises {needed} bytes (dim {list(shape)}, {itemsize}-byte voxels) "
                               f"but the file holds fewer ({size} bytes{', compressed' if compressed else ''}): "
                               "truncated or damaged header")
+
+
+def _last_isize(path: str, size: int) -> int:
+    """The ISIZE trailer (RFC 1952 2.3.1: the last member's uncompressed size mod 2**32)."""
+    with open(path, "rb") as handle:
+        handle.seek(max(size - 4, 0))
+        return int.from_bytes(handle.read(4), "little")
 
 
 def gzip_decompressed_size(path: str | os.PathLike, stop_at: int | None = None, chunk: int = 1 << 20) -> int:

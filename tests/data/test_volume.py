@@ -235,10 +235,15 @@ def test_multi_member_gzip_nifti_reads_like_nibabel(tmp_path, cuts):
     np.testing.assert_array_equal(volume, read_nifti(NIBABEL_DATA / "anatomical.nii")[0])
     np.testing.assert_allclose(meta["affine"], img.affine)
 
-    cut = tmp_path / "cut.nii.gz"  # the same file missing most of its last member is still refused
+    first = tmp_path / "first.nii.gz"  # without the last member: a complete trailer, too few bytes in all
+    first.write_bytes(gzip.compress(raw[:cuts[-1]]))
+    with pytest.raises(DataError, match=f"gzip stream decompresses to {cuts[-1]} bytes.*needs 67650"):
+        read_nifti(first)
+    cut = tmp_path / "cut.nii.gz"  # cut inside the last member: refused, by the size check or by nibabel
     cut.write_bytes(path.read_bytes()[:-3000])
-    with pytest.raises(DataError, match="gzip stream decompresses to \\d+ bytes.*needs 67650"):
+    with pytest.raises(DataError, match="cannot read NIfTI") as err:
         read_nifti(cut)
+    assert str(cut) in str(err.value)
 
 
 def test_gzip_decompressed_size_counts_members_and_stops_early(tmp_path):
