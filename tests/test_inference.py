@@ -212,7 +212,8 @@ def test_allow_gaps_reads_a_gapped_series_refused_without_it(tiny_ct_model, tmp_
     written["paths"][3].unlink()
     tool, out = load_tool("zero_shot"), tmp_path / "gaps.csv"
     assert tool.main([str(work), str(tmp_path / "gapped"), "--labels", "emphysema", "--out", str(out)]) == 1
-    assert "missing slice" in next(csv.DictReader(out.open()))["error"]
+    refused = next(csv.DictReader(out.open()))["error"]
+    assert "missing slice" in refused and "--allow-gaps" in refused  # the message names the flag that reads it
     assert tool.main([str(work), str(tmp_path / "gapped"), "--labels", "emphysema", "--out", str(out),
                       "--allow-gaps"]) == 0
     assert next(csv.DictReader(out.open()))["error"] == ""

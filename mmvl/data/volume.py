@@ -147,7 +147,9 @@ def _check_spacing(folder: str, slices: list, along: np.ndarray, allow_gaps: boo
         raise DicomError(folder, f"inconsistent slice spacing (median {spacing:.3f} mm): {listed}")
     if not allow_gaps:
         raise DicomError(folder, f"{sum(g['missing_slices'] for g in gaps)} missing slice(s) (median spacing "
-                                 f"{spacing:.3f} mm): {listed}. Set allow_gaps=True to interpolate them")
+                                 f"{spacing:.3f} mm): {listed}. To interpolate them pass --allow-gaps "
+                                 "(tools/zero_shot.py, evaluate.py, generate_reports.py) or set allow_gaps=True "
+                                 "(LoadVolume, reader_options)")
     logger.warning("%s: series has gaps (%s); missing slices interpolated (allow_gaps)", folder, listed)
     return {"slice_spacing": spacing, "gaps": gaps}
 
