@@ -96,7 +96,7 @@ def test_zero_shot_api_and_cli_on_a_mixed_folder(tiny_clip, mixed_folder, tmp_pa
     assert "DICOM" in by_name["d_corrupt.dcm"]["error"]
 
     frame = mmvl.zero_shot(str(work), mixed_folder / "a_xray.dcm", ["nodule"], progress=False, as_frame=True)
-    assert list(frame.columns) == ["path", "study_id", "nodule", "error"] and len(frame) == 1
+    assert list(frame.columns) == ["path", "study_id", "view", "nodule", "error"] and len(frame) == 1
 
     out = tmp_path / "preds.csv"
     code = load_tool("zero_shot").main([str(work), str(mixed_folder), "--labels", "pleural effusion,nodule",
@@ -238,7 +238,7 @@ def test_labels_from_the_zoo_entry_prompts(tiny_clip, synthetic_cxr, tmp_path):
     entry = zoo.export(work, "tiny-cxr", out=tmp_path / "zoo" / "tiny-cxr", formats=["mmvl"], prompts=record).path
     image = next((synthetic_cxr.parent / "images").glob("*.dcm"))
     rows = mmvl.zero_shot(entry, image, progress=False)
-    assert list(rows[0]) == ["path", "study_id", "nodule", "pneumothorax", "error"]
+    assert list(rows[0]) == ["path", "study_id", "view", "nodule", "pneumothorax", "error"]
     out = tmp_path / "entry.csv"
     assert load_tool("zero_shot").main([str(entry), str(image), "--out", str(out)]) == 0
     row = next(csv.DictReader(out.open()))

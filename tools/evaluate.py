@@ -45,8 +45,8 @@ from mmvl.data.inputs import (
     InputItem,
     add_reader_arguments,
     iter_batches,
-    manifest_items,
     reader_options,
+    row_items,
     with_reader_options,
 )
 from mmvl.data.manifest import add_root_arguments, load_manifest, root_options
@@ -54,6 +54,7 @@ from mmvl.errors import ConfigError, MMVLError
 from mmvl.evaluation.metrics import PROBE_FRACTIONS, classification_metrics, linear_probe, target_matrix
 from mmvl.evaluation.report_metrics import TOKENIZERS, caption_metrics, finding_f1
 from mmvl.evaluation.retrieval import retrieval_metrics
+from mmvl.evaluation.studies import AGGREGATES, aggregate, first_of_each, study_groups
 from mmvl.evaluation.zero_shot import PRESETS, prompts_from, text_prototypes, zero_shot_probabilities
 from mmvl.utils import atomic_write_text, setup_logging
 from mmvl.zoo import load_pretrained
@@ -82,7 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples of studies (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the bootstrap and the probe's training subsets")
-    parser.add_argument("--limit", type=int, help="only the first N rows of each split (quick checks)")
+    parser.add_argument("--limit", type=int, help="only the first N rows (studies) of each split (quick checks)")
+    parser.add_argument("--study-aggregate", default="mean", choices=AGGREGATES,
+                        help="a study's score from its frontal views' (all views where none is frontal)")
     parser.add_argument("--method", default="beam", choices=["beam", "greedy"], help="report: search")
     parser.add_argument("--num-beams", type=int, default=4, help="report: beams")
     parser.add_argument("--max-length", type=int, help="report: tokens including BOS/EOS (default: the model's)")
@@ -108,15 +111,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load_splits(manifest: str, sections: Any, limit: int | None, root: str | None = None,
                 allow_outside_root: bool = False) -> tuple[dict[str, list[InputItem]], list[str]]:
-    """Manifest items by split (with labels, volume fields and the reference report of ``sections``), and the
-    manifest's label names (sorted, as ``ManifestDataset`` orders them)."""
+    """Manifest items by split, one per image of each row (a study's views; with labels, volume fields and the
+    reference report of ``sections``), and the manifest's label names (sorted, as ``ManifestDataset`` orders
+    them). ``limit``: the first N rows (studies) of each split."""
     rows = load_manifest(manifest, root=root, allow_outside_root=allow_outside_root)
     splits: dict[str, list[InputItem]] = {}
-    for row, item in zip(rows, manifest_items(manifest, sections=sections, root=root,
-                                              allow_outside_root=allow_outside_root)):
-        splits.setdefault(str(row.get("split") or ""), []).append(item)
-    if limit:
-        splits = {name: items[:limit] for name, items in splits.items()}
+    counts: dict[str, int] = {}
+    for row in rows:
+        split = str(row.get("split") or "")
+        counts[split] = counts.get(split, 0) + 1
+        if limit and counts[split] > limit:
+            continue
+        splits.setdefault(split, []).extend(row_items(row, sections))
     return splits, sorted({name for row in rows for name in (row.get("labels") or {})})
 
 
@@ -180,21 +186,34 @@ def run_zero_shot(args: argparse.Namespace, loaded: Any, runner: Runner, test: l
     scale = float(model.contrastive_head.scale().detach())
     study_ids: dict[str, list[str | None]] = {}  # per split, of the rows that loaded: the bootstrap's units
 
+    per_image: dict[str, Any] = {}
+
     def probabilities(items: list[InputItem], split: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Per study: the aggregate of its frontal views' probabilities (``--study-aggregate``)."""
         embeddings, kept = runner.features(items, model.encode_image, split)
-        study_ids[split] = [item.study_id for item in kept]
         if not kept:
+            study_ids[split] = []
             return None, None
-        scores = zero_shot_probabilities(torch.from_numpy(embeddings), positive, negative, scale, args.mode)
-        return scores.numpy(), target_matrix([item.labels for item in kept], labels)
+        scores = zero_shot_probabilities(torch.from_numpy(embeddings), positive, negative, scale, args.mode).numpy()
+        if split == args.split:
+            per_image.update(n_images=len(kept), views_scored=sorted({item.view or "?" for item in kept}),
+                             metrics=classification_metrics(scores, target_matrix([i.labels for i in kept], labels),
+                                                            labels, n_bootstrap=0))
+        groups = study_groups(kept)
+        study_ids[split] = [kept[g[0]].study_id for g in groups]
+        return aggregate(scores, groups, args.study_aggregate), target_matrix([kept[g[0]].labels for g in groups],
+                                                                              labels)
 
     scores, targets = probabilities(test, args.split)
     _require_rows(scores, args.split)
     val_scores, val_targets = probabilities(val, args.val_split) if val else (None, None)
     metrics = classification_metrics(scores, targets, labels, val_scores, val_targets, args.n_bootstrap, args.seed,
                                      study_ids=study_ids[args.split])
+    metrics["per_image"] = per_image  # every image scored alone, without intervals
     return {"info": {"preset": str(args.preset), "mode": args.mode, "prompts": prompts, "logit_scale": scale,
-                     "embedding": "model.encode_image (the shared image-text space)"},
+                     "embedding": "model.encode_image (the shared image-text space)",
+                     "unit": f"study: the {args.study_aggregate} of its frontal views' probabilities (all its views "
+                             "where none is frontal)"},
             "metrics": metrics, "plot": (scores, targets, labels, metrics, "zero-shot")}
 
 
@@ -208,8 +227,10 @@ def run_linear_probe(args: argparse.Namespace, loaded: Any, runner: Runner, test
     sets, study_ids = {}, {}
     for name, items in ((args.train_split, train), (args.split, test), (args.val_split, val)):
         features, kept = runner.features(items, pooled, name) if items else (np.zeros((0, 0)), [])
-        sets[name] = (features, target_matrix([item.labels for item in kept], labels))
-        study_ids[name] = [item.study_id for item in kept]
+        groups = study_groups(kept)  # one feature vector per study: the mean of its frontal views'
+        features = aggregate(features, groups, "mean") if groups else features
+        sets[name] = (features, target_matrix([kept[g[0]].labels for g in groups], labels))
+        study_ids[name] = [kept[g[0]].study_id for g in groups]
     train_features, train_targets = sets[args.train_split]
     test_features, test_targets = sets[args.split]
     val_features, val_targets = sets[args.val_split] if val else (None, None)
@@ -237,13 +258,17 @@ def run_retrieval(args: argparse.Namespace, loaded: Any, runner: Runner, test: l
     with_report = [item for item in test if item.reference]
     images, kept = runner.features(with_report, model.encode_image, args.split)
     _require_rows(images, args.split)
-    texts = [item.reference for item in kept]
+    groups = study_groups(kept)  # one image embedding per study: its frontal views' mean, re-normalised
+    images = aggregate(images, groups, "mean")
+    images = images / np.linalg.norm(images, axis=1, keepdims=True).clip(min=1e-12)
+    texts = [kept[g[0]].reference for g in groups]
     with torch.no_grad():
         text_emb = torch.cat([model.encode_text(texts[i:i + args.batch_size]).float().cpu()
                               for i in range(0, len(texts), args.batch_size)])
     metrics = retrieval_metrics(torch.from_numpy(images).float(), text_emb, ks=RECALL_KS, texts=texts)
-    metrics.update(n=len(kept), n_without_report=len(test) - len(with_report))
-    return {"info": {"text": "the manifest reports (sections the model was trained on)"}, "metrics": metrics}
+    metrics.update(n=len(groups), n_images=len(kept), n_without_report=len(test) - len(with_report))
+    return {"info": {"text": "the manifest reports (sections the model was trained on)",
+                     "unit": "study: the mean of its frontal views' embeddings"}, "metrics": metrics}
 
 
 def run_report(args: argparse.Namespace, loaded: Any, runner: Runner, test: list[InputItem]) -> dict[str, Any]:
@@ -253,7 +278,7 @@ def run_report(args: argparse.Namespace, loaded: Any, runner: Runner, test: list
     if not 2 <= max_length <= head.max_length:
         raise ConfigError(f"--max-length must be in [2, {head.max_length}] for this model, got {max_length}")
     settings = dict(method=args.method, num_beams=args.num_beams, max_length=max_length)
-    with_report = [item for item in test if item.reference]
+    with_report = first_of_each([item for item in test if item.reference])  # a study's first frontal view
     texts, indices = runner.run(with_report, lambda images: head.generate(model.image_encoder(images),
                                                                           **settings).texts, args.split)
     _require_rows(texts, args.split)
@@ -315,7 +340,7 @@ def print_classification(metrics: dict[str, Any], title: str) -> None:
     ci = f"{100 * boot['confidence']:g}% CI" if boot["n_resamples"] else "CI"
     print(f"\n{title}: {metrics['n_rows']} studies; thresholds: {metrics['threshold_source']} "
           f"({metrics['n_val_rows']} validation studies); CIs from {boot['n_resamples']} bootstrap resamples "
-          f"of {boot['unit']}s (seed {boot['seed']})")
+          f"of {'studies' if boot['unit'] == 'study' else boot['unit'] + 's'} (seed {boot['seed']})")
     print(f"  {'label':<{width}}  {'n':>5} {'pos':>5}  AUROC  {ci:<14}  F1     {ci:<14}  threshold")
     for name, entry in metrics["labels"].items():
         head = f"  {name:<{width}}  {entry['n']:>5} {entry['n_positive']:>5}  "

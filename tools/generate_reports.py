@@ -40,6 +40,7 @@ from mmvl.data.inputs import (
 from mmvl.data.manifest import add_root_arguments, root_options
 from mmvl.errors import ConfigError, MMVLError
 from mmvl.evaluation.report_metrics import finding_f1, report_metrics
+from mmvl.evaluation.studies import first_of_each
 from mmvl.utils import atomic_write_text, setup_logging
 from mmvl.zoo import load_pretrained
 
@@ -85,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.manifest:
             sections = loaded.config["data"].get("report_sections", ("findings", "impression"))
             # the data root the model was trained with, unless --data-root / --allow-outside-root say otherwise
-            items += manifest_items(args.manifest, sections=sections,
-                                    **root_options(args, loaded.config, source=loaded.source))
+            # one report per study, from its first frontal view
+            items += first_of_each(manifest_items(args.manifest, sections=sections,
+                                                  **root_options(args, loaded.config, source=loaded.source)))
     except MMVLError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    atomic_write_text(out, _csv_text(rows, ["path", "study_id", *labels, "error"]))
+    atomic_write_text(out, _csv_text(rows, ["path", "study_id", "view", *labels, "error"]))
     n_failed = sum(bool(row["error"]) for row in rows)
     sidecar = {"model": loaded.source, "preset": args.preset or ("prompts.json" if recorded else "chexzero"),
                "mode": args.mode, "labels": labels, "prompts": prompts,

@@ -41,7 +41,8 @@ PathLike = str | os.PathLike
 @dataclass
 class InputItem:
     """One scan to run: ``path``, and from a manifest row its ``study_id``, extra volume ``fields`` (spacing,
-    series_uid...), ``labels`` and ``reference`` report; ``error`` when it cannot be run at all."""
+    series_uid...), ``labels``, ``reference`` report, ``view`` (``PA``, ``LATERAL``...) and ``row`` (the manifest
+    line: the study of a row without a study id); ``error`` when it cannot be run at all."""
 
     path: str
     study_id: str | None = None
@@ -49,6 +50,8 @@ class InputItem:
     labels: dict[str, Any] | None = None
     reference: str | None = None
     error: str | None = None
+    view: str | None = None
+    row: int | None = None
 
 
 def input_kind(path: PathLike) -> str:
@@ -233,20 +236,23 @@ def _from_dicomdir(path: Path, volumes: bool, claimed: set[str]) -> list[InputIt
     return items
 
 
+def row_items(row: Mapping[str, Any], sections: Sequence[str] | None = None) -> list[InputItem]:
+    """One item per image of a manifest row (a study's views), each with the study id, view name, volume fields,
+    labels and, when ``sections`` is given, the reference report text of those sections."""
+    views = row.get("views") or [None] * len(row["image"])
+    reference = report_text(row["report"], sections) if sections is not None and row.get("report") else None
+    return [InputItem(path=path, study_id=row.get("study_id") or None, view=view, row=row.get("line"),
+                      fields={key: row[key] for key in LoadVolume.FIELDS if row.get(key) is not None},
+                      labels=row.get("labels") or None, error=row.get("error") or None, reference=reference)
+            for path, view in zip(row["image"], views)]
+
+
 def manifest_items(manifest: PathLike, sections: Sequence[str] | None = None, root: PathLike | None = None,
                    allow_outside_root: bool = False) -> list[InputItem]:
-    """One item per manifest row (its first image), with study id, volume fields, labels and, when ``sections``
-    is given, the reference report text of those sections. ``root``/``allow_outside_root``: see
-    :func:`~mmvl.data.manifest.load_manifest`."""
-    items = []
-    for row in load_manifest(manifest, root=root, allow_outside_root=allow_outside_root):
-        item = InputItem(path=row["image"][0], study_id=row.get("study_id") or None,
-                         fields={key: row[key] for key in LoadVolume.FIELDS if row.get(key) is not None},
-                         labels=row.get("labels") or None, error=row.get("error") or None)
-        if sections is not None and row.get("report"):
-            item.reference = report_text(row["report"], sections)
-        items.append(item)
-    return items
+    """Every image of every manifest row (:func:`row_items`); :mod:`mmvl.evaluation.studies` groups them back into
+    studies. ``root``/``allow_outside_root``: see :func:`~mmvl.data.manifest.load_manifest`."""
+    return [item for row in load_manifest(manifest, root=root, allow_outside_root=allow_outside_root)
+            for item in row_items(row, sections)]
 
 
 def with_reader_options(preprocess: Pipeline, options: Mapping[str, Any] | None) -> Pipeline:
@@ -316,7 +322,8 @@ def iter_batches(preprocess: Any, items: Sequence[InputItem], batch_size: int = 
     for start in range(0, len(items), batch_size):
         rows, loaded, images = [], [], []
         for item in items[start:start + batch_size]:
-            row = {"path": item.path, "study_id": item.study_id or "", "error": item.error or ""}
+            row = {"path": item.path, "study_id": item.study_id or "", "view": item.view or "",
+                   "error": item.error or ""}
             if not row["error"]:
                 try:
                     images.append(torch.from_numpy(preprocess(item.path, **item.fields)["image"]))

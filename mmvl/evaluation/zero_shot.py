@@ -204,7 +204,7 @@ def zero_shot_scans(
             for index, values in zip(batch.loaded, probabilities.tolist()):
                 batch.rows[index].update(zip(labels, values))
         for row in batch.rows:
-            rows.append({"path": row["path"], "study_id": row["study_id"],
+            rows.append({"path": row["path"], "study_id": row["study_id"], "view": row["view"],
                          **{label: row.get(label, float("nan")) for label in labels}, "error": row["error"]})
     if as_frame:
         try:

@@ -49,7 +49,7 @@ def test_zero_shot_cli(trained, synthetic_cxr, tmp_path):
     ])
     assert code == 1  # one input failed
     rows = list(csv.DictReader(out.open()))
-    assert len(rows) == 6 and list(rows[0]) == ["path", "study_id", "pleural effusion", "pneumothorax", "error"]
+    assert len(rows) == 6 and list(rows[0]) == ["path", "study_id", "view", "pleural effusion", "pneumothorax", "error"]
     assert rows[0]["path"] == str(bad) and "not a DICOM file" in rows[0]["error"]
     for row in rows[1:]:
         assert row["error"] == "" and row["study_id"].startswith("syn")
