@@ -47,7 +47,8 @@ METHODS = {  # key -> table label; "plain" is the baseline of the speedups
     "mmvl_memory_fill": "mmvl, memory cache fill",
     "mmvl_memory": "mmvl, memory cache hit",
 }
-COLLECTIONS = ("cxr_dicom", "ct_dicom", "ct_nifti")
+COLLECTIONS = ("cxr_dicom", "cxr_dicom_large", "ct_dicom", "ct_nifti")
+CT_VOLUMES_TO_PLAN = 50_000  # CT-RATE's chest CTs: the hospital-size breakdown prints core-hours for this many
 
 
 def ct_pipeline(volume_size: Sequence[int], spacing: Sequence[float] = SPACING) -> list[dict[str, Any]]:
@@ -164,13 +165,21 @@ class PlainDataset:
 
 
 # -- timing ----------------------------------------------------------------------------------------------
+def loader_workers(dataset: Any, workers: int) -> int:
+    """The workers a loader uses for ``dataset``: mmvl's own choice (0 for a fully cached evaluation set, see
+    ``ManifestDataset.loader_workers``), as the trainer's loaders take it; ``workers`` for the plain path."""
+    choose = getattr(dataset, "loader_workers", None)
+    return workers if choose is None else choose(workers)
+
+
 def time_pass(dataset: Any, workers: int, batch_size: int) -> float:
     """Seconds for one full pass through a DataLoader, worker start-up included."""
     from torch.utils.data import DataLoader
 
     from mmvl.data.loader import Collate
 
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=Collate())
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=loader_workers(dataset, workers),
+                        collate_fn=Collate())
     seen = 0
     start = time.perf_counter()
     for batch in loader:
@@ -214,26 +223,28 @@ def bench_collection(
                              "output_shape": list(ours.shape),
                              "plain_vs_mmvl_r": round(float(np.mean(correlations)), 3)}
 
-    def record(method: str, workers: int, elapsed: float) -> None:
-        seconds.setdefault((method, workers), []).append(elapsed)
+    used: dict[tuple[str, int], int] = {}
+
+    def record(method: str, workers: int, dataset: Any) -> None:
+        used[(method, workers)] = loader_workers(dataset, workers)  # before the pass: a fill changes the answer
+        seconds.setdefault((method, workers), []).append(time_pass(dataset, workers, batch_size))
 
     for repeat in range(repeats):
         for workers in workers_list:
-            record("plain", workers, time_pass(plain, workers, batch_size))
-            record("mmvl_cold", workers, time_pass(cold, workers, batch_size))
+            record("plain", workers, plain)
+            record("mmvl_cold", workers, cold)
             cache_dir = scratch / f"cache_{name}_{repeat}_{workers}"
-            disk = ManifestDataset(manifest, pipeline, cache="disk", cache_dir=cache_dir)
-            record("mmvl_disk_fill", workers, time_pass(disk, workers, batch_size))
+            record("mmvl_disk_fill", workers, ManifestDataset(manifest, pipeline, cache="disk", cache_dir=cache_dir))
             # A new dataset object on the filled folder, as a second run would build.
-            disk = ManifestDataset(manifest, pipeline, cache="disk", cache_dir=cache_dir)
-            record("mmvl_disk_hit", workers, time_pass(disk, workers, batch_size))
+            record("mmvl_disk_hit", workers, ManifestDataset(manifest, pipeline, cache="disk", cache_dir=cache_dir))
             facts["disk_cache_mb"] = round(folder_mb(cache_dir), 2)
             shutil.rmtree(cache_dir)
         start = time.perf_counter()
         memory = ManifestDataset(manifest, pipeline, cache="memory")  # CacheDataset fills at construction
-        record("mmvl_memory_fill", 0, time.perf_counter() - start)
+        seconds.setdefault(("mmvl_memory_fill", 0), []).append(time.perf_counter() - start)
+        used[("mmvl_memory_fill", 0)] = 0
         for workers in workers_list:
-            record("mmvl_memory", workers, time_pass(memory, workers, batch_size))
+            record("mmvl_memory", workers, memory)
         del memory
 
     rows = []
@@ -241,7 +252,7 @@ def bench_collection(
         median = statistics.median(values)
         baseline = statistics.median(seconds[("plain", workers)])
         rows.append({
-            "data": name, "method": method, "workers": workers,
+            "data": name, "method": method, "workers": workers, "workers_used": used[(method, workers)],
             "items_per_s": round(len(cold) / median, 3), "ms_per_item": round(1000 * median / len(cold), 4),
             "speedup_vs_plain": round(baseline / median, 3), "seconds": [round(v, 4) for v in values],
         })
@@ -259,6 +270,68 @@ def make_ct(out: Path, n: int, size: int, slices: int) -> dict[str, Path]:
     """``{"nifti": manifest, "dicom": manifest}`` of the same studies (datasets/synthetic_ct.py)."""
     module = load_script("synthetic_ct")
     return module.generate_ct(out, n=n, size=size, slices=slices, seed=0, formats=("nifti", "dicom"))
+
+
+HOSPITAL_SPACING = (0.75, 0.75, 1.0)  # mm (x, y, z): a thin-slice chest CT of 512 x 512 x 300, as in CT-RATE
+
+
+def make_hospital_ct(out: Path, n: int, size: int, slices: int) -> dict[str, Path]:
+    """``n`` hospital-size chest CTs (axial, ``size`` x ``size`` x ``slices`` at :data:`HOSPITAL_SPACING`) as a
+    DICOM series folder (one int16 slice per file, RescaleIntercept -1024) and a gzipped int16 NIfTI each;
+    returns ``{"nifti": manifest, "dicom": manifest}``. A plain phantom (air, body, lungs, spine, noise) written
+    slice by slice: ``datasets/synthetic_ct.py`` renders its anatomy at this size in minutes and gigabytes."""
+    import nibabel
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    sx, sy, sz = HOSPITAL_SPACING
+    x, y = np.meshgrid((np.arange(size) - size / 2) * sx, (np.arange(size) - size / 2) * sy, indexing="ij")
+    rows: dict[str, list[dict[str, Any]]] = {"nifti": [], "dicom": []}
+    for index in range(n):
+        rng = np.random.default_rng(index)
+        hu = np.empty((size, size, slices), dtype=np.int16)
+        for k in range(slices):
+            z = k / max(slices - 1, 1)  # lungs widest mid-chest
+            lung = 0.35 + 0.4 * np.sin(np.pi * z)
+            plane = np.where((x / 170) ** 2 + (y / 120) ** 2 < 1, 40, -1000)
+            for side in (-1, 1):
+                plane = np.where(((x - side * 75) / (65 * lung)) ** 2 + ((y + 10) / (90 * lung)) ** 2 < 1, -850, plane)
+            plane = np.where(x**2 + (y - 85) ** 2 < 20**2, 700, plane)
+            hu[:, :, k] = plane + rng.integers(-15, 16, plane.shape)
+        study = f"hospital{index:03d}"
+        series_uid = generate_uid(entropy_srcs=[study, "series"])
+        folder = out / "dicom" / study
+        folder.mkdir(parents=True, exist_ok=True)
+        for k in range(slices):
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = CTImageStorage
+            meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[study, str(k)])
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds = FileDataset(str(folder / f"{k:04d}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+            ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+            ds.Modality, ds.SeriesInstanceUID, ds.InstanceNumber = "CT", series_uid, k + 1
+            ds.StudyInstanceUID = generate_uid(entropy_srcs=[study, "study"])
+            ds.ImagePositionPatient = [-size / 2 * sx, -size / 2 * sy, k * sz]  # LPS, feet to head
+            ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+            ds.PixelSpacing, ds.SliceThickness = [sy, sx], sz  # (0028,0030): row spacing (y), then column (x)
+            ds.Rows, ds.Columns = size, size
+            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+            ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+            ds.PixelData = (hu[:, :, k].T.astype(np.int32) + 1024).clip(0, 4095).astype(np.uint16).tobytes()
+            ds.save_as(folder / f"{k:04d}.dcm", enforce_file_format=True)
+        affine = np.diag([-sx, -sy, sz, 1.0])  # RAS of the LPS grid above
+        affine[:3, 3] = [size / 2 * sx, size / 2 * sy, 0.0]
+        (out / "nifti").mkdir(parents=True, exist_ok=True)
+        nibabel.save(nibabel.Nifti1Image(hu, affine), out / "nifti" / f"{study}.nii.gz")
+        report = "FINDINGS: synthetic hospital-size chest CT."
+        rows["nifti"].append({"image": f"nifti/{study}.nii.gz", "report": report, "study_id": study})
+        rows["dicom"].append({"image": f"dicom/{study}", "report": report, "study_id": study})
+    manifests = {}
+    for kind, kind_rows in rows.items():
+        manifests[kind] = out / f"manifest_{kind}.jsonl"
+        manifests[kind].write_text("".join(json.dumps(row) + "\n" for row in kind_rows), encoding="utf-8")
+    return manifests
 
 
 def ct_volume_size(manifest: Path, spacing: Sequence[float]) -> tuple[int, int, int]:
@@ -290,8 +363,54 @@ def format_table(title: str, facts: dict[str, Any], rows: list[dict[str, Any]]) 
         f"  {'path':<26} {'workers':>7} {unit + 's/s':>10} {'ms/' + unit:>10} {'vs plain':>9}",
     ]
     for row in rows:
-        lines.append(f"  {METHODS[row['method']]:<26} {row['workers']:>7d} {row['items_per_s']:>10.1f} "
+        workers = str(row["workers"]) + ("" if row["workers_used"] == row["workers"] else f"->{row['workers_used']}")
+        lines.append(f"  {METHODS[row['method']]:<26} {workers:>7} {row['items_per_s']:>10.1f} "
                      f"{row['ms_per_item']:>10.2f} {row['speedup_vs_plain']:>8.2f}x")
+    if any(row["workers_used"] != row["workers"] for row in rows):
+        lines.append("  (a -> b: b workers used, mmvl's choice for a fully cached evaluation set; see README)")
+    return "\n".join(lines)
+
+
+# -- hospital-size CT: where a volume's time goes -------------------------------------------------------
+def time_ct_steps(manifest: Path, pipeline: list[dict[str, Any]]) -> dict[str, Any]:
+    """Run the deterministic steps of ``pipeline`` one at a time on every volume of ``manifest`` with one torch
+    thread (per-core figures, as in a DataLoader worker); ms per step and volume, the median over volumes."""
+    import torch
+
+    from mmvl.data.manifest import load_manifest
+    from mmvl.data.transforms import LoadVolume, Pipeline
+
+    built = Pipeline(pipeline)
+    steps = [step["type"] for step in built.deterministic_spec]
+    per_volume: list[list[float]] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for row in load_manifest(manifest):
+            sample: dict[str, Any] = {"path": row["image"][0],
+                                      **{key: row[key] for key in LoadVolume.FIELDS if row.get(key) is not None}}
+            times = []
+            for transform in built.transforms[: built.split]:
+                start = time.perf_counter()
+                sample = transform(sample, None)
+                times.append(time.perf_counter() - start)
+            per_volume.append(times)
+    finally:
+        torch.set_num_threads(threads)
+    medians = [1000 * statistics.median(column) for column in zip(*per_volume)]
+    total_s = sum(medians) / 1000
+    return {"steps": steps, "ms": [round(v, 1) for v in medians], "total_ms": round(1000 * total_s, 1),
+            "volumes": len(per_volume), "output_shape": list(sample["image"].shape),
+            "core_hours_per_50k": round(total_s * CT_VOLUMES_TO_PLAN / 3600, 1)}
+
+
+def format_ct_steps(title: str, found: dict[str, Any]) -> str:
+    lines = [f"{title} -> ({' x '.join(map(str, found['output_shape']))}), one thread, median of "
+             f"{found['volumes']} volume(s)", f"  {'step':<18} {'ms/volume':>10} {'share':>7}"]
+    for step, ms in zip(found["steps"], found["ms"]):
+        lines.append(f"  {step:<18} {ms:>10.1f} {ms / max(found['total_ms'], 1e-9):>7.0%}")
+    lines.append(f"  {'total':<18} {found['total_ms']:>10.1f}   -> {found['core_hours_per_50k']:g} core-hours for "
+                 f"{CT_VOLUMES_TO_PLAN:,} volumes (reading from the page cache; see README)")
     return "\n".join(lines)
 
 
@@ -307,9 +426,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--n", type=int, default=200, help="chest X-rays")
     parser.add_argument("--size", type=int, default=512, help="chest X-ray height in px (hospital ones: 2-3k)")
+    parser.add_argument("--n-large", type=int, default=40, help="hospital-size chest X-rays (a second 2D table)")
+    parser.add_argument("--size-large", type=int, default=2048, help="their height in px")
     parser.add_argument("--n-3d", type=int, default=16, help="CT studies (each as NIfTI and as a DICOM series)")
     parser.add_argument("--size-3d", type=int, default=128, help="CT matrix (size x size pixels per slice)")
     parser.add_argument("--slices-3d", type=int, default=64, help="slices of a 3 mm-equivalent CT study")
+    parser.add_argument("--n-hospital", type=int, default=2,
+                        help="hospital-size CTs timed step by step (read, orient, resample, window...); 0: none")
+    parser.add_argument("--size-hospital", type=int, default=512, help="their matrix (size x size per slice)")
+    parser.add_argument("--slices-hospital", type=int, default=300, help="their slice count")
     parser.add_argument("--spacing-3d", type=_floats, default=SPACING, help="CT resampling target, mm (x,y,z)")
     parser.add_argument("--repeats", type=int, default=3, help="2D passes per measurement; the median is reported")
     parser.add_argument("--repeats-3d", type=int, default=1,
@@ -320,11 +445,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out-json", type=Path, help="also write the JSON line to this file")
     parser.add_argument("--work-dir", type=Path, help="where to write data and caches (default: a temp folder)")
     args = parser.parse_args(argv)
-    for key in ("n", "size", "n_3d", "size_3d", "slices_3d", "repeats", "repeats_3d", "batch_size"):
+    for key in ("n", "size", "n_large", "size_large", "n_3d", "size_3d", "slices_3d", "size_hospital",
+                "slices_hospital", "repeats", "repeats_3d", "batch_size"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1")
-    if args.workers < 0:
-        parser.error("--workers must be >= 0")
+    if args.workers < 0 or args.n_hospital < 0:
+        parser.error("--workers and --n-hospital must be >= 0")
     return args
 
 
@@ -334,12 +460,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     started = time.perf_counter()
     workers_list = sorted({0, args.workers})
-    config = {key: getattr(args, key) for key in ("n", "size", "n_3d", "size_3d", "slices_3d", "repeats",
+    config = {key: getattr(args, key) for key in ("n", "size", "n_large", "size_large", "n_3d", "size_3d", "slices_3d",
+                                                   "n_hospital", "size_hospital", "slices_hospital", "repeats",
                                                    "repeats_3d", "batch_size")}
     config.update(spacing_3d=list(args.spacing_3d), workers=workers_list, only=args.only, cpu_count=os.cpu_count(),
                   torch_threads=torch.get_num_threads(), python=platform.python_version(), torch=torch.__version__,
                   load_avg_start=round(os.getloadavg()[0], 2))  # other work on the machine skews every figure
-    report: dict[str, Any] = {"bench": "data", "config": config, "collections": {}, "results": []}
+    report: dict[str, Any] = {"bench": "data", "config": config, "collections": {}, "results": [], "ct_steps": {}}
     tables = []
     if args.work_dir is not None:
         args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -347,13 +474,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         scratch = Path(tmp)
         jobs = []  # (name, title, manifest, pipeline, plain reader, repeats, facts)
         if args.only in (None, "2d"):
-            print(f"writing {args.n} synthetic chest X-rays of {args.size} px ...", file=sys.stderr)
-            start = time.perf_counter()
-            manifest = make_cxr(scratch / "cxr", args.n, args.size)
-            facts = {"generate_s": round(time.perf_counter() - start, 2),
-                     "source_mb": round(folder_mb(scratch / "cxr" / "images"), 2)}
-            title = f"2D chest X-ray, DICOM: {args.n} scans of {args.size} px"
-            jobs.append(("cxr_dicom", title, manifest, CXR_PIPELINE, plain_cxr, args.repeats, facts))
+            for name, n, size in (("cxr_dicom", args.n, args.size), ("cxr_dicom_large", args.n_large, args.size_large)):
+                print(f"writing {n} synthetic chest X-rays of {size} px ...", file=sys.stderr)
+                start = time.perf_counter()
+                manifest = make_cxr(scratch / name, n, size)
+                facts = {"generate_s": round(time.perf_counter() - start, 2),
+                         "source_mb": round(folder_mb(scratch / name / "images"), 2)}
+                title = f"2D chest X-ray, DICOM: {n} scans of {size} px"
+                jobs.append((name, title, manifest, CXR_PIPELINE, plain_cxr, args.repeats, facts))
         if args.only in (None, "3d"):
             print(f"writing {args.n_3d} synthetic chest CTs of {args.size_3d} px ...", file=sys.stderr)
             start = time.perf_counter()
@@ -376,6 +504,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             report["collections"][name] = facts
             report["results"].extend(rows)
             tables.append(format_table(title, facts, rows))
+        if args.only in (None, "3d") and args.n_hospital:
+            print(f"writing {args.n_hospital} synthetic chest CTs of {args.size_hospital} px x {args.slices_hospital} "
+                  "slices ...", file=sys.stderr)
+            manifests = make_hospital_ct(scratch / "ct_hospital", args.n_hospital, args.size_hospital,
+                                         args.slices_hospital)
+            pipeline = ct_pipeline(ct_volume_size(manifests["nifti"], args.spacing_3d), args.spacing_3d)
+            for kind, label in (("dicom", "DICOM series"), ("nifti", "NIfTI")):
+                print(f"timing ct_hospital_{kind} step by step ...", file=sys.stderr)
+                found = time_ct_steps(manifests[kind], pipeline)
+                report["ct_steps"][kind] = found
+                tables.append(format_ct_steps(
+                    f"3D chest CT by step, {label}: {args.size_hospital} x {args.size_hospital} x "
+                    f"{args.slices_hospital}, resampled to {' x '.join(f'{v:g}' for v in args.spacing_3d)} mm", found))
     report["total_s"] = round(time.perf_counter() - started, 1)
     report["config"]["load_avg_end"] = round(os.getloadavg()[0], 2)
     print("\n\n".join(tables))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import Counter
@@ -23,6 +24,10 @@ logger = get_logger(__name__)
 
 
 CACHE_KINDS = (None, "memory", "disk")
+# Disk-cache entries above this size are memory-mapped, smaller ones read whole. Measured with the collate's stack
+# on one thread: a 224 x 224 float32 image is 0.16 ms read against 0.27 ms mapped; a 224 x 224 x 112 volume
+# 30 ms read against 18 ms mapped.
+MMAP_BYTES = 1 << 20
 VIEW_POLICIES = ("random", "frontal", "all")
 
 
@@ -53,6 +58,65 @@ def _stamp(path: str) -> list[int]:
     return [info.st_size, info.st_mtime_ns]
 
 
+class ArrayCache(Dataset):
+    """Disk cache of the deterministic steps' output: per item a ``<key>.npy`` (the float32 image) and a
+    ``<key>.json`` (its metadata, or the error the file gave), the key a SHA-256 of the item's path, fields,
+    file size and mtime and the deterministic pipeline spec.
+
+    A hit is one small JSON read and the ``.npy``, memory-mapped above :data:`MMAP_BYTES` (copy-on-write, so the
+    tensor handed out is writable and a caller's writes never reach the file; no copy before the collate's
+    stack) and read whole below it (one ``read`` beats mapping and faulting in a few pages): no pickling.
+    A miss runs ``stage`` and writes both files atomically (the JSON last, so a reader never sees half an
+    entry); concurrent workers filling the same entry write the same bytes.
+    """
+
+    def __init__(self, items: Sequence[dict[str, Any]], stage: Any, cache_dir: str | os.PathLike):
+        self.items, self.stage, self.cache_dir = list(items), stage, os.fspath(cache_dir)
+        self.keys = [hashlib.sha256(json.dumps(item, sort_keys=True).encode()).hexdigest() for item in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def filled(self) -> bool:
+        """Whether every item is in the cache (one ``stat`` per item)."""
+        return all(os.path.isfile(os.path.join(self.cache_dir, key + ".json")) for key in self.keys)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        base = os.path.join(self.cache_dir, self.keys[index])
+        try:
+            with open(base + ".json", encoding="utf-8") as handle:
+                record = json.load(handle)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return self._fill(base, self.items[index])
+        if "error" in record:
+            return {"error": record["error"]}
+        image = base + ".npy"
+        mapped = "c" if os.path.getsize(image) > MMAP_BYTES else None
+        return {"image": torch.from_numpy(np.load(image, mmap_mode=mapped)), "meta": record["meta"]}
+
+    def _fill(self, base: str, item: dict[str, Any]) -> dict[str, Any]:
+        loaded = self.stage(item)
+        partial = f".{os.getpid()}.tmp"
+        if "error" in loaded:
+            record = {"error": loaded["error"]}
+        else:
+            with open(base + ".npy" + partial, "wb") as handle:
+                np.save(handle, loaded["image"].numpy())
+            os.replace(base + ".npy" + partial, base + ".npy")
+            record = {"meta": loaded["meta"]}
+        with open(base + ".json" + partial, "w", encoding="utf-8") as handle:
+            json.dump(record, handle, default=_jsonable)
+        os.replace(base + ".json" + partial, base + ".json")
+        return loaded
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy scalars and arrays in reader metadata, as JSON numbers and lists."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"metadata value of type {type(value).__name__} is not JSON-serialisable")
+
+
 @DATASETS.register("manifest")
 class ManifestDataset(Dataset):
     """Rows of a manifest, optionally filtered by ``split``, read through a preprocessing pipeline.
@@ -78,9 +142,10 @@ class ManifestDataset(Dataset):
     ``group_keys`` name each item's study and report text, so a sampler can keep them out of one batch.
 
     ``cache="memory"`` keeps the output of the deterministic steps in RAM (MONAI ``CacheDataset``, filled
-    at start-up); ``cache="disk"`` stores it under ``cache_dir`` (MONAI ``PersistentDataset``), keyed by
-    path, file size and mtime and the deterministic part of the pipeline spec. Random steps always run
-    fresh with the per-sample seed, so cached and uncached runs give identical tensors.
+    at start-up); ``cache="disk"`` stores it under ``cache_dir`` (:class:`ArrayCache`: one memory-mapped ``.npy``
+    per item), keyed by path, file size and mtime and the deterministic part of the pipeline spec. Random steps
+    always run fresh with the per-sample seed, so cached and uncached runs give identical tensors. A loader
+    should take its worker count from :meth:`loader_workers`: a fully cached evaluation set is fastest without.
     """
 
     def __init__(
@@ -193,11 +258,11 @@ class ManifestDataset(Dataset):
         return {"path": row["image"][view], "fields": fields}
 
     def _build_cache(self, cache: str, cache_dir: str | os.PathLike | None, workers: int) -> Dataset:
-        from monai.data import CacheDataset, PersistentDataset
-        from monai.transforms import Lambda
-
-        stage = Lambda(LoadStage(self.pipeline), track_meta=False)
         if cache == "memory":
+            from monai.data import CacheDataset
+            from monai.transforms import Lambda
+
+            stage = Lambda(LoadStage(self.pipeline), track_meta=False)
             items = [self._item(self.rows[r], v) for r, v in self._pairs]
             return CacheDataset(items, transform=stage, cache_rate=1.0, num_workers=workers or None,
                                 copy_cache=False, progress=os.environ.get("MMVL_NO_PROGRESS") != "1")
@@ -205,7 +270,17 @@ class ManifestDataset(Dataset):
         items = [{**self._item(self.rows[r], v), "stamp": _stamp(self.rows[r]["image"][v]), "spec": spec}
                  for r, v in self._pairs]
         os.makedirs(cache_dir, exist_ok=True)
-        return PersistentDataset(items, transform=stage, cache_dir=cache_dir)
+        return ArrayCache(items, LoadStage(self.pipeline), cache_dir)
+
+    def loader_workers(self, requested: int) -> int:
+        """DataLoader workers worth using: 0 when every item is cached and no random step follows the cache (an
+        evaluation pipeline, or training without augmentation), since a hit then costs less than sending the
+        item from a worker process, let alone starting the workers; else ``requested``."""
+        if self._cached is None or self.pipeline.split < len(self.pipeline.transforms):
+            return requested
+        if self.cache == "disk" and not self._cached.filled():
+            return requested
+        return 0
 
     def __len__(self) -> int:
         return len(self.items)

@@ -78,13 +78,21 @@ class ResizePad(Transform):
         image = to_numpy(sample["image"])  # (C, H, W)
         scale = self.size / max(image.shape[1:])
         resized_shape = tuple(int(round(side * scale)) for side in image.shape[1:])
+        # SpatialPad's "symmetric" split: the smaller half before, the larger after. The output is allocated
+        # once and the resized image written into its centre (np.pad + astype made two more full copies).
+        starts = [max(self.size - side, 0) // 2 for side in resized_shape]
+        out = np.full((image.shape[0], *(max(self.size, side) for side in resized_shape)), self.pad_value,
+                      dtype=np.float32)
+        window = out[(slice(None), *(slice(start, start + side) for start, side in zip(starts, resized_shape)))]
         if resized_shape != image.shape[1:]:
+            # torch's "area" is adaptive average pooling, MONAI's area resize. Measured on one thread (as in a
+            # DataLoader worker) it is also the fastest anti-aliased kernel at hospital sizes: 2048 -> 224 px
+            # in 6.8 ms, against 17 ms for OpenCV INTER_AREA and 13 ms for Pillow BOX (benchmarks/README.md).
             batch = torch.from_numpy(np.ascontiguousarray(image))[None]
-            image = torch.nn.functional.interpolate(batch, size=resized_shape, mode=self.mode)[0].numpy()
-        # SpatialPad's "symmetric" split: the smaller half before, the larger after
-        widths = [max(self.size - side, 0) for side in image.shape[1:]]
-        sample["image"] = np.pad(image, [(0, 0)] + [(width // 2, width - width // 2) for width in widths],
-                                 mode="constant", constant_values=self.pad_value).astype(np.float32, copy=False)
+            window[...] = torch.nn.functional.interpolate(batch, size=resized_shape, mode=self.mode)[0].numpy()
+        else:
+            window[...] = image
+        sample["image"] = out
         return sample
 
 
@@ -144,7 +152,9 @@ class Normalize(Transform):
         self.mean, self.std = float(mean), float(std)
 
     def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
-        sample["image"] = ((to_numpy(sample["image"]) - self.mean) / self.std).astype(np.float32)
+        # one new array (the input may be a cache's memory), then in place: same rounding as (x - mean) / std
+        image = np.subtract(to_numpy(sample["image"]), np.float32(self.mean), dtype=np.float32)
+        sample["image"] = np.divide(image, np.float32(self.std), out=image)
         return sample
 
 

@@ -308,3 +308,23 @@ def test_voi_lut_is_scaled_by_its_data_range_not_its_declared_depth(tmp_path, vr
     np.testing.assert_allclose(image, by_numpy, atol=1e-6)
     assert image.max() == pytest.approx(by_numpy.max()) and image.max() > 0.9  # not 4095 / 65535 = 0.06
     assert meta["preprocessing"][-1] == {"op": "voi_lut", "bits": 16, "lut_range": [0.0, 4095.0]}
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+def test_in_place_window_matches_the_standard_formulas(function):
+    from mmvl.data.dicom import window_in_place, window_to_unit
+
+    values = np.linspace(-1500.0, 2500.0, 4001).astype(np.float32)
+    center, width = 300.0, 1200.0
+    hu = values.astype(np.float64)
+    expected = {  # PS3.3 C.11.2.1.2.1, C.11.2.1.3.2 and C.11.2.1.3.1, output range [0, 1]
+        "LINEAR": np.clip((hu - (center - 0.5)) / (width - 1) + 0.5, 0, 1),
+        "LINEAR_EXACT": np.clip((hu - center) / width + 0.5, 0, 1),
+        "SIGMOID": 1 / (1 + np.exp(-4 * (hu - center) / width)),
+    }[function]
+    copied = window_to_unit(values, center, width, function)
+    np.testing.assert_array_equal(values, hu.astype(np.float32))  # window_to_unit leaves its input alone
+    np.testing.assert_allclose(copied, expected, atol=1e-6)
+    in_place = window_in_place(values, center, width, function)
+    assert in_place is values and values.dtype == np.float32
+    np.testing.assert_array_equal(in_place, copied)

@@ -103,7 +103,7 @@ def test_cached_datasets_match_uncached(tmp_path, kind, ct_study, make_dicom, mo
     for index in range(len(sources)):
         for dataset in (memory, disk):
             np.testing.assert_array_equal(dataset[(index, 7)]["image"], expected[index])
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == len(sources)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == len(sources)
     memory[(0, 7)]["image"].add_(100.0)  # a caller writing into an item must not change the cache
     np.testing.assert_array_equal(memory[(0, 7)]["image"], expected[0])
     evaluating = ManifestDataset(manifest, spec[: Pipeline(spec).split], cache="memory")

@@ -99,3 +99,28 @@ def test_2d_training_pipeline_does_not_import_monai(tmp_path, make_dicom):
     assert result.returncode == 0, result.stderr
     imported = json.loads(result.stdout.strip().splitlines()[-1])
     assert not imported, f"{len(imported)} monai modules imported, e.g. {imported[:8]}"
+
+
+def test_normalize_makes_one_new_array_with_the_plain_formula():
+    from mmvl.data.transforms import Normalize
+
+    image = np.random.default_rng(0).random((1, 7, 5), dtype=np.float32)
+    before = image.copy()
+    out = Normalize(mean=0.5, std=0.25)({"image": image})["image"]
+    np.testing.assert_array_equal(image, before)  # the input (a cache's memory) is left as it was
+    np.testing.assert_array_equal(out, ((before - np.float32(0.5)) / np.float32(0.25)).astype(np.float32))
+    assert out.dtype == np.float32
+
+
+@pytest.mark.parametrize("shape", [(1, 300, 200), (1, 200, 300), (1, 9, 16), (1, 16, 16)])
+def test_resize_pad_writes_the_area_resize_into_the_centre(shape):
+    import torch
+
+    image = np.random.default_rng(1).random(shape, dtype=np.float32)
+    out = ResizePad(size=16, pad_value=-1.0)({"image": image})["image"]
+    resized = [int(round(side * 16 / max(shape[1:]))) for side in shape[1:]]
+    expected = torch.nn.functional.interpolate(torch.from_numpy(image)[None], size=resized, mode="area")[0].numpy()
+    top, left = ((16 - side) // 2 for side in resized)
+    assert out.shape == (1, 16, 16) and out.dtype == np.float32
+    np.testing.assert_array_equal(out[:, top : top + resized[0], left : left + resized[1]], expected)
+    assert (out == -1.0).sum() == 16 * 16 - resized[0] * resized[1]
