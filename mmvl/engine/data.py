@@ -118,7 +118,8 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 def build_train_loader(train_set: Dataset, collate: Collate, train_cfg: Mapping[str, Any], strategy: Any) -> \
         tuple[DataLoader, ResumableSampler | None]:
-    workers = int(train_cfg["num_workers"])
+    # a filled cache with no random step after it is cheaper to read than to pickle across processes: 0 workers
+    workers = getattr(train_set, "loader_workers", lambda n: n)(int(train_cfg["num_workers"]))
     if workers > 0:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # fast tokenizers + fork
     batch_size = int(train_cfg["batch_size"])
@@ -140,8 +141,9 @@ def build_train_loader(train_set: Dataset, collate: Collate, train_cfg: Mapping[
 
 
 def build_val_loader(val_set: Dataset, collate: Collate, train_cfg: Mapping[str, Any]) -> DataLoader:
-    return DataLoader(val_set, batch_size=int(train_cfg["batch_size"]), shuffle=False,
-                      num_workers=int(train_cfg["num_workers"]), collate_fn=collate)
+    workers = getattr(val_set, "loader_workers", lambda n: n)(int(train_cfg["num_workers"]))
+    return DataLoader(val_set, batch_size=int(train_cfg["batch_size"]), shuffle=False, num_workers=workers,
+                      collate_fn=collate)
 
 
 def train_batches(trainer: Any) -> Iterator[dict[str, Any]]:
