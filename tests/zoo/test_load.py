@@ -131,7 +131,7 @@ def test_prompts_json_is_recorded_and_used(clip2d_work_dir, tmp_path, png_images
     assert prompts["templates"]["positive"] == ["{} is present."]
     loaded = zoo.load(entry)
     rows = loaded.zero_shot(png_images, progress=False)
-    assert list(rows[0])[2:4] == ["nodule", "pneumothorax"]
+    assert list(rows[0])[3:5] == ["nodule", "pneumothorax"]
     assert rows == mmvl.zero_shot(clip2d_work_dir, png_images, ["nodule", "pneumothorax"],
                                   preset=sidecar["prompts"], progress=False)
     # a label it has no prompts for takes the recorded preset's templates
