@@ -23,9 +23,11 @@ from typing import TextIO
 from tqdm import tqdm
 
 try:
+    from mmvl.data.manifest import too_wide_for_root
     from mmvl.errors import DataError, MMVLError
 except ImportError:  # run from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from mmvl.data.manifest import too_wide_for_root
     from mmvl.errors import DataError, MMVLError
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -140,10 +142,8 @@ class ManifestWriter:
     @property
     def data_root(self) -> str | None:
         """The ``data.root`` training needs when images lie outside the manifest's folder (mmvl refuses manifest
-        paths outside their root), else None."""
-        if self.image_root is None or os.path.commonpath([self.image_root, str(self.folder)]) == str(self.folder):
-            return None
-        return os.path.commonpath([self.image_root, str(self.folder)])
+        paths outside their root): the images' common folder, never wider (see :func:`data_root`)."""
+        return data_root(self.image_root, self.folder)["data_root"]
 
     @property
     def rows(self) -> int:
@@ -172,8 +172,24 @@ class ManifestWriter:
             "skipped": dict(skipped),
             **extra,
             "manifest": str(self.path),
-            "data_root": self.data_root,
+            **data_root(self.image_root, self.folder),
         }
+
+
+def data_root(image_folder: str | None, out_dir: str | os.PathLike) -> dict[str, str | None]:
+    """``{"data_root": ...}``: the ``data.root`` training needs, the common folder of the images written
+    (``image_folder``) when it lies outside the manifest's folder, else None. Never a folder wider than that, nor
+    ``/``, a system folder or the home folder (:func:`mmvl.data.manifest.too_wide_for_root`): then it is None and
+    ``data_root_problem`` says why."""
+    out_dir = str(out_dir)
+    if image_folder is None or os.path.commonpath([image_folder, out_dir]) == out_dir:
+        return {"data_root": None}
+    if too_wide_for_root(image_folder):
+        return {"data_root": None, "data_root_problem": (
+            f"images lie outside the manifest's folder and their common folder, {image_folder}, is too wide for a "
+            "safe data.root (it would let training read system or home files): keep the images in one data folder "
+            "and convert again, or train with data.allow_outside_root=True if you trust this manifest")}
+    return {"data_root": image_folder}
 
 
 class Deidentifier:
@@ -287,6 +303,8 @@ def format_summary(counts: Mapping, unit: str) -> str:
     if counts.get("data_root"):
         text += ("\n  images lie outside the manifest's folder: train with --cfg-options "
                  f"data.root={counts['data_root']} (mmvl reads manifest images only inside their data root)")
+    if counts.get("data_root_problem"):
+        text += f"\n  {counts['data_root_problem']}"
     return text
 
 

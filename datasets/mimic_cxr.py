@@ -21,18 +21,16 @@ from pathlib import Path
 from tqdm import tqdm
 
 try:
-    from mmvl.data.manifest import too_wide_for_root
     from mmvl.data.reports import report_text
     from mmvl.errors import DataError, MMVLError
 except ImportError:  # run as `python datasets/mimic_cxr.py` from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from mmvl.data.manifest import too_wide_for_root
     from mmvl.data.reports import report_text
     from mmvl.errors import DataError, MMVLError
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # imported by path (as the tests do): find _converter.py beside this script
     sys.path.insert(0, str(HERE))
-from _converter import Deidentifier, deidentified_copy, format_summary  # noqa: E402
+from _converter import Deidentifier, data_root, deidentified_copy, format_summary  # noqa: E402
 
 # The 14 CheXpert observations of mimic-cxr-2.0.0-chexpert.csv.gz (Irvin et al., AAAI 2019).
 CHEXPERT_LABELS = (
@@ -292,21 +290,6 @@ def convert(
         "manifest": str(out),
         **data_root(image_folder, out_dir),
     }
-
-
-def data_root(image_folder: str | None, out_dir: Path) -> dict[str, str | None]:
-    """``{"data_root": ...}``: the ``data.root`` training needs, the common folder of the images written
-    (``image_folder``) when it lies outside the manifest's folder, else None. Never a folder wider than that, nor
-    ``/``, a system folder or the home folder (:func:`mmvl.data.manifest.too_wide_for_root`): then it is None and
-    ``data_root_problem`` says why."""
-    if image_folder is None or os.path.commonpath([image_folder, str(out_dir)]) == str(out_dir):
-        return {"data_root": None}
-    if too_wide_for_root(image_folder):
-        return {"data_root": None, "data_root_problem": (
-            f"images lie outside the manifest's folder and their common folder, {image_folder}, is too wide for a "
-            "safe data.root (it would let training read system or home files): keep the images in one data folder "
-            "and convert again, or train with data.allow_outside_root=True if you trust this manifest")}
-    return {"data_root": image_folder}
 
 
 def study_summary(counts: dict, unit: str) -> str:

@@ -163,7 +163,7 @@ def test_frontal_rows_labels_and_skips(layout: dict[str, Path], uncertain: str, 
         "without_report": 0,
         "label_conflicts": 0,
         "manifest": str(manifest),
-        "data_root": str(tmp_path),  # images outside the manifest's folder: the root training needs
+        "data_root": str(layout["release"]),  # the images' common folder (outside the manifest's), no wider
     }
     for row in read_jsonl(manifest):
         assert all((manifest.parent / path).is_file() for path in row["image"])

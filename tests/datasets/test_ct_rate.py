@@ -153,7 +153,7 @@ def test_first_reconstruction_per_scan(dataset: Path, tmp_path: Path) -> None:
         # findings nor impression; train_3_a_1 has no metadata; train_2_a_1 is not on disk.
         "skipped": {"other_reconstruction": 2, "empty_report": 1, "missing_metadata": 1, "missing_volume": 1},
         "manifest": str(manifest),
-        "data_root": str(tmp_path),  # images outside the manifest's folder: the root training needs
+        "data_root": str(tmp_path / "CT-RATE" / "dataset"),  # the images' common folder, no wider
     }
     assert read_jsonl(out / "val.jsonl") == [ROW_1A1]
     assert read_jsonl(out / "train.jsonl") == [ROW_2A2, ROW_5A1]

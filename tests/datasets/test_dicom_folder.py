@@ -154,7 +154,7 @@ def test_2d_one_row_per_study_joined_by_folder(
         "unreadable_examples": ["S009/broken.dcm (NotImplementedError)"],
         "unused_reports": 1,  # S004
         "manifest": str(out / "manifest.jsonl"),
-        "data_root": str(tmp_path),  # images outside the manifest's folder: the root training needs
+        "data_root": str(tmp_path / "export"),  # the images' common folder, no wider
     }
     for name in ("train", "val", "test"):
         assert read_jsonl(out / f"{name}.jsonl") == [row for row in rows if row["split"] == name]
