@@ -47,7 +47,7 @@ METHODS = {  # key -> table label; "plain" is the baseline of the speedups
     "mmvl_memory_fill": "mmvl, memory cache fill",
     "mmvl_memory": "mmvl, memory cache hit",
 }
-COLLECTIONS = ("cxr_dicom", "cxr_dicom_large", "ct_dicom", "ct_nifti")
+COLLECTIONS = ("cxr_dicom", "cxr_dicom_large", "cxr_dicom_j2k", "ct_dicom", "ct_nifti")
 CT_VOLUMES_TO_PLAN = 50_000  # CT-RATE's chest CTs: the hospital-size breakdown prints core-hours for this many
 
 
@@ -266,6 +266,20 @@ def make_cxr(out: Path, n: int, size: int) -> Path:
     return Path(load_script("synthetic").generate(out, n=n, size=size, seed=0))
 
 
+def make_cxr_j2k(out: Path, n: int, size: int) -> Path:
+    """The synthetic chest X-rays re-encoded as JPEG 2000 Lossless DICOM (1.2.840.10008.1.2.4.90, how many PACS
+    exports arrive), by pydicom with the pylibjpeg-openjpeg plugin mmvl installs to decode them."""
+    import pydicom
+    from pydicom.uid import JPEG2000Lossless
+
+    manifest = make_cxr(out, n, size)
+    for path in sorted((out / "images").rglob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+        ds.save_as(path)
+    return manifest
+
+
 def make_ct(out: Path, n: int, size: int, slices: int) -> dict[str, Path]:
     """``{"nifti": manifest, "dicom": manifest}`` of the same studies (datasets/synthetic_ct.py)."""
     module = load_script("synthetic_ct")
@@ -474,13 +488,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         scratch = Path(tmp)
         jobs = []  # (name, title, manifest, pipeline, plain reader, repeats, facts)
         if args.only in (None, "2d"):
-            for name, n, size in (("cxr_dicom", args.n, args.size), ("cxr_dicom_large", args.n_large, args.size_large)):
-                print(f"writing {n} synthetic chest X-rays of {size} px ...", file=sys.stderr)
+            for name, n, size, make, codec in (
+                    ("cxr_dicom", args.n, args.size, make_cxr, "DICOM"),
+                    ("cxr_dicom_large", args.n_large, args.size_large, make_cxr, "DICOM"),
+                    ("cxr_dicom_j2k", args.n, args.size, make_cxr_j2k, "DICOM JPEG 2000 Lossless")):
+                print(f"writing {n} synthetic chest X-rays of {size} px ({codec}) ...", file=sys.stderr)
                 start = time.perf_counter()
-                manifest = make_cxr(scratch / name, n, size)
+                manifest = make(scratch / name, n, size)
                 facts = {"generate_s": round(time.perf_counter() - start, 2),
                          "source_mb": round(folder_mb(scratch / name / "images"), 2)}
-                title = f"2D chest X-ray, DICOM: {n} scans of {size} px"
+                title = f"2D chest X-ray, {codec}: {n} scans of {size} px"
                 jobs.append((name, title, manifest, CXR_PIPELINE, plain_cxr, args.repeats, facts))
         if args.only in (None, "3d"):
             print(f"writing {args.n_3d} synthetic chest CTs of {args.size_3d} px ...", file=sys.stderr)

@@ -328,3 +328,18 @@ def test_in_place_window_matches_the_standard_formulas(function):
     in_place = window_in_place(values, center, width, function)
     assert in_place is values and values.dtype == np.float32
     np.testing.assert_array_equal(in_place, copied)
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm"])
+def test_jpeg2000_lossless_reads_as_the_uncompressed_file(name, tmp_path):
+    """JPEG 2000 DICOM (many PACS exports) decodes through pydicom's pylibjpeg plugin, an mmvl dependency: the
+    lossless copy of a bundled file (re-encoded here by the same plugin) gives the uncompressed file's image."""
+    from pydicom.uid import JPEG2000Lossless
+
+    ds = pydicom.dcmread(PYDICOM_FILES / name)
+    ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+    ds.save_as(tmp_path / name)
+    assert pydicom.dcmread(tmp_path / name).file_meta.TransferSyntaxUID == JPEG2000Lossless
+    compressed, _ = read_dicom_image(tmp_path / name)
+    plain, _ = read_dicom_image(PYDICOM_FILES / name)
+    np.testing.assert_array_equal(compressed, plain)  # lossless: the same stored values, the same arithmetic
