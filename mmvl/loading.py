@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from mmvl.errors import CheckpointError, ConfigError
 from mmvl.evaluation.zero_shot import zero_shot_scans
 from mmvl.models import EncoderModel, ImageEmbedder, build_model
 from mmvl.models.embedders import contrastive_head
+from mmvl.models.vlm import tokenizer_users
 
 FORMAT = "mmvl-zoo"
 FORMAT_VERSION = 1
@@ -148,14 +149,6 @@ def is_entry(path: str | os.PathLike) -> bool:
         return json.loads((path / CONFIG).read_text(encoding="utf-8")).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def tokenizer_users(model_cfg: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
-    """The text encoder and head config dicts that carry a ``tokenizer``."""
-    heads = model_cfg.get("heads") or []
-    for cfg in (model_cfg.get("text_encoder"), *(heads if isinstance(heads, list) else [heads])):
-        if isinstance(cfg, dict) and cfg.get("tokenizer") is not None:
-            yield cfg
 
 
 def tokenizer_folders(model_cfg: Mapping[str, Any]) -> list[str]:

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 from mmvl.config import Config
-from mmvl.config.validate import validate_config
 from mmvl.engine.dist import shutdown_distributed
 from mmvl.errors import MMVLError
 from mmvl.utils import setup_logging
@@ -42,7 +41,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg.merge_options(args.cfg_options)
         if args.seed is not None:
             cfg.merge_options({"train.seed": args.seed})
-        cfg = validate_config(cfg)  # every key and size checked before the trainer, data or model is touched
         work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
         from mmvl.engine.trainer import Trainer
 

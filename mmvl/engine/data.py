@@ -18,6 +18,7 @@ from mmvl.config.schema import DATA_DEFAULTS
 from mmvl.data.loader import Collate, ResumableSampler
 from mmvl.data.tokenizer import train_wordpiece_tokenizer
 from mmvl.errors import CheckpointError, ConfigError, ManifestError
+from mmvl.models.vlm import tokenizer_users
 from mmvl.registry import DATASETS
 from mmvl.utils import atomic_directory, get_logger
 
@@ -55,20 +56,12 @@ def build_datasets(data_cfg: Mapping[str, Any], work_dir: Path, seed: int) -> tu
                                     **stream, **common))
     val_set = None
     if data["val_split"]:
-        whole = dict(split_by_rank=False) if streaming else {}  # every rank validates the whole split
-        if not streaming:
-            whole = dict(view_policy="frontal" if data["view_policy"] == "frontal" else "random")  # one per study
+        # every rank validates the whole split; from a manifest, one item per study (its first frontal view)
+        whole = dict(split_by_rank=False) if streaming else dict(view_policy="random")
         val_set = DATASETS.build(dict(type=kind, split=data["val_split"], pipeline=data["eval_pipeline"],
                                       label_names=train_set.label_names, **whole, **common))
     logger.info("data: %d train rows, %d val rows from %s", len(train_set), len(val_set or []), source)
     return train_set, val_set
-
-
-def tokenizer_users(model_cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The text encoder and head configs whose ``tokenizer`` is a dict: a vocabulary to build for this run."""
-    heads = model_cfg.get("heads") or []
-    return [c for c in (model_cfg.get("text_encoder"), *(heads if isinstance(heads, list) else [heads]))
-            if c and isinstance(c.get("tokenizer"), Mapping)]
 
 
 def prepare_tokenizers(model_cfg: Mapping[str, Any], texts: Callable[[], list[str]], work_dir: Path, resume: bool,
@@ -86,7 +79,7 @@ def prepare_tokenizers(model_cfg: Mapping[str, Any], texts: Callable[[], list[st
                     "the reports (set text_encoder.tokenizer to a tokenizer folder to choose another)",
                     text["pretrained"])
         text.pop("tokenizer")
-    users = tokenizer_users(model_cfg)
+    users = [cfg for cfg in tokenizer_users(model_cfg) if isinstance(cfg["tokenizer"], Mapping)]  # recipes
     if not users:
         return model_cfg
     options = dict(users[0]["tokenizer"])

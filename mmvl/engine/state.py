@@ -148,15 +148,7 @@ def check_resume_config(saved: Mapping[str, Any], current: Config, allowed: Iter
 
 def load_resume_point(ckpt_dir: Path, strategy: Any) -> tuple[Path, dict[str, Any]]:
     """Rank 0 picks the newest good checkpoint (setting damaged ones aside); every rank loads what it picked."""
-    picked: Any = None
-    if strategy.is_main:
-        try:
-            picked = load_newest_checkpoint(ckpt_dir)[0]
-        except CheckpointError as err:
-            picked = err
-    picked = strategy.broadcast(picked)
-    if isinstance(picked, CheckpointError):
-        raise picked
+    picked = strategy.on_main(lambda: load_newest_checkpoint(ckpt_dir)[0])
     return picked, load_checkpoint(picked)
 
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from mmvl.engine.dist import all_gather_objects, all_reduce, barrier, broadcast_object, init_distributed
-from mmvl.errors import ConfigError
+from mmvl.errors import CheckpointError, ConfigError
 from mmvl.utils import get_logger
 
 logger = get_logger(__name__)
@@ -138,6 +138,21 @@ class Strategy:
 
     def broadcast(self, obj: Any) -> Any:
         return broadcast_object(obj, self.dist)
+
+    def on_main(self, work: Callable[[], Any]) -> Any:
+        """``work()`` on rank 0 only (file-system decisions one process must take), its result given to every
+        rank; a ``ConfigError`` or ``CheckpointError`` it raises is raised on every rank, so none waits at a barrier
+        for the others (those two pickle as they are; ``DataError``'s two-argument constructor would not)."""
+        outcome: Any = None
+        if self.is_main:
+            try:
+                outcome = work()
+            except (ConfigError, CheckpointError) as err:
+                outcome = err
+        outcome = self.broadcast(outcome)
+        if isinstance(outcome, (ConfigError, CheckpointError)):
+            raise outcome
+        return outcome
 
     def barrier(self) -> None:
         barrier(self.dist)

@@ -86,7 +86,7 @@ class Trainer:
         self.ckpt_dir = self.work_dir / "checkpoints"
         self.train_cfg = {**TRAIN_DEFAULTS, **self.cfg.get("train", {})}
         self.strategy = Strategy(self.train_cfg)
-        created = self._prepare_work_dir(resume)
+        created = bool(self.strategy.on_main(lambda: prepare_work_dir(self.work_dir, resume)))
         self._log_handler = self._attach_log_file()
         try:
             self._setup(resume, override_keys(resume_override))
@@ -95,18 +95,6 @@ class Trainer:
             if created and self.strategy.is_main:  # a failed start leaves no half-made work dir
                 shutil.rmtree(self.work_dir, ignore_errors=True)
             raise
-
-    def _prepare_work_dir(self, resume: bool) -> bool:
-        outcome: Any = None
-        if self.strategy.is_main:
-            try:
-                outcome = prepare_work_dir(self.work_dir, resume)
-            except (ConfigError, CheckpointError) as err:
-                outcome = err
-        outcome = self.strategy.broadcast(outcome)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return bool(outcome)
 
     def _setup(self, resume: bool, allowed: list[str]) -> None:
         cfg, train_cfg, strategy = self.cfg, self.train_cfg, self.strategy

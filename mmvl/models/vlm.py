@@ -129,6 +129,14 @@ class VisionLanguageModel(nn.Module):
         return self.contrastive_head.project_text(self.text_encoder(tokens["input_ids"], tokens["attention_mask"]))
 
 
+def tokenizer_users(model_cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The text encoder and head config dicts of a model config that carry a ``tokenizer`` (a folder, or a
+    ``dict(type="wordpiece", ...)`` recipe the trainer turns into one)."""
+    heads = model_cfg.get("heads") or []
+    return [cfg for cfg in (model_cfg.get("text_encoder"), *(heads if isinstance(heads, list) else [heads]))
+            if isinstance(cfg, dict) and cfg.get("tokenizer") is not None]
+
+
 def build_model(cfg: Mapping[str, Any]) -> VisionLanguageModel:
     """Build the model from the config's ``model`` dict."""
     cfg = dict(cfg)
