@@ -133,3 +133,15 @@ def test_validation_retrieval_counts_identical_reports_as_hits(two_view_manifest
     trainer = Trainer(tinier_config(two_view_manifest, "data.allow_outside_root=True"), tmp_path / "run")
     metrics = trainer.validate()
     assert seen["texts"] == [row["text"] for row in trainer.val_set.rows] and "val/i2t_R@1" in metrics
+
+
+def test_unknown_view_policy_exits_2_naming_the_key(two_view_manifest, tmp_path, capsys):
+    from tests.conftest import load_tool
+
+    config = tmp_path / "config.py"
+    tinier_config(two_view_manifest, "data.allow_outside_root=True").dump(config)
+    code = load_tool("train").main([str(config), "--work-dir", str(tmp_path / "run"), "--cfg-options",
+                                    "data.view_policy=sideways"])
+    err = capsys.readouterr().err
+    assert code == 2 and "data.view_policy must be one of random, frontal, all, got 'sideways'" in err
+    assert not (tmp_path / "run").exists()
