@@ -79,12 +79,14 @@ _INLINE_HEADER = re.compile(
 )
 _BANNER_LINE = re.compile(r"^[ \t]*final report[ \t]*:?[ \t]*$", re.MULTILINE | re.IGNORECASE)
 _RULE_LINE = re.compile(r"^[ \t]*_{4,}[ \t]*$", re.MULTILINE)  # longer than the "___" placeholder
-# De-identification placeholders: "___" in MIMIC-CXR, "[**Hospital1 18**]" in MIMIC-II/III notes. The
-# patterns start with a literal so that Python's re scans for them quickly.
+# De-identification placeholders: "___" in MIMIC-CXR, "XXXX" in the Indiana University (Open-I) reports
+# (Demner-Fushman et al., JAMIA 2016: "XXXX-XXXX", "XXXXXXXX" too), "[**Hospital1 18**]" in MIMIC-II/III
+# notes. IU's is upper case only and a whole word, so "xxxx" in prose and "XXXXL" survive.
 _MIMIC_III_PLACEHOLDER = re.compile(r"\[\*\*[^\]\n]*\*\*\]")
-_PLACEHOLDER_BEFORE_PUNCT = re.compile(r" __+(?: __+)* ?(?=[.,;:!?)])")
-_PLACEHOLDER_IN_PARENS = re.compile(r"\(__+(?: __+)* ?(?=[.,;:!?)])")
-_PLACEHOLDER = re.compile(r"__+")
+_ONE_PLACEHOLDER = r"(?:__+|(?<![A-Za-z0-9])XXXX+(?:[-/]XXXX+)*(?![A-Za-z0-9]))"
+_PLACEHOLDER_BEFORE_PUNCT = re.compile(rf" {_ONE_PLACEHOLDER}(?: {_ONE_PLACEHOLDER})* ?(?=[.,;:!?)])")
+_PLACEHOLDER_IN_PARENS = re.compile(rf"\({_ONE_PLACEHOLDER}(?: {_ONE_PLACEHOLDER})* ?(?=[.,;:!?)])")
+_PLACEHOLDER = re.compile(_ONE_PLACEHOLDER)
 
 
 def _section_name(header: str) -> str | None:
@@ -150,10 +152,12 @@ def extract_sections(text: str) -> dict[str, str]:
 
 
 def clean_report(text: str) -> str:
-    """Report text on one line: no "FINAL REPORT" banner, separator lines or de-identification placeholders.
+    """Report text on one line: no "FINAL REPORT" banner, separator lines or de-identification placeholders
+    (MIMIC's ``___``, IU's ``XXXX``, MIMIC-III's ``[**...**]``).
 
     Whitespace runs collapse to one space; case and punctuation are kept. A placeholder directly before
-    punctuation takes its leading space with it ("compared to ___." -> "compared to.").
+    punctuation takes its leading space with it ("compared to ___." -> "compared to."; "Clear lung XXXX
+    bilaterally." -> "Clear lung bilaterally.").
     """
     if "final report" in text.lower():
         text = _BANNER_LINE.sub(" ", text)
@@ -162,7 +166,7 @@ def clean_report(text: str) -> str:
     text = " ".join(text.split())
     if "[**" in text:
         text = _MIMIC_III_PLACEHOLDER.sub("___", text)
-    if "__" in text:
+    if "__" in text or "XXXX" in text:
         text = _PLACEHOLDER_BEFORE_PUNCT.sub("", f" {text}")
         text = _PLACEHOLDER_IN_PARENS.sub("(", text)
         text = " ".join(_PLACEHOLDER.sub(" ", text).split())

@@ -232,3 +232,16 @@ def test_one_line_reports_split_at_known_headers_after_a_sentence() -> None:
         "indication": "-year-old man with chest pain.",
         "findings": "Stable mild cardiomegaly. Small left pleural effusion, unchanged from.",
     }
+
+
+def test_iu_xray_placeholders_are_removed_like_mimic_ones() -> None:
+    # Open-I (Indiana University) reports replace de-identified words with "XXXX".
+    assert clean_report("Clear lung XXXX bilaterally. Midline sternotomy XXXX.") == (
+        "Clear lung bilaterally. Midline sternotomy."
+    )
+    assert clean_report("Compared to XXXX-XXXX, stable (XXXX). XXXX XXXX are normal.") == (
+        "Compared to, stable (). are normal."
+    )
+    # Only the upper-case whole word is a placeholder.
+    assert clean_report("Size XXXXL, xxxx and XXX kept.") == "Size XXXXL, xxxx and XXX kept."
+    assert report_text(" FINDINGS: XXXX\n IMPRESSION: Normal.\n") == "Normal."
