@@ -47,4 +47,8 @@ KNOBS = ("img_size", "volume_size", "spacing", "hu_window")
 # The values ``data.type`` and ``optim.type`` may take: the dataset kinds the trainer builds from ``data`` and the
 # optimizers mmvl.engine.optim builds.
 DATA_TYPES = ("manifest", "shards")
+# The values data.view_policy, data.on_error and data.cache may take (the datasets check them too).
+VIEW_POLICIES = ("random", "frontal", "all")
+ON_ERROR = ("skip", "raise")
+CACHE_KINDS = (None, "memory", "disk")
 OPTIM_TYPES = ("adamw",)

@@ -17,19 +17,23 @@ loads (:func:`fill_knobs`) and ``Config.merge_options`` moves the arguments that
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from mmvl.config import Config
 from mmvl.config.schema import (
+    CACHE_KINDS,
     DATA_DEFAULTS,
     DATA_TYPES,
     KNOBS,
+    ON_ERROR,
     OPTIM_DEFAULTS,
     OPTIM_TYPES,
     SECTIONS,
     TRAIN_DEFAULTS,
+    VIEW_POLICIES,
 )
 from mmvl.errors import ConfigError, RegistryError
 from mmvl.registry import ENCODERS, HEADS, TRANSFORMS, Registry, accepted_arguments, unknown_key_message
@@ -205,12 +209,19 @@ def _check_keys(mapping: Mapping[str, Any], known: set[str], where: str, what: s
 def _check_choice(section: Mapping[str, Any], key: str, choices: Sequence[str], where: str,
                   any_case: bool = False) -> None:
     value = section.get(key, choices[0])
-    if not isinstance(value, str) or (value.lower() if any_case else value) not in choices:
-        raise ConfigError(f"{where}.{key}={value!r} is not one of {', '.join(repr(c) for c in choices)}")
+    if (value.lower() if any_case and isinstance(value, str) else value) not in choices:
+        names = [c for c in choices if isinstance(c, str)]
+        close = difflib.get_close_matches(value, names, n=1) if isinstance(value, str) else []
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{where}.{key}={value!r} is not one of {', '.join(repr(c) for c in choices)}.{hint}")
 
 
 def _check_data(data: Mapping[str, Any]) -> None:
     _check_choice(data, "type", DATA_TYPES, "data")
+    # values ManifestDataset would refuse with a plain ValueError deep in the build: named here, before the work dir
+    _check_choice(data, "view_policy", VIEW_POLICIES, "data")
+    _check_choice(data, "on_error", ON_ERROR, "data")
+    _check_choice(data, "cache", CACHE_KINDS, "data")
     for name in PIPELINES:
         steps = data.get(name)
         if not isinstance(steps, Sequence) or isinstance(steps, str) or not steps:

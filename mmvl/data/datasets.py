@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mmvl.config.schema import CACHE_KINDS, ON_ERROR, VIEW_POLICIES
 from mmvl.data.manifest import is_frontal, load_manifest
 from mmvl.data.reports import report_text
 from mmvl.data.transforms import LoadVolume, Pipeline
@@ -23,12 +24,10 @@ from mmvl.utils import get_logger
 logger = get_logger(__name__)
 
 
-CACHE_KINDS = (None, "memory", "disk")
 # Disk-cache entries above this size are memory-mapped, smaller ones read whole. Measured with the collate's stack
 # on one thread: a 224 x 224 float32 image is 0.16 ms read against 0.27 ms mapped; a 224 x 224 x 112 volume
 # 30 ms read against 18 ms mapped.
 MMAP_BYTES = 1 << 20
-VIEW_POLICIES = ("random", "frontal", "all")
 
 
 class LoadStage:
@@ -168,8 +167,8 @@ class ManifestDataset(Dataset):
         if view_policy not in VIEW_POLICIES:
             raise ValueError(f"view_policy must be one of {VIEW_POLICIES}, got {view_policy!r}")
         self.view_policy = view_policy
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if cache not in CACHE_KINDS:
             raise ValueError(f"cache must be one of {CACHE_KINDS}, got {cache!r}")
         if cache == "disk" and cache_dir is None:

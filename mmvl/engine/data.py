@@ -15,7 +15,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from mmvl.config.schema import DATA_DEFAULTS
-from mmvl.data.datasets import VIEW_POLICIES
 from mmvl.data.loader import Collate, ResumableSampler
 from mmvl.data.tokenizer import train_wordpiece_tokenizer
 from mmvl.errors import CheckpointError, ConfigError, ManifestError
@@ -50,8 +49,6 @@ def build_datasets(data_cfg: Mapping[str, Any], work_dir: Path, seed: int) -> tu
     )
     stream = dict(seed=seed, resampled=bool(data["resampled"]), shuffle_buffer=int(data["shuffle_buffer"])) \
         if streaming else dict(view_policy=data["view_policy"])
-    if data["view_policy"] not in VIEW_POLICIES:
-        raise ConfigError(f"data.view_policy must be one of {', '.join(VIEW_POLICIES)}, got {data['view_policy']!r}")
     if streaming and data["view_policy"] != DATA_DEFAULTS["view_policy"]:
         raise ConfigError(f"data.view_policy={data['view_policy']!r} applies to manifests; shards hold one image per "
                           "sample as tools/make_shards.py wrote them")

@@ -72,6 +72,21 @@ def test_train_cli_exits_2_on_a_typo(tmp_path, capsys, case):
     assert not (tmp_path / "work").exists()
 
 
+@pytest.mark.parametrize("option, close", [
+    ("data.view_policy=frontl", "frontal"),
+    ("data.on_error=skipp", "skip"),
+    ("data.cache=dsk", "disk"),
+])
+def test_a_data_value_outside_its_choices_exits_2_naming_the_key_and_closest(tmp_path, capsys, option, close):
+    # these used to pass the check and fail as a plain ValueError inside the dataset (exit 1, a traceback)
+    argv = [str(TINY), "--work-dir", str(tmp_path / "work"), "--cfg-options", option]
+    assert load_tool("train").main(argv) == 2
+    err = capsys.readouterr().err
+    key, value = option.split("=")
+    assert f"{key}={value!r} is not one of" in err and f"Did you mean {close!r}?" in err
+    assert not (tmp_path / "work").exists()
+
+
 def test_misspelt_encoder_argument_is_refused_before_the_model_is_built(tmp_path):
     with pytest.raises(ConfigError, match=r"image_encoder\.dpeth.*Did you mean 'depth'"):
         tiny("model.image_encoder.dpeth=2")

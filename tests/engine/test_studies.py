@@ -143,5 +143,5 @@ def test_unknown_view_policy_exits_2_naming_the_key(two_view_manifest, tmp_path,
     code = load_tool("train").main([str(config), "--work-dir", str(tmp_path / "run"), "--cfg-options",
                                     "data.view_policy=sideways"])
     err = capsys.readouterr().err
-    assert code == 2 and "data.view_policy must be one of random, frontal, all, got 'sideways'" in err
+    assert code == 2 and "data.view_policy='sideways' is not one of 'random', 'frontal', 'all'" in err
     assert not (tmp_path / "run").exists()
