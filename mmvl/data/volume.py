@@ -27,6 +27,7 @@ from mmvl.data.dicom import (
     check_jpeg2000_boxes,
     check_modality,
     is_dicom_file,
+    padding_mask,
     redact,
 )
 from mmvl.errors import DataError, DicomError
@@ -221,7 +222,7 @@ def _read_series(folder: str, series_uid: str | None, modalities: Sequence[str] 
         checked = {"slice_spacing": thickness, "gaps": []}
         step = normal * thickness
 
-    planes = []
+    planes, pads = [], []
     for path, ds in slices:
         check_jpeg2000_boxes(ds, path)
         try:
@@ -231,8 +232,10 @@ def _read_series(folder: str, series_uid: str | None, modalities: Sequence[str] 
         if stored.ndim != 2:
             raise DicomError(path, f"expected one 2D slice per file, got pixel array of shape {stored.shape} "
                                    "(enhanced multi-frame volumes are not supported)")
+        pads.append(padding_mask(ds, stored))
         planes.append(apply_modality_lut(stored, ds).astype(np.float32))
     volume = np.stack(planes, axis=-1).transpose(1, 0, 2)  # (rows, cols, z) -> (x, y, z)
+    padded = _mask_padding(volume, pads)
     if checked["gaps"]:
         volume = _fill_gaps(volume, along, checked["slice_spacing"])
     volume = np.ascontiguousarray(volume)
@@ -261,10 +264,28 @@ def _read_series(folder: str, series_uid: str | None, modalities: Sequence[str] 
         "preprocessing": [
             {"op": "sort_slices", "by": "ImagePositionPatient along the slice normal"},
             {"op": "modality_lut", "per_slice": True},
-        ] + ([{"op": "interpolate_missing_slices", "count": sum(g["missing_slices"] for g in checked["gaps"])}]
+        ] + ([padded] if padded else [])
+          + ([{"op": "interpolate_missing_slices", "count": sum(g["missing_slices"] for g in checked["gaps"])}]
              if checked["gaps"] else []),
     }
     return volume, meta
+
+
+def _mask_padding(volume: np.ndarray, pads: list[np.ndarray | None]) -> dict | None:
+    """Set the voxels each slice's (0028,0120) PixelPaddingValue (range) marks to the lowest value of the
+    volume's other voxels, in place. Padding is no tissue: its modality-LUT value (often -2000 or -3024 HU, or
+    -32768) would otherwise pull every voxel it is interpolated into during resampling far below air and skew
+    any intensity statistic, so it becomes the background. Returns the step for the metadata, or None."""
+    if all(pad is None for pad in pads):
+        return None
+    mask = np.stack([np.zeros(volume.shape[:2][::-1], bool) if pad is None else pad for pad in pads],
+                    axis=-1).transpose(1, 0, 2)
+    count = int(mask.sum())
+    if not count:
+        return None
+    fill = float(volume[~mask].min()) if count < mask.size else 0.0
+    volume[mask] = fill
+    return {"op": "mask_padding", "voxels": count, "value": fill}
 
 
 # -- NIfTI -----------------------------------------------------------------------------------------------

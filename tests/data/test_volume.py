@@ -76,6 +76,24 @@ def test_world_coordinates_agree_with_monai_pydicom_reader_on_a_well_ordered_ser
     np.testing.assert_allclose(meta["affine"], np.asarray(monai.affine), atol=1e-5)
 
 
+@pytest.mark.parametrize("limit", [None, 10])
+def test_series_padding_becomes_the_lowest_tissue_value(tmp_path, ct_series, limit):
+    """(0028,0120) PixelPaddingValue (and a (0028,0121) range) in stored units: those voxels take the lowest value
+    of the others, computed here with numpy, instead of a modality-LUT value far below air."""
+    write_ct_series, phantom = ct_series
+    hu = phantom()
+    corner = np.zeros(hu.shape, bool)
+    corner[:3, :2, :] = True  # outside the scanned field of view, on every slice
+    hu[corner] = -2048 + (np.arange(corner.sum()) % 11 if limit else 0)  # stored 0 (.. 10): the writer adds 2048
+    write_ct_series(tmp_path / "s", hu, PixelPaddingValue=0, **({"PixelPaddingRangeLimit": limit} if limit else {}))
+    volume, meta = read_dicom_series(tmp_path / "s")
+    expected = hu.copy()
+    expected[corner] = hu[~corner].min()
+    np.testing.assert_array_equal(volume, expected)
+    assert {"op": "mask_padding", "voxels": int(corner.sum()), "value": float(hu[~corner].min())} \
+        in meta["preprocessing"]
+
+
 def test_monai_pydicom_reader_orders_by_instance_number(tmp_path, ct_series):
     """Why mmvl assembles series itself: MONAI's reader stacks by InstanceNumber, so a series numbered
     against its positions comes out with scrambled slices. (If MONAI fixes this, switch to it.)"""
