@@ -17,6 +17,7 @@ from mmvl.errors import CheckpointError, ConfigError
 from mmvl.utils import get_logger
 
 logger = get_logger(__name__)
+GRAD_BUCKET_BYTES = 25 * 2**20  # DDP's bucket_cap_mb default
 
 
 class Strategy:
@@ -55,7 +56,7 @@ class Strategy:
     # -- wrapping --------------------------------------------------------------------------------------
     def wrap(self, model: nn.Module) -> nn.Module:
         """What the training step calls: the model itself, DDP around it, or the model sharded in place by
-        FSDP2 (``fully_shard`` on every block of a ``ModuleList``, then the whole). Contrastive heads gather
+        FSDP2 (``fully_shard`` on every :func:`transformer_blocks` unit, then the whole). Contrastive heads gather
         embeddings from every rank with gradients (open_clip's ``gather_with_grad``)."""
         self.replicated = []
         if not self.dist.enabled:
@@ -75,17 +76,13 @@ class Strategy:
                 find_unused_parameters=self.find_unused_parameters, broadcast_buffers=running_stats,
                 gradient_as_bucket_view=True)
             return self.train_model
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy
 
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if self.amp == "bf16" else MixedPrecisionPolicy()
-        blocks = [block for module in model.modules() if isinstance(module, nn.ModuleList)
-                  for block in module if any(p.requires_grad for p in block.parameters())]
-        for block in blocks:
-            fully_shard(block, mp_policy=policy)
         # scalars (logit scale and bias) cannot be sharded: they stay replicated, gradients averaged by hand
         self.replicated = [p for p in model.parameters() if p.ndim == 0 and p.requires_grad]
-        fully_shard(model, mp_policy=policy, ignored_params=set(self.replicated))
+        blocks = fully_shard_blocks(model, policy, ignored_params=set(self.replicated))
         logger.info("FSDP: %d blocks sharded over %d ranks", len(blocks), self.dist.world_size)
         self.train_model = model
         return model
@@ -98,20 +95,25 @@ class Strategy:
             return self.train_model.no_sync()
         return _fsdp_no_sync(model)
 
-    def average_gradients(self, params: list[nn.Parameter]) -> None:
-        """Average ``params``' gradients over the ranks in one flat all-reduce (a parameter without a gradient
-        counts as zeros): for gradients outside DDP's/FSDP's own reduction."""
+    def average_gradients(self, params: list[nn.Parameter], bucket_bytes: int = GRAD_BUCKET_BYTES) -> int:
+        """Average ``params``' gradients over the ranks (a parameter without a gradient counts as zeros), for
+        gradients outside DDP's/FSDP's own reduction (gradient caching runs the encoders outside DDP's forward,
+        so its hooks do not fire). Gradients go in buckets of at most ``bucket_bytes`` (DDP's default 25 MiB), one
+        flat all-reduce per bucket: a few collectives, never one per parameter, and at most one bucket of extra
+        memory at a time. Returns the number of all-reduces."""
         if not self.dist.enabled or not params:
-            return
+            return 0
         for param in params:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
-        grads = [param.grad for param in params]
-        flat = torch._utils._flatten_dense_tensors(grads)
-        torch.distributed.all_reduce(flat)
-        flat.div_(self.dist.world_size)
-        for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            grad.copy_(synced)
+        buckets = gradient_buckets([param.grad for param in params], bucket_bytes)
+        for grads in buckets:
+            flat = torch._utils._flatten_dense_tensors(grads)
+            torch.distributed.all_reduce(flat)
+            flat.div_(self.dist.world_size)
+            for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                grad.copy_(synced)
+        return len(buckets)
 
     # -- rank agreement --------------------------------------------------------------------------------
     def agree(self, values: Mapping[str, float | torch.Tensor]) -> dict[str, float]:
@@ -181,6 +183,58 @@ class Strategy:
             return
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+
+
+def gradient_buckets(grads: list[torch.Tensor], bucket_bytes: int) -> list[list[torch.Tensor]]:
+    """``grads`` in order, cut into runs of one dtype and device of at most ``bucket_bytes`` each (a gradient larger
+    than that is a bucket of its own)."""
+    buckets: list[list[torch.Tensor]] = []
+    size = 0
+    for grad in grads:
+        nbytes = grad.numel() * grad.element_size()
+        last = buckets[-1][-1] if buckets else None
+        if last is None or (last.dtype, last.device) != (grad.dtype, grad.device) or size + nbytes > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(grad)
+        size += nbytes
+    return buckets
+
+
+def fully_shard_blocks(model: nn.Module, mp_policy: Any = None, ignored_params: set[nn.Parameter] | None = None) \
+        -> list[nn.Module]:
+    """FSDP2 ``fully_shard`` on every :func:`transformer_blocks` unit, then on the whole model (the root unit
+    holding what no block holds): ``len(blocks) + 1`` units. Returns the blocks."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp_policy = mp_policy or MixedPrecisionPolicy()
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        fully_shard(block, mp_policy=mp_policy)
+    fully_shard(model, mp_policy=mp_policy, ignored_params=ignored_params)
+    return blocks
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks FSDP shards one by one: the trainable, non-leaf members of every ``nn.ModuleList`` or
+    ``nn.Sequential`` whose members are all of one class, whichever container the library chose (timm's ViT
+    ``blocks`` is a ``Sequential``; MONAI's ViT ``blocks``, open_clip's ``resblocks`` and a BERT ``encoder.layer``
+    are ``ModuleList``s). Only the innermost such blocks count: a Swin stage holding a ``Sequential`` of blocks
+    gives its blocks, not itself. Leaf layers (``Sequential(Linear, GELU, Linear)``) are no blocks."""
+    candidates: list[nn.Module] = []
+    for container in model.modules():
+        if not isinstance(container, (nn.ModuleList, nn.Sequential)) or len(container) == 0:
+            continue
+        members = list(container)
+        if len({type(member) for member in members}) != 1:
+            continue
+        candidates.extend(member for member in members
+                          if next(member.children(), None) is not None
+                          and any(p.requires_grad for p in member.parameters()))
+    chosen = {id(block): block for block in candidates}
+    outer = {key for key, block in chosen.items()
+             if any(id(sub) in chosen for sub in block.modules() if sub is not block)}
+    return [block for key, block in chosen.items() if key not in outer]
 
 
 @contextlib.contextmanager
