@@ -1,7 +1,7 @@
 """Export a trained model as a model-zoo entry, or import an open_clip / transformers model into one.
 
     python tools/export.py WORK_DIR_OR_CHECKPOINT --name NAME [--out model_zoo/NAME] [--parts image,text]
-        [--formats auto|mmvl,open_clip,hf,monai,torchscript,onnx] [--prompts zero_shot.json] [--metrics eval.json]
+        [--formats all|mmvl,open_clip,hf,monai,torchscript,onnx] [--prompts zero_shot.json] [--metrics eval.json]
         [--license LICENSE] [--description TEXT] [--overwrite] [--no-index]
     python tools/export.py --from-open-clip OPEN_CLIP_DIR_OR_CONFIG [--checkpoint FILE] [--text-model DIR] --name NAME
     python tools/export.py --from-transformers TEXT_MODEL_DIR [--pooling cls|mean] --name NAME
@@ -9,9 +9,11 @@
 
 The entry (default ``model_zoo/NAME``) holds ``model.safetensors``, ``config.json``, ``preprocess.json``,
 ``prompts.json`` (the newest zero-shot sidecar in the work dir, or ``--prompts``), ``tokenizer/``, a model card
-(``README.md``) and ``SHA256SUMS``, plus the interop formats: ``--formats auto`` writes every one this model can
-be expressed in and names the others with the reason in the card. Every format is read back with its own library
-and compared with mmvl's embeddings before the entry is moved into place, and the entry is added to
+(``README.md``) and ``SHA256SUMS``, and the text tower as a transformers folder (``text_encoder/``). The other
+interop formats each store the image tower again, so they are opt-in: ``--formats all`` writes every one this
+model can be expressed in and names the others with the reason in the card; ``--formats mmvl,open_clip`` writes
+those named (an unknown name, or one that does not apply, is an error). Every format is read back with its own
+library and compared with mmvl's embeddings before the entry is moved into place, and the entry is added to
 ``index.json`` beside it so ``mmvl.zoo.load("NAME")`` and ``tools/zero_shot.py NAME ...`` find it.
 Exit code 0 on success, 1 when a check fails, 2 on bad arguments.
 """
@@ -31,7 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--name", help="entry name (letters, digits, '.', '_', '-')")
     parser.add_argument("--out", help="entry folder (default model_zoo/NAME); index.json goes in its parent")
     parser.add_argument("--parts", default=None, help="image,text (default: every tower the model has)")
-    parser.add_argument("--formats", default="auto", help="auto, or a list of mmvl,open_clip,hf,monai,torchscript,onnx")
+    parser.add_argument("--formats", default=None,
+                        help="default mmvl,hf; 'all', or a list of mmvl,open_clip,hf,monai,torchscript,onnx")
     parser.add_argument("--prompts", help="zero-shot sidecar (tools/zero_shot.py) or prompt file for prompts.json")
     parser.add_argument("--metrics", help="evaluation JSON (tools/evaluate.py) for the model card")
     parser.add_argument("--license", default="other", help="licence field of the model card (default: other)")

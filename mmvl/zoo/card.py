@@ -23,8 +23,9 @@ from mmvl.zoo.entry import entry_files
 DATA_FIELDS = ("type", "train_split", "val_split", "report_sections", "max_skip_fraction")
 LOADING = {
     "mmvl": "`mmvl.zoo.load(\"{name}\")` (or this folder's path); `tools/zero_shot.py {name} scans/ --labels ...`",
-    "open_clip": "`open_clip.create_model_and_transforms(\"local-dir:<this folder>/open_clip\")`, tokenizer "
-                 "`open_clip.get_tokenizer(\"local-dir:<this folder>/open_clip\")`",
+    "open_clip": "in `<this folder>/open_clip` as the working directory (open_clip reads the text model's config from "
+                 "`hf_model_name` `\".\"` relative to it): `open_clip.create_model_and_transforms(\"local-dir:.\")`, "
+                 "tokenizer `open_clip.get_tokenizer(\"local-dir:.\")`; the folder can be moved or copied",
     "hf": "`transformers.AutoModel.from_pretrained(\"<this folder>/text_encoder\")` and `AutoTokenizer` (pooling and "
           "projection to the shared space: `text_encoder/mmvl_text.json`, `text_encoder/text_projection.safetensors`)",
     "monai": "MONAI bundle at this folder's root: `monai.bundle.load(\"{name}\", bundle_dir=\"<zoo folder>\", "
@@ -177,6 +178,10 @@ def write_model_card(out: Path, config: Mapping[str, Any], train_cfg: Mapping[st
         lines.append(f"| {fmt} | {LOADING[fmt].format(name=name)} | {summary} |")
     for fmt, why in skipped.items():
         lines.append(f"| {fmt} | not exported: {why} | |")
+    not_asked = [fmt for fmt in LOADING if fmt not in config["formats"] and fmt not in skipped]
+    lines += ["", f"Present in this entry: {', '.join(config['formats'])}."]
+    if not_asked:
+        lines.append(f"Not written (opt-in: `tools/export.py --formats all`, or by name): {', '.join(not_asked)}.")
     lines.append("")
 
     lines += ["## Files", "", "| file | bytes |", "|---|---|"]

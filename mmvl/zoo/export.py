@@ -1,12 +1,14 @@
 """Export a trained model (work dir or checkpoint) as a model-zoo entry: the mmvl format (safetensors weights,
-a plain-JSON architecture, the preprocessing spec, prompts, tokenizer, model card, SHA-256 sums) and the interop
-formats (open_clip, transformers, MONAI bundle, TorchScript, ONNX), each verified by loading it back with its own
+a plain-JSON architecture, the preprocessing spec, prompts, tokenizer, model card, SHA-256 sums), by default with
+the text tower as a transformers folder, and on request the interop formats (open_clip, MONAI bundle,
+TorchScript, ONNX: each holds another copy of the image tower), each verified by loading it back with its own
 library and comparing embeddings with mmvl's on the same probe input."""
 
 from __future__ import annotations
 
 import copy
 import datetime
+import difflib
 import json
 import logging
 import math
@@ -46,6 +48,11 @@ from mmvl.zoo.card import write_model_card
 logger = logging.getLogger(__name__)
 
 FORMATS = ("mmvl", "open_clip", "hf", "monai", "torchscript", "onnx")
+# Lean entries: the weights once (mmvl) and the text tower for transformers users; every other format stores the
+# image tower again (a 120 MB model made a 401 MB entry with all of them), so they are opt-in.
+DEFAULT_FORMATS = ("mmvl", "hf")
+ALL = "all"
+RENAMED = {"auto": "--formats auto is now --formats all (the default writes mmvl and hf only)"}
 
 
 @dataclass
@@ -327,13 +334,32 @@ def _writers() -> dict[str, Callable[[ExportContext], dict[str, Any]]]:
 
 
 def parse_list(value: str | Sequence[str] | None, allowed: Sequence[str], what: str) -> list[str] | None:
-    if value is None or value == "auto":
+    """A comma list (or sequence) of names from ``allowed``, duplicates dropped; None for None. An unknown name is
+    refused with the closest allowed one."""
+    if value is None:
         return None
     items = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
-    unknown = [v for v in items if v not in allowed]
-    if unknown or not items:
-        raise ConfigError(f"{what}: unknown {unknown or 'empty list'}; choose from {', '.join(allowed)}")
+    if not items:
+        raise ConfigError(f"{what}: empty list; choose from {', '.join(allowed)}")
+    for item in items:
+        if item not in allowed:
+            close = difflib.get_close_matches(item, allowed, n=1, cutoff=0.5)
+            hint = RENAMED.get(item) or (f"did you mean {close[0]!r}?" if close else "")
+            raise ConfigError(f"{what}: unknown {item!r}{'; ' + hint if hint else ''} (choose from "
+                              f"{', '.join(allowed)})")
     return list(dict.fromkeys(items))
+
+
+def choose_formats(value: str | Sequence[str] | None) -> tuple[list[str], bool]:
+    """``(formats, explicit)``, mmvl first. None: :data:`DEFAULT_FORMATS`; ``"all"``: every format. Both skip, with
+    the reason, a format this model cannot be written in; formats named one by one (``"mmvl,open_clip"``) must
+    all apply (``explicit``)."""
+    if value is None:
+        return list(DEFAULT_FORMATS), False
+    names = parse_list(value, (*FORMATS, ALL), "--formats")
+    if ALL in names:
+        return list(FORMATS), False
+    return ["mmvl", *[name for name in names if name != "mmvl"]], True
 
 
 def export(
@@ -341,7 +367,7 @@ def export(
     name: str,
     out: str | os.PathLike | None = None,
     parts: str | Sequence[str] | None = None,
-    formats: str | Sequence[str] | None = "auto",
+    formats: str | Sequence[str] | None = None,
     prompts: str | os.PathLike | Mapping[str, Any] | None = None,
     metrics: str | os.PathLike | Mapping[str, Any] | None = None,
     license: str = "other",
@@ -353,7 +379,8 @@ def export(
     (default ``model_zoo/NAME``) and add it to ``index.json`` of ``out``'s parent folder.
 
     ``parts``: ``image`` and/or ``text`` (default: every tower the model has; the heads go with a full export).
-    ``formats``: ``auto`` (mmvl plus every interop format this model can be written in) or a list of
+    ``formats``: None (``mmvl`` plus ``hf``, the text tower as a transformers folder, where it applies), ``all``
+    (every format this model can be written in; the others are named in the card with the reason) or a list of
     ``mmvl, open_clip, hf, monai, torchscript, onnx``; a format named explicitly that does not apply is an error.
     Every interop format is read back with its own library and compared with mmvl's embeddings before the entry
     is moved into place; nothing is left behind when a check fails.
@@ -368,9 +395,7 @@ def export(
     missing = [p for p in chosen_parts if p not in available]
     if missing:
         raise ConfigError(f"--parts {','.join(chosen_parts)}: this model has no {' or '.join(missing)} encoder")
-    chosen_formats = parse_list(formats, FORMATS, "--formats")
-    explicit = chosen_formats is not None
-    chosen_formats = ["mmvl", *[f for f in (chosen_formats or FORMATS) if f != "mmvl"]]
+    chosen_formats, explicit = choose_formats(formats)
 
     out = Path(out) if out is not None else Path("model_zoo") / name
     if out.exists() and not (loading.is_entry(out) or (out.is_dir() and not any(out.iterdir()))):
@@ -443,12 +468,18 @@ def _write_entry(loaded: LoadedModel, model: nn.Module, out: Path, final: Path, 
     done, skipped = ["mmvl"], {}
     writers = _writers()
     for fmt in formats[1:]:
+        before = set(out.iterdir())
         try:
             checks[fmt] = writers[fmt](context)
             done.append(fmt)
         except NotExportable as err:
             if explicit:
                 raise NotExportable(f"--formats {fmt}: {err}") from err
+            for path in set(out.iterdir()) - before:  # what the skipped format had begun to write
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
             skipped[fmt] = str(err)
             logger.info("export %s: %s skipped: %s", name, fmt, err)
     config["formats"] = done
