@@ -150,13 +150,23 @@ def train_batches(trainer: Any) -> Iterator[dict[str, Any]]:
             trainer.train_set.set_epoch(state.epoch, start=state.epoch_samples // global_batch, batch_size=batch_size)
         else:
             sampler.set_epoch(state.epoch, start=state.epoch_samples)
+        whole_epoch, batches = state.epoch_samples == 0, 0
         if sampler is None or len(sampler) >= batch_size:
             for batch in loader:
+                batches += 1
                 state.epoch_samples += global_batch
                 if batch["n_skipped"]:
                     trainer.skips.unreadable(state, batch["skipped"])
                 if "image" in batch:
                     yield batch
+        if whole_epoch and batches == 0:
+            # a streaming split too small for every rank's loader workers to fill one batch: each epoch would be
+            # empty, and the loop would look for the next batch forever
+            workers = max(int(getattr(loader, "num_workers", 0)), 1)
+            raise ConfigError(f"an epoch of the {len(trainer.train_set)} training rows gave no batch of "
+                              f"train.batch_size {batch_size} (x {trainer.strategy.dist.world_size} processes, "
+                              f"{workers} loader worker(s) each, every one batching its own shards): lower "
+                              "train.batch_size or train.num_workers, or write smaller shards")
         state.epoch, state.epoch_samples = state.epoch + 1, 0
 
 

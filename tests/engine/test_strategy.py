@@ -110,3 +110,36 @@ def test_global_batch_larger_than_an_epoch_is_refused_with_the_numbers():
         build_train_loader(_Rows(7), None, train_cfg, _strategy(2))
     loader, sampler = build_train_loader(_Rows(8), None, train_cfg, _strategy(2, rank=1))
     assert len(sampler) == 4
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """8 rows in all, of which this rank's share is 3 (as a shard split gives each rank and worker its part)."""
+
+    def __init__(self):
+        self.epochs = 0
+
+    def __len__(self) -> int:
+        return 8
+
+    def set_epoch(self, epoch: int, start: int = 0, batch_size: int = 1) -> None:
+        self.epochs += 1
+        if self.epochs > 3:
+            raise RuntimeError("train_batches went on to a fourth empty epoch")
+
+    def __iter__(self):
+        return iter([{"image": torch.zeros(1)}] * 3)
+
+
+def test_a_stream_that_never_fills_a_batch_is_refused_not_looped():
+    from mmvl.data.loader import Collate
+    from mmvl.engine.data import train_batches
+    from mmvl.engine.state import RunState
+
+    stream = _Stream()
+    train_cfg = {"batch_size": 4, "num_workers": 0, "seed": 0}
+    loader, sampler = build_train_loader(stream, Collate(), train_cfg, _strategy(1))
+    trainer = SimpleNamespace(state=RunState(), loader=loader, sampler=sampler, train_cfg=train_cfg,
+                              strategy=_strategy(1), train_set=stream)
+    with pytest.raises(ConfigError, match=r"8 training rows gave no batch of train.batch_size 4 \(x 1 processes"):
+        next(train_batches(trainer))
+    assert stream.epochs == 1
