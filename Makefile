@@ -17,6 +17,9 @@ install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -c constraints.txt -e '.[test]'
+	# torchxrayvision only for its copy of the IU X-ray reports (datasets/iu_xray.py, the labeller tests); --no-deps
+	# keeps its requirements (torch, scikit-image, ...) from moving constraints.txt's pins.
+	$(PIP) install --no-deps torchxrayvision==1.5.7
 	touch $(STAMP)
 
 $(DEMO_DATA)/manifest.jsonl: datasets/synthetic.py | $(STAMP)
