@@ -81,10 +81,11 @@ _BANNER_LINE = re.compile(r"^[ \t]*final report[ \t]*:?[ \t]*$", re.MULTILINE | 
 _RULE_LINE = re.compile(r"^[ \t]*_{4,}[ \t]*$", re.MULTILINE)  # longer than the "___" placeholder
 # De-identification placeholders: "___" in MIMIC-CXR, "XXXX" in the Indiana University (Open-I) reports
 # (Demner-Fushman et al., JAMIA 2016: "XXXX-XXXX", "XXXXXXXX" too), "[**Hospital1 18**]" in MIMIC-II/III
-# notes. IU's is upper case only and a whole word, so "xxxx" in prose and "XXXXL" survive.
+# notes. IU's is upper case only and may touch digits or a unit ("4XXXX", "XXXXPM"), never a letter before it
+# or lower case after it, so "xxxx" in prose and "MAXXXXed" survive.
 _MIMIC_III_PLACEHOLDER = re.compile(r"\[\*\*[^\]\n]*\*\*\]")
-_ONE_PLACEHOLDER = r"(?:__+|(?<![A-Za-z0-9])XXXX+(?:[-/]XXXX+)*(?![A-Za-z0-9]))"
-_PLACEHOLDER_BEFORE_PUNCT = re.compile(rf" {_ONE_PLACEHOLDER}(?: {_ONE_PLACEHOLDER})* ?(?=[.,;:!?)])")
+_ONE_PLACEHOLDER = r"(?:__+|(?<![A-Za-z])XXXX+(?:[-/]XXXX+)*(?![a-z]))"
+_PLACEHOLDER_BEFORE_PUNCT = re.compile(rf"(?: |(?<=\d)){_ONE_PLACEHOLDER}(?: {_ONE_PLACEHOLDER})* ?(?=[.,;:!?)])")
 _PLACEHOLDER_IN_PARENS = re.compile(rf"\({_ONE_PLACEHOLDER}(?: {_ONE_PLACEHOLDER})* ?(?=[.,;:!?)])")
 _PLACEHOLDER = re.compile(_ONE_PLACEHOLDER)
 

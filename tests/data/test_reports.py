@@ -242,6 +242,7 @@ def test_iu_xray_placeholders_are_removed_like_mimic_ones() -> None:
     assert clean_report("Compared to XXXX-XXXX, stable (XXXX). XXXX XXXX are normal.") == (
         "Compared to, stable (). are normal."
     )
-    # Only the upper-case whole word is a placeholder.
-    assert clean_report("Size XXXXL, xxxx and XXX kept.") == "Size XXXXL, xxxx and XXX kept."
+    assert clean_report("Broken 4XXXX, notified at XXXXPM.") == "Broken 4, notified at PM."
+    # Only upper case, and not inside a word.
+    assert clean_report("Sizes xxxx, XXX and MAXXXXed kept.") == "Sizes xxxx, XXX and MAXXXXed kept."
     assert report_text(" FINDINGS: XXXX\n IMPRESSION: Normal.\n") == "Normal."
