@@ -9,10 +9,8 @@ import argparse
 import csv
 import gzip
 import hashlib
-import hmac
 import json
 import os
-import secrets
 import shutil
 import sys
 from collections import Counter
@@ -23,12 +21,32 @@ from typing import TextIO
 from tqdm import tqdm
 
 try:
+    from mmvl.data.deid import (
+        DEFAULT_OPTIONS,
+        OPTIONS,
+        BurnedInAnnotationError,
+        Deidentifier,
+        burned_in_file_reason,
+        check_options,
+    )
     from mmvl.data.manifest import too_wide_for_root
     from mmvl.errors import DataError, MMVLError
 except ImportError:  # run from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from mmvl.data.deid import (
+        DEFAULT_OPTIONS,
+        OPTIONS,
+        BurnedInAnnotationError,
+        Deidentifier,
+        burned_in_file_reason,
+        check_options,
+    )
     from mmvl.data.manifest import too_wide_for_root
     from mmvl.errors import DataError, MMVLError
+
+# ``--deidentify`` (pseudonyms, keyed UIDs and date shifts, PS3.15 Annex E copies of DICOMs) is mmvl.data.deid's
+# Deidentifier; the converters import it from here.
+REPORT_NAME = "deidentification_report.json"
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -192,68 +210,6 @@ def data_root(image_folder: str | None, out_dir: str | os.PathLike) -> dict[str,
     return {"data_root": image_folder}
 
 
-class Deidentifier:
-    """De-identified copies of DICOM files and stable pseudonyms for identifiers (``--deidentify``).
-
-    Pseudonyms are an HMAC-SHA256 of the identifier under a secret key kept in ``key_file`` (created with 32
-    random bytes when missing): the same identifier maps to the same pseudonym on every run with that key,
-    and nobody without it can recompute the mapping from a guessed identifier. Keep the key private, or
-    delete it to make a later run unlinkable. Copies lose every attribute of ``mmvl.data.dicom.PHI_KEYWORDS``
-    and all private tags (PS3.15 E.1-1 Basic Profile, in part); UIDs are replaced by ``2.25.`` UIDs derived
-    the same way, so slices of one series still share theirs.
-    """
-
-    def __init__(self, key_file: str | os.PathLike):
-        key_file = Path(key_file)
-        if not key_file.is_file():
-            key_file.parent.mkdir(parents=True, exist_ok=True)
-            key_file.write_text(secrets.token_hex(32) + "\n")
-            key_file.chmod(0o600)
-        self.key = bytes.fromhex(key_file.read_text().strip())
-
-    def digest(self, value: str) -> bytes:
-        return hmac.new(self.key, value.encode("utf-8"), hashlib.sha256).digest()
-
-    def pseudonym(self, value: str, prefix: str = "anon-") -> str:
-        return prefix + self.digest(value)[:8].hex()
-
-    def uid(self, value: str) -> str:
-        return "2.25." + str(int.from_bytes(self.digest("uid:" + value)[:16], "big"))  # PS3.5 B.2 UUID-derived
-
-    def copy_dicom(self, source: str | os.PathLike, target: str | os.PathLike, study: str) -> None:
-        """Write ``source`` to ``target`` without PHI; ``study`` (the pseudonymous key) becomes PatientID. A file
-        pydicom cannot read or write is a DataError naming it, without pydicom's message (it may quote values)."""
-        try:
-            self._copy_dicom(source, target, study)
-        except Exception as err:  # pydicom raises many types
-            raise DataError(source, f"cannot write a de-identified copy ({type(err).__name__})") from None
-
-    def _copy_dicom(self, source: str | os.PathLike, target: str | os.PathLike, study: str) -> None:
-        import warnings
-
-        import pydicom
-
-        from mmvl.data.dicom import PHI_KEYWORDS
-
-        with warnings.catch_warnings():  # pydicom's warnings quote element values
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(source)
-            for keyword in PHI_KEYWORDS:
-                if keyword in ds:
-                    delattr(ds, keyword)
-            ds.remove_private_tags()
-            for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"):
-                if keyword in ds:
-                    setattr(ds, keyword, self.uid(str(ds[keyword].value)))
-            if "SOPInstanceUID" in ds and getattr(ds, "file_meta", None) is not None:
-                ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            ds.PatientID = ds.PatientName = study
-            ds.PatientIdentityRemoved = "YES"
-            ds.DeidentificationMethod = "mmvl --deidentify: PS3.15 E.1-1 in part"
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
-            ds.save_as(target)
-
-
 def _extension(name: str) -> str:
     """``".nii.gz"`` for a gzipped NIfTI, else the last suffix (``".jpg"``, ``".dcm"``; ``""`` for none)."""
     return ".nii.gz" if name.lower().endswith(".nii.gz") else Path(name).suffix
@@ -261,17 +217,17 @@ def _extension(name: str) -> str:
 
 def deidentified_copy(
     deidentifier: Deidentifier, source: Path, original: str, study_id: str, folder: Path, dicom: bool = False
-) -> Path:
+) -> Path | None:
     """The file a ``--deidentify`` row points at: ``folder/deidentified/<study_id>/<pseudonym of original><ext>``.
 
-    ``original`` is the source's path as the dataset names it (it carries the ids). A DICOM is rewritten
-    without PHI by ``Deidentifier.copy_dicom``; any other file is hard-linked (copied where the file system
+    ``original`` is the source's path as the dataset names it (it carries the ids). A DICOM is rewritten to
+    PS3.15 Annex E by ``Deidentifier.copy_dicom`` (None when refused for burnt-in text: the de-identification
+    report lists it by its pseudonymous path); any other file is hard-linked (copied where the file system
     cannot link), replacing what a previous run left there. The MIMIC-CXR, CheXpert and CT-RATE converters use it.
     """
     target = folder / "deidentified" / study_id / (deidentifier.pseudonym(original, "") + _extension(source.name))
     if dicom:
-        deidentifier.copy_dicom(source, target, study_id)
-        return target
+        return copy_dicom_or_none(deidentifier, source, target, study_id, folder)
     if target.exists() and os.path.samefile(source, target):
         return target  # linked by an earlier run
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -283,6 +239,68 @@ def deidentified_copy(
         shutil.copy2(source, partial)
     os.replace(partial, target)
     return target
+
+
+def copy_dicom_or_none(deidentifier: Deidentifier, source: Path, target: Path, study_id: str,
+                       folder: Path) -> Path | None:
+    """``deidentifier.copy_dicom`` into ``target``; None when the image is refused for burnt-in text, which the
+    report lists by ``target``'s pseudonymous path below ``folder``."""
+    label = Path(os.path.relpath(target, folder)).as_posix()
+    try:
+        return deidentifier.copy_dicom(source, target, study_id, label=label)
+    except BurnedInAnnotationError:
+        target.unlink(missing_ok=True)  # a copy an earlier run (allowing burnt-in images) left
+        return None
+
+
+def refused_series(deidentifier: Deidentifier, paths: Iterable[Path], series: Path, folder: Path) -> bool:
+    """True (and the series listed in the report by its pseudonymous folder) when any file of a series may show
+    text in its pixels and burnt-in images are not allowed: checked before copying, so no slice of it is."""
+    reasons = sorted({burned_in_file_reason(path) for path in paths} - {None})
+    if not reasons or deidentifier.allow_burned_in:
+        return False
+    deidentifier.report.refuse(reasons[0], Path(os.path.relpath(series, folder)).as_posix() + "/")
+    shutil.rmtree(series, ignore_errors=True)  # what an earlier run allowing burnt-in images left
+    return True
+
+
+def deid_options(text: str) -> list[str]:
+    """``--deid-options``: a comma list of ``mmvl.data.deid.OPTIONS``, or ``none`` for the Basic Profile alone."""
+    try:
+        return list(check_options([] if text.strip().lower() == "none" else comma_list(text)))
+    except MMVLError as err:  # argparse: usage error, exit code 2
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_dicom_deid_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--deid-options`` and ``--allow-burned-in``, for converters whose ``--deidentify`` rewrites DICOMs."""
+    parser.add_argument("--deid-options", type=deid_options, default=list(DEFAULT_OPTIONS),
+                        help="with --deidentify: PS3.15 options on top of the Basic Profile, comma-separated, or "
+                        f"'none' ({', '.join(OPTIONS)}; default {','.join(DEFAULT_OPTIONS)})")
+    parser.add_argument("--allow-burned-in", action="store_true",
+                        help="with --deidentify: copy images that may show text in their pixels (BurnedInAnnotation "
+                        "YES, secondary captures) too, checked by eye first; by default they are refused and listed")
+
+
+def write_deid_report(deidentifier: Deidentifier | None, folder: Path) -> dict:
+    """``{"deidentification": report, "deidentification_report": path}`` after DICOMs were de-identified (the
+    report, written to ``folder``, holds counts and pseudonymous paths only), else ``{}``."""
+    if deidentifier is None or not (deidentifier.report.files or deidentifier.report.refused):
+        return {}
+    path = Path(folder) / REPORT_NAME
+    deidentifier.report.write(path)
+    return {"deidentification": deidentifier.report.to_dict(), "deidentification_report": str(path)}
+
+
+def deid_summary(counts: Mapping) -> str:
+    """The summary's de-identification line ("" when no DICOM was de-identified)."""
+    report = counts.get("deidentification")
+    if not report:
+        return ""
+    refused = sum(len(labels) for labels in report["refused"].values())
+    return (f"  de-identified {sum(report['files'].values())} DICOM files ({'; '.join(report['profile'])}); "
+            f"refused {refused} that may show text in their pixels (--allow-burned-in copies them); report: "
+            f"{counts['deidentification_report']}")
 
 
 def progress_bar(items: Iterable, enabled: bool, **tqdm_options) -> tqdm:

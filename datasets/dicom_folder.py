@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import warnings
 from collections import Counter
@@ -29,18 +30,25 @@ except ImportError:  # run as `python datasets/dicom_folder.py` from a checkout 
 if str(HERE) not in sys.path:  # imported by path (as the tests do): find _converter.py beside this script
     sys.path.insert(0, str(HERE))
 from _converter import (  # noqa: E402
+    DEFAULT_OPTIONS,
     SPLIT_NAMES,
     Deidentifier,
     ManifestWriter,
     add_common_arguments,
+    add_dicom_deid_arguments,
     check_fractions,
+    check_options,
     comma_list,
+    copy_dicom_or_none,
+    deid_summary,
     format_summary,
     hashed_split,
     parse_label,
     progress_bar,
     read_csv,
+    refused_series,
     run_cli,
+    write_deid_report,
 )
 from mimic_cxr import study_summary  # noqa: E402
 
@@ -188,6 +196,8 @@ def convert(
     progress: bool = True,
     deidentify: bool = False,
     pseudonym_key: str | os.PathLike | None = None,
+    deid_options: Sequence[str] = DEFAULT_OPTIONS,
+    allow_burned_in: bool = False,
 ) -> dict:
     """Write the manifest (``out``: a ``.jsonl`` path or a folder) and ``train/val/test.jsonl``; return counts.
 
@@ -200,10 +210,14 @@ def convert(
     (3d)}, "skipped_files": {reason: files}, "unreadable_examples", "unused_reports", "manifest"}``; see
     ``SKIP_REASONS`` and ``FILE_SKIP_REASONS``.
 
-    ``deidentify``: rows point at de-identified copies under ``<manifest folder>/deidentified/`` (see
-    ``_converter.Deidentifier``; one folder per study and series) and ``study_id`` is a stable pseudonym of
-    the key, made with the secret in ``pseudonym_key`` (default ``<manifest folder>/pseudonym.key``).
+    ``deidentify``: rows point at copies de-identified to PS3.15 Annex E with ``deid_options`` under
+    ``<manifest folder>/deidentified/`` (see ``mmvl.data.deid.Deidentifier``; one folder per study and series)
+    and ``study_id`` is a stable pseudonym of the key, made with the secret in ``pseudonym_key`` (default
+    ``<manifest folder>/pseudonym.key``). Images that may show text in their pixels are left out (a 3d series
+    with any such slice as a whole) unless ``allow_burned_in``; ``deidentification_report.json`` beside the
+    manifest counts what was done and lists them; the counts add it as ``deidentification``.
     """
+    check_options(deid_options)  # a misspelt option is an error even before the first DICOM
     if match not in MATCHES:
         raise MMVLError(f"match={match!r}: choose one of {MATCHES}")
     if kind not in KINDS:
@@ -266,15 +280,21 @@ def convert(
             study_id = key
             if deidentify:
                 if deidentifier is None:
-                    deidentifier = Deidentifier(pseudonym_key or writer.folder / "pseudonym.key")
+                    deidentifier = Deidentifier(pseudonym_key or writer.folder / "pseudonym.key",
+                                                options=deid_options, allow_burned_in=allow_burned_in)
                 study_id = deidentifier.pseudonym(key)
             if kind == "2d":
                 paths = [_deidentified_copy(deidentifier, [dicom], dicom.path, None, study_id, writer.folder)
                          if deidentify else dicom.path for dicom in members]
-                row = {"image": [writer.relative(path) for path in paths], "report": report.text}
+                members = [dicom for dicom, path in zip(members, paths) if path is not None]
+                if not members:  # every image refused for burnt-in text: listed in the de-identification report
+                    continue
+                row = {"image": [writer.relative(path) for path in paths if path is not None], "report": report.text}
             else:
                 if deidentify:
                     image = _deidentified_copy(deidentifier, members, image, series_uid, study_id, writer.folder)
+                    if image is None:  # refused for burnt-in text: listed in the de-identification report
+                        continue
                     series_uid = None  # the copy's folder holds this series alone
                 row = {"image": writer.relative(image), "report": report.text}
             if report.labels is not None:
@@ -286,7 +306,7 @@ def convert(
             if kind == "2d" and any(dicom.view for dicom in members):
                 row["views"] = [dicom.view for dicom in members]
             writer.write(row)
-            written += weight
+            written += len(members) if kind == "2d" else 1
         writer.require_rows(root, {**skipped_files, **skipped})
     return writer.counts(
         skipped,
@@ -294,20 +314,26 @@ def convert(
         skipped_files=dict(skipped_files),
         unreadable_examples=unreadable,
         unused_reports=len(report_of.keys() - used_keys),
+        **write_deid_report(deidentifier, writer.folder),
     )
 
 
 def _deidentified_copy(deidentifier: Deidentifier, members: list[DicomFile], image: Path, series_uid: str | None,
-                       study_id: str, folder: Path) -> Path:
-    """Copy a row's files without PHI; returns what the row points at (the file, or the series folder)."""
+                       study_id: str, folder: Path) -> Path | None:
+    """Copy a row's files to PS3.15 Annex E; returns what the row points at (the file, or the series folder), or
+    None when refused for burnt-in text (a series as a whole, so no row points at a series with gaps)."""
     base = folder / "deidentified" / study_id
     if series_uid is None:  # 2d: one file
         target = base / (deidentifier.pseudonym(str(image), "") + ".dcm")
-        deidentifier.copy_dicom(image, target, study_id)
-        return target
+        return copy_dicom_or_none(deidentifier, image, target, study_id, folder)
     series = base / deidentifier.pseudonym(series_uid, "series-")
+    if refused_series(deidentifier, [dicom.path for dicom in members], series, folder):
+        return None
     for dicom in members:
-        deidentifier.copy_dicom(dicom.path, series / (deidentifier.pseudonym(str(dicom.path), "") + ".dcm"), study_id)
+        target = series / (deidentifier.pseudonym(str(dicom.path), "") + ".dcm")
+        if copy_dicom_or_none(deidentifier, dicom.path, target, study_id, folder) is None:
+            shutil.rmtree(series, ignore_errors=True)
+            return None
     return series
 
 
@@ -337,11 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-fraction", type=float, default=0.1, help="hashed split: share of keys in test")
     parser.add_argument("--min-slices", type=int, default=16, help="3d: skip series with fewer slices (default 16)")
     parser.add_argument("--deidentify", action="store_true",
-                        help="point rows at copies without names, ids, dates of birth, accession numbers, "
-                        "institutions, physicians and private tags, under <out>/deidentified/, with pseudonymous "
-                        "study ids and UIDs")
+                        help="point rows at copies de-identified to DICOM PS3.15 Annex E (see tools/deidentify.py) "
+                        "under <out>/deidentified/, with pseudonymous study ids and UIDs")
     parser.add_argument("--pseudonym-key", help="secret key file for --deidentify's stable pseudonyms "
                         "(default <out>/pseudonym.key, created when missing; keep it private)")
+    add_dicom_deid_arguments(parser)
     add_common_arguments(parser)
     return parser
 
@@ -355,6 +381,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if counts["unreadable_examples"]:
         print("  unreadable, e.g.: " + "; ".join(counts["unreadable_examples"]))
     print(f"  reports matching no {unit}: {counts['unused_reports']}")
+    if deid_summary(counts):
+        print(deid_summary(counts))
     return counts
 
 

@@ -30,7 +30,17 @@ except ImportError:  # run as `python datasets/mimic_cxr.py` from a checkout tha
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # imported by path (as the tests do): find _converter.py beside this script
     sys.path.insert(0, str(HERE))
-from _converter import Deidentifier, data_root, deidentified_copy, format_summary  # noqa: E402
+from _converter import (  # noqa: E402
+    DEFAULT_OPTIONS,
+    Deidentifier,
+    add_dicom_deid_arguments,
+    check_options,
+    data_root,
+    deid_summary,
+    deidentified_copy,
+    format_summary,
+    write_deid_report,
+)
 
 # The 14 CheXpert observations of mimic-cxr-2.0.0-chexpert.csv.gz (Irvin et al., AAAI 2019).
 CHEXPERT_LABELS = (
@@ -159,6 +169,8 @@ def convert(
     progress: bool = True,
     deidentify: bool = False,
     pseudonym_key: str | os.PathLike | None = None,
+    deid_options: Sequence[str] = DEFAULT_OPTIONS,
+    allow_burned_in: bool = False,
 ) -> dict:
     """Write the manifest ``out`` (and ``train/val/test.jsonl`` in its folder); return the counts.
 
@@ -170,10 +182,13 @@ def convert(
     ``SKIP_REASONS``.
 
     ``deidentify``: ``study_id`` becomes a stable pseudonym of ``s<study>`` and rows point at copies under
-    ``<manifest folder>/deidentified/<study pseudonym>/`` (hard links to the JPEGs, DICOMs rewritten without
-    PHI by ``_converter.Deidentifier``), named by a pseudonym of their PhysioNet path, so no subject, study or
-    dicom id is written; the key is ``pseudonym_key`` (default ``<manifest folder>/pseudonym.key``).
+    ``<manifest folder>/deidentified/<study pseudonym>/`` (hard links to the JPEGs, DICOMs rewritten to PS3.15
+    Annex E by ``mmvl.data.deid.Deidentifier`` with ``deid_options``), named by a pseudonym of their PhysioNet
+    path, so no subject, study or dicom id is written; the key is ``pseudonym_key`` (default ``<manifest
+    folder>/pseudonym.key``). DICOMs that may show text in their pixels are left out unless ``allow_burned_in``;
+    ``deidentification_report.json`` beside the manifest counts what was done and lists them.
     """
+    check_options(deid_options)  # a misspelt option is an error even before the first DICOM
     if ext not in EXTENSIONS:
         raise MMVLError(f"ext={ext!r}: choose one of {EXTENSIONS}")
     if uncertain not in UNCERTAIN_POLICIES:
@@ -248,23 +263,29 @@ def convert(
             study_id = f"s{study}"
             if deidentify:
                 if deidentifier is None:
-                    deidentifier = Deidentifier(pseudonym_key or out_dir / "pseudonym.key")
+                    deidentifier = Deidentifier(pseudonym_key or out_dir / "pseudonym.key", options=deid_options,
+                                                allow_burned_in=allow_burned_in)
                 study_id = deidentifier.pseudonym(study_id)
-            paths = []
-            for dicom_id, _view in present:
+            paths, views_written = [], []
+            for dicom_id, view in present:
                 image_path = image_files / study_dir / f"{dicom_id}.{ext}"
                 if deidentify:
                     original = (study_dir / image_path.name).as_posix()  # p10/p10000032/s50414267/<dicom_id>.jpg
                     image_path = deidentified_copy(deidentifier, image_path, original, study_id, out_dir, ext == "dcm")
+                    if image_path is None:  # refused for burnt-in text: listed in the de-identification report
+                        continue
+                views_written.append(view)
                 folder = os.path.dirname(os.path.abspath(image_path))
                 image_folder = folder if image_folder is None else os.path.commonpath([image_folder, folder])
                 paths.append(Path(os.path.relpath(os.path.abspath(image_path), out_dir)).as_posix())
+            if not paths:
+                continue
             row: dict = {"image": paths, "report": text}
             if chexpert is not None:  # a study the labeller skipped gets no labels, not all-negative ones
                 values = labels_of.get(study, ())
                 row["labels"] = apply_uncertain_policy(label_names, values, uncertain)
             # (0018,5101) ViewPosition as the metadata CSV gives it; None where it is blank
-            row.update(split=splits[0], study_id=study_id, views=[view or None for _dicom_id, view in present])
+            row.update(split=splits[0], study_id=study_id, views=[view or None for view in views_written])
             line = json.dumps(row, ensure_ascii=False) + "\n"
             handles[out].write(line)
             handles[split_paths[row["split"]]].write(line)
@@ -289,6 +310,7 @@ def convert(
         "skipped": dict(skipped),
         "manifest": str(out),
         **data_root(image_folder, out_dir),
+        **write_deid_report(deidentifier, out_dir),
     }
 
 
@@ -336,11 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, help="stop after this many studies (for a quick try)")
     parser.add_argument("--deidentify", action="store_true",
                         help="pseudonymous study ids, and rows pointing at copies under <out folder>/deidentified/ "
-                        "named by pseudonyms (hard links to JPEGs; DICOMs rewritten without names, ids, dates of "
-                        "birth, accession numbers, institutions, physicians and private tags): no subject, study "
-                        "or dicom id in the manifest")
+                        "named by pseudonyms (hard links to JPEGs; DICOMs de-identified to DICOM PS3.15 Annex E, "
+                        "see tools/deidentify.py): no subject, study or dicom id in the manifest")
     parser.add_argument("--pseudonym-key", help="secret key file for --deidentify's stable pseudonyms "
                         "(default <out folder>/pseudonym.key, created when missing; keep it private)")
+    add_dicom_deid_arguments(parser)
     parser.add_argument("--out", required=True, help="manifest to write, e.g. data/mimic_cxr/manifest.jsonl")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -364,12 +386,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
             progress=not args.no_progress,
             deidentify=args.deidentify,
             pseudonym_key=args.pseudonym_key,
+            deid_options=args.deid_options,
+            allow_burned_in=args.allow_burned_in,
         )
     except MMVLError as err:
         sys.exit(f"error: {err}")
     print(study_summary(counts, "images"))
     if counts.get("data_root_problem"):
         print(f"  {counts['data_root_problem']}")
+    if deid_summary(counts):
+        print(deid_summary(counts))
     return counts
 
 

@@ -231,6 +231,16 @@ def burned_in_reason(ds: Dataset) -> str | None:
     return None
 
 
+def burned_in_file_reason(path: str | os.PathLike) -> str | None:
+    """``burned_in_reason`` of a file's header (None where pydicom cannot read it: copying it then says so)."""
+    try:
+        with warnings.catch_warnings():  # pydicom's warnings quote element values
+            warnings.simplefilter("ignore")
+            return burned_in_reason(pydicom.dcmread(path, stop_before_pixels=True))
+    except Exception:  # pydicom raises many types
+        return None
+
+
 class Deidentifier:
     """DICOM PS3.15 Annex E de-identification keyed by a secret (``--deidentify``, ``tools/deidentify.py``).
 

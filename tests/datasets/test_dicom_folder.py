@@ -339,7 +339,9 @@ def test_deidentify_copies_without_phi_and_stable_pseudonyms(
     if kind == "2d":
         ds = pydicom.dcmread(copy)
         assert ds.PatientIdentityRemoved == "YES" and ds.PatientID == rows[0]["study_id"]
-        assert "PatientBirthDate" not in ds and "AccessionNumber" not in ds and "InstitutionName" not in ds
+        # PS3.15 Table E.1-1: Z (kept, empty) for the birth date and accession number, X for the institution
+        assert not ds.PatientBirthDate and not ds.AccessionNumber and "InstitutionName" not in ds
+        assert {item.CodeValue for item in ds.DeidentificationMethodCodeSequence} == {"113100", "113107", "113105"}
     else:  # the fixture's slices carry no geometry, so check the series stays one series
         uids = {str(pydicom.dcmread(p).SeriesInstanceUID) for p in copy.iterdir()}
         assert len(uids) == 1 and uids.pop().startswith("2.25.")
@@ -359,3 +361,68 @@ def test_deidentified_copy_of_an_unwritable_file_is_a_data_error_without_its_con
         deidentifier.copy_dicom(bad, tmp_path / "out" / "x.dcm", "anon-1")
     assert info.value.path == str(bad) and "SECRETNAME" not in str(info.value)
     assert not (tmp_path / "out" / "x.dcm").exists()
+
+
+def test_deidentify_refuses_burned_in_images_and_reports_without_phi(
+    tmp_path: Path, make_dicom, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--deidentify goes through mmvl.data.deid: dates, times, comments and descriptions planted where the old
+    copy kept them are gone; an image with BurnedInAnnotation YES and a secondary capture are left out of the
+    rows (listed in the report by pseudonymous path) unless --allow-burned-in; the report names no one."""
+    import json
+
+    import pydicom
+
+    pixels = np.zeros((4, 4), np.uint16)
+    planted = dict(StudyDate="20190314", StudyTime="101530", AcquisitionDateTime="20190314101745",
+                   ImageComments="pt John Smith MRN 123456", StudyDescription="CXR for Johnathan Smithplanted",
+                   ContentCreatorName="Creatorplanted^Alice", PatientAge="069Y", BurnedInAnnotation="NO")
+    make_dicom("cxr/P1/1.dcm", pixels, **planted)
+    make_dicom("cxr/P1/2.dcm", pixels, **{**planted, "BurnedInAnnotation": "YES"})
+    make_dicom("cxr/P2/1.dcm", pixels, **{**planted, "SOPClassUID": pydicom.uid.SecondaryCaptureImageStorage})
+    reports = write_csv(tmp_path / "r.csv", ["study_id", "report"], [["P1", "One."], ["P2", "Two."]])
+    argv = [str(tmp_path / "cxr"), "--reports", str(reports), "--deidentify", "--no-progress"]
+    counts = dicom_folder.main([*argv, "--out", str(tmp_path / "a")])
+    rows = read_jsonl(tmp_path / "a" / "manifest.jsonl")
+    assert [len(row["image"]) for row in rows] == [1] and counts["images"] == 1  # P2 had only the capture
+    report = json.loads((tmp_path / "a" / "deidentification_report.json").read_text())
+    assert report == counts["deidentification"]
+    refused = report["refused"]
+    assert sorted(refused) == ["BurnedInAnnotation YES", "secondary capture or document SOP class"]
+    assert all(re.fullmatch(r"deidentified/anon-[0-9a-f]{16}/[0-9a-f]{16}\.dcm", label)
+               for labels in refused.values() for label in labels)
+    output = _all_bytes(tmp_path / "a")
+    for value in ("20190314", "101530", "John Smith", "123456", "Johnathan", "Smithplanted", "Creatorplanted",
+                  "069Y", "PID-SECRET-0001", "SECRET", "P1/", "P2/"):
+        assert value.encode() not in output, value
+    assert not list((tmp_path / "a" / "deidentified").rglob("*.tmp"))
+    allowed = dicom_folder.main([*argv, "--out", str(tmp_path / "b"), "--allow-burned-in", "--deid-options", "none"])
+    assert allowed["images"] == 3 and not allowed["deidentification"]["refused"]
+    copies = [pydicom.dcmread(p) for p in sorted((tmp_path / "b" / "deidentified").rglob("*.dcm"))]
+    assert sorted(ds.PatientIdentityRemoved for ds in copies) == ["NO", "NO", "YES"]  # pixels may show names
+    assert all(not ds.StudyDate and ds.LongitudinalTemporalInformationModified == "REMOVED" for ds in copies)
+    with pytest.raises(SystemExit) as info:
+        dicom_folder.main([*argv, "--out", str(tmp_path / "c"), "--deid-options", "keep_names"])
+    assert info.value.code == 2 and "'keep_names' is unknown" in capsys.readouterr().err
+    with pytest.raises(MMVLError, match="'keep_names' is unknown"):  # the API checks before reading anything
+        dicom_folder.convert(tmp_path / "cxr", reports, tmp_path / "d", deid_options=["keep_names"])
+
+
+def test_deidentify_3d_refuses_a_series_with_any_burned_in_slice(tmp_path: Path, make_dicom) -> None:
+    import json
+
+    pixels = np.zeros((4, 4), np.uint16)
+    for study, burned in (("S1", True), ("S2", False)):
+        for n in range(2):
+            make_dicom(f"ct/{study}/{n}.dcm", pixels, Modality="CT", InstanceNumber=n + 1,
+                       SeriesInstanceUID=f"1.2.826.0.1.3680043.10.998.{study[1]}", BurnedInAnnotation=(
+                           "YES" if burned and n == 1 else "NO"))
+    reports = write_csv(tmp_path / "r.csv", ["study_id", "report"], [["S1", "One."], ["S2", "Two."]])
+    counts = dicom_folder.main([str(tmp_path / "ct"), "--reports", str(reports), "--kind", "3d", "--min-slices", "1",
+                                "--deidentify", "--no-progress", "--out", str(tmp_path / "out")])
+    assert counts["rows"] == 1 and read_jsonl(tmp_path / "out" / "manifest.jsonl")[0]["report"] == "Two."
+    assert len(list((tmp_path / "out" / "deidentified").rglob("*.dcm"))) == 2  # S2's slices; none of S1's
+    report = json.loads((tmp_path / "out" / "deidentification_report.json").read_text())
+    [label] = report["refused"]["BurnedInAnnotation YES"]
+    assert re.fullmatch(r"deidentified/anon-[0-9a-f]{16}/series-[0-9a-f]{16}/", label)
+    assert report["files"] == {"CT Digital X-Ray Image Storage - For Presentation": 2}
