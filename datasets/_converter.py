@@ -21,28 +21,19 @@ from typing import TextIO
 from tqdm import tqdm
 
 try:
-    from mmvl.data.deid import (
-        DEFAULT_OPTIONS,
-        OPTIONS,
-        BurnedInAnnotationError,
-        Deidentifier,
-        burned_in_file_reason,
-        check_options,
-    )
-    from mmvl.data.manifest import too_wide_for_root
-    from mmvl.errors import DataError, MMVLError
+    import mmvl  # noqa: F401
 except ImportError:  # run from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from mmvl.data.deid import (
-        DEFAULT_OPTIONS,
-        OPTIONS,
-        BurnedInAnnotationError,
-        Deidentifier,
-        burned_in_file_reason,
-        check_options,
-    )
-    from mmvl.data.manifest import too_wide_for_root
-    from mmvl.errors import DataError, MMVLError
+from mmvl.data.deid import (
+    DEFAULT_OPTIONS,
+    OPTIONS,
+    BurnedInAnnotationError,
+    Deidentifier,
+    burned_in_file_reason,
+    check_options,
+)
+from mmvl.data.manifest import too_wide_for_root
+from mmvl.errors import DataError, MMVLError
 
 # ``--deidentify`` (pseudonyms, keyed UIDs and date shifts, PS3.15 Annex E copies of DICOMs) is mmvl.data.deid's
 # Deidentifier; the converters import it from here.

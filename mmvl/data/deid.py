@@ -324,6 +324,7 @@ class Deidentifier:
             "MODIFIED" if "retain_longitudinal_dates" in self.options else "REMOVED")
 
     def _walk(self, ds: Dataset, offset: datetime.timedelta, actions: Counter) -> None:
+        """The profile on every element of ``ds`` and, below kept sequences, of their items; counts in ``actions``."""
         paired_times: set[BaseTag] = set()
         for element in list(ds):
             tag = element.tag
@@ -334,40 +335,14 @@ class Deidentifier:
                 continue
             keyword = element.keyword or f"({tag.group:04X},{tag.element:04X})"
             action = self._action(element, keyword)
-            if action == "removed":
-                del ds[tag]
-            elif action == "emptied":
-                element.value = _empty_value(element.VR)
-            elif action == "replaced":
-                if element.VR == "SQ":
-                    element.value = DicomSequence([])
-                elif element.VR == "UI":
-                    action = "uid replaced"
-                    self._replace_uid(element)
-                else:
-                    try:
-                        replace_element(element)  # a dummy value of the VR: "ANONYMIZED", 00010101, 000Y, 0
-                    except NotImplementedError:  # a VR dicom-anonymizer has no dummy for (OW, AT, ...)
-                        del ds[tag]
-                        action = "removed"
-            elif action == "uid replaced":
-                self._replace_uid(element)
-            elif action == "date shifted":
-                if not self._shift(ds, element, offset, paired_times):
-                    del ds[tag]
-                    action = "removed (not a date)"
-            elif action == "descriptor":
+            if action == "descriptor":
                 if _clean_descriptor(element.value):
                     action = "cleaned: kept"
                 else:  # not known to be clean: what the Basic Profile does to it
-                    action = self._basic_action(element, keyword)
-                    if action == "removed":
-                        del ds[tag]
-                    elif action == "emptied":
-                        element.value = _empty_value(element.VR)
-                    elif action == "replaced":
-                        element.value = "ANONYMIZED"  # descriptors are text VRs (LO, ST, LT)
-                    action = "not clean: " + action
+                    action = "not clean: " + self._apply(ds, element, self._basic_action(element, keyword), offset,
+                                                         paired_times)
+            else:
+                action = self._apply(ds, element, action, offset, paired_times)
             if action != "keep":
                 actions[f"{keyword}: {action}"] += 1
             if tag in ds and element.VR == "SQ":  # kept or device-retained sequences: the profile runs inside
@@ -378,6 +353,31 @@ class Deidentifier:
         for tag in [tag for tag in ds.keys() if tag.is_private_creator]:
             if (tag.group, tag.element << 8) not in blocks:  # a creator left without attributes
                 del ds[tag]
+
+    def _apply(self, ds: Dataset, element: DataElement, action: str, offset: datetime.timedelta,
+               paired_times: set[BaseTag]) -> str:
+        """Do ``action`` to ``element`` of ``ds``; returns what was done (it differs where a value could not take
+        the planned action: a UID's dummy is a keyed UID, an unparseable date is removed)."""
+        if action == "removed":
+            del ds[element.tag]
+        elif action == "emptied":
+            element.value = _empty_value(element.VR)
+        elif action == "uid replaced" or (action == "replaced" and element.VR == "UI"):
+            self._replace_uid(element)
+            return "uid replaced"
+        elif action == "replaced":
+            if element.VR == "SQ":
+                element.value = DicomSequence([])
+            else:
+                try:
+                    replace_element(element)  # a dummy value of the VR: "ANONYMIZED", 00010101, 000Y, 0
+                except NotImplementedError:  # a VR dicom-anonymizer has no dummy for (OW, AT, ...)
+                    del ds[element.tag]
+                    return "removed"
+        elif action == "date shifted" and not self._shift(ds, element, offset, paired_times):
+            del ds[element.tag]
+            return "removed (not a date)"
+        return action
 
     def _action(self, element: DataElement, keyword: str) -> str:
         """The one action for ``element``: the Basic Profile code of Table E.1-1, overridden by the options."""
