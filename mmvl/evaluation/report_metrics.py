@@ -1,5 +1,6 @@
-"""Metrics for generated reports: BLEU-1..4, METEOR, ROUGE-L and CIDEr (pycocoevalcap), and finding F1 from a
-keyword labeller with negation.
+"""Metrics for generated reports: BLEU-1..4, METEOR, ROUGE-L and CIDEr (pycocoevalcap), and finding F1 from the
+rule-based report labeller (:mod:`mmvl.evaluation.labeller`; clinical efficacy in
+:mod:`mmvl.evaluation.clinical_efficacy`).
 
 BLEU and ROUGE-L come from pycocoevalcap, the captioning reference implementation (mmvl's own ones agreed with it
 to 1e-9 on fixed inputs and were removed). Where one n-gram order has no match anywhere in the corpus, its
@@ -18,6 +19,8 @@ import shutil
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+from mmvl.evaluation.labeller import OBSERVATIONS, POSITIVE, UNCERTAIN, label_observations, unreadable
 
 _WORD = re.compile(r"[a-z0-9]+")
 TOKENIZERS = ("auto", "ptb", "simple")
@@ -184,50 +187,35 @@ def caption_metrics(hypotheses: Sequence[str], references: Sequence[str | Sequen
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Keyword finding labeller
+# Finding labels read from report text (mmvl.evaluation.labeller)
 # ---------------------------------------------------------------------------------------------------------
 
-# Mentions of each finding, as worded in chest X-ray reports (and in datasets/synthetic.py's templates).
-FINDING_PATTERNS: dict[str, tuple[str, ...]] = {
-    "pleural effusion": (r"effusions?", r"pleural fluid", r"hydrothora(?:x|ces)"),
-    "cardiomegaly": (
-        r"cardiomegaly",
-        r"(?:heart|cardiac silhouette|cardiac shadow) (?:is|appears) (?:(?!not\b)\w+ )?enlarged",
-        r"enlarged (?:heart|cardiac silhouette)",
-        r"enlargement of the (?:heart|cardiac silhouette)",
-    ),
-    "pneumothorax": (r"pneumothora(?:x|ces)", r"pleural air"),
-    "nodule": (r"nodules?", r"nodular", r"rounded opacit(?:y|ies)"),
-}
-# NegEx-style cues (Chapman et al. 2001): before the mention in its clause, or after it.
-# ("absent" is no cue before a mention: "absent lung markings ..., consistent with a pneumothorax".)
-_NEGATION_BEFORE = re.compile(r"\b(?:no|not|without|negative for|free of|absence of|resolution of|rule out)\b")
-_NEGATION_AFTER = re.compile(r"^\W*(?:\w+\W+){0,3}?(?:(?:is|are|was|were) (?:not|no longer)|(?:has |have )?resolved"
-                             r"|absent)\b")
-# Clauses end at sentence punctuation (not a decimal point) and at words that turn the sentence round or start
-# a new statement; a comma does not end one ("no focal consolidation, effusion, or pneumothorax").
-_CLAUSE_END = re.compile(r"(?<!\d)[.!?;](?!\d)|\n|\b(?:but|however|although|though|whereas|except|there (?:is|are))\b")
-_COMPILED = {name: re.compile(r"\b(?:" + "|".join(patterns) + r")\b") for name, patterns in FINDING_PATTERNS.items()}
+UNCERTAIN_POLICIES = ("positive", "negative")
 
 
-def label_report(text: str, findings: Iterable[str] | None = None) -> dict[str, int]:
-    """``{finding: 1}`` when the report affirms the finding in at least one clause, else 0 (negated, as in
-    "no pleural effusion or pneumothorax" / "without pneumothorax" / "pneumothorax is not seen", or absent)."""
-    names = list(FINDING_PATTERNS if findings is None else findings)
-    unknown = [name for name in names if name not in _COMPILED]
-    if unknown:
-        raise ValueError(f"label_report: no keywords for {unknown}; known findings: {sorted(FINDING_PATTERNS)}")
-    labels = dict.fromkeys(names, 0)
-    for clause in _CLAUSE_END.split(" ".join(text.lower().split())):
-        for name in names:
-            if labels[name]:
-                continue
-            for mention in _COMPILED[name].finditer(clause):
-                before, after = clause[: mention.start()], clause[mention.end():]
-                if not _NEGATION_BEFORE.search(before) and not _NEGATION_AFTER.match(after):
-                    labels[name] = 1
-                    break
-    return labels
+def binary_label(value: int | None, uncertain: str = "positive") -> int:
+    """1 for a positive reading, 0 for negative or not mentioned, and for an uncertain one 1 (``"positive"``, the
+    policy of the clinical-efficacy papers: R2Gen, CXRMate, LLaVA-Rad) or 0 (``"negative"``)."""
+    if uncertain not in UNCERTAIN_POLICIES:
+        raise ValueError(f"uncertain must be one of {UNCERTAIN_POLICIES}, got {uncertain!r}")
+    if value == UNCERTAIN:
+        return int(uncertain == "positive")
+    return int(value == POSITIVE)
+
+
+def label_report(text: str, findings: Iterable[str] | None = None, uncertain: str = "positive") -> dict[str, int]:
+    """``{finding: 1}`` when the report affirms the finding (:func:`mmvl.evaluation.labeller.label_observations`:
+    a positive mention, or an uncertain one under ``uncertain="positive"``), else 0 (negated, as in "no pleural
+    effusion or pneumothorax" / "clear of ... effusion" / "effusion has resolved", or not mentioned).
+
+    ``findings``: label names as manifests spell them ("pleural effusion", "nodule", "Lung Opacity"; default the
+    labeller's observations in lower case), keys of the result; a name it has no rules for is a ValueError.
+    """
+    names = [name.lower() for name in OBSERVATIONS] if findings is None else list(findings)
+    missing = unreadable(names)
+    if missing:
+        raise ValueError(f"label_report: no rules for {missing}; known findings: {[n.lower() for n in OBSERVATIONS]}")
+    return {name: binary_label(value, uncertain) for name, value in label_observations(text, names).items()}
 
 
 def _canonical(name: str) -> str:
@@ -235,13 +223,12 @@ def _canonical(name: str) -> str:
 
 
 def truth_labels(labels: Mapping[str, Any] | None) -> dict[str, int]:
-    """Manifest labels of the findings the labeller knows (names matched case-insensitively); unknown values
-    (None, -1, NaN) are left out."""
+    """Manifest labels with a known value, names lower-cased with spaces for underscores; unknown values (None,
+    -1, NaN) are left out. Names the labeller cannot read are kept (:func:`finding_f1` names them)."""
     out = {}
     for name, value in (labels or {}).items():
-        key = _canonical(name)
-        if key in FINDING_PATTERNS and value is not None and value == value and int(value) in (0, 1):
-            out[key] = int(value)
+        if value is not None and value == value and int(value) in (0, 1):
+            out[_canonical(name)] = int(value)
     return out
 
 
@@ -269,25 +256,34 @@ def finding_f1(
     generated: Sequence[str],
     labels: Sequence[Mapping[str, Any] | None],
     reference_labels: Sequence[Mapping[str, Any] | None] | None = None,
+    uncertain: str = "positive",
 ) -> dict[str, Any]:
     """Per-finding and micro precision/recall/F1 of the findings :func:`label_report` reads in ``generated``
     against the true ``labels``, and the same for two constant baselines: the majority class, each finding
     predicted as its most common value in ``reference_labels`` (e.g. the training labels; default ``labels``
     themselves), which scores 0 for any finding present in under half of the studies; and every finding
     predicted present, whose F1 is ``2p / (1 + p)`` at prevalence ``p`` (the best constant F1).
+
+    ``labels`` lists every label name with a known value; ``findings`` those scored, ``unreadable`` those the
+    labeller has no rules for (not scored, never silently dropped). ``uncertain`` maps an uncertain reading.
     """
     if len(generated) != len(labels):
         raise ValueError(f"finding_f1: {len(generated)} reports but {len(labels)} label sets")
     truth = [truth_labels(row) for row in labels]
-    findings = [name for name in FINDING_PATTERNS if any(name in row for row in truth)]
-    predicted = [label_report(text, findings) for text in generated]
+    names = list(dict.fromkeys(name for row in truth for name in row))
+    missing = unreadable(names)
+    findings = [name for name in names if name not in missing]
+    predicted = [label_report(text, findings, uncertain) for text in generated]
     reference = truth if reference_labels is None else [truth_labels(row) for row in reference_labels]
     majority = {}
     for name in findings:
         values = [row[name] for row in reference if name in row]
         majority[name] = int(2 * sum(values) > len(values)) if values else 0
     return {
+        "labels": names,
         "findings": findings,
+        "unreadable": missing,
+        "uncertain_policy": uncertain,
         "model": _f1_table(predicted, truth, findings),
         "majority_baseline": _f1_table([majority] * len(truth), truth, findings),
         "all_positive_baseline": _f1_table([dict.fromkeys(findings, 1)] * len(truth), truth, findings),

@@ -72,13 +72,22 @@ def test_rouge_l_by_hand():
     ("Pleural effusions have resolved.", set()),
 ])
 def test_keyword_labeller_handles_negation(text, positive):
-    assert {name for name, value in label_report(text).items() if value} == positive
+    findings = ("pleural effusion", "cardiomegaly", "pneumothorax", "nodule")
+    assert {name for name, value in label_report(text, findings).items() if value} == positive
+
+
+def test_label_report_maps_uncertain_by_policy_and_refuses_unknown_names():
+    assert label_report("Possible small effusion.", ["effusion"]) == {"effusion": 1}
+    assert label_report("Possible small effusion.", ["effusion"], uncertain="negative") == {"effusion": 0}
+    assert label_report("Cardiomegaly.")["cardiomegaly"] == 1 and "no finding" in label_report("Cardiomegaly.")
+    with pytest.raises(ValueError, match="no rules for"):
+        label_report("x", ["situs inversus"])
 
 
 def test_labeller_reads_every_synthetic_report_correctly(synthetic_cxr):
     rows = [json.loads(line) for line in synthetic_cxr.read_text().splitlines()]
     for row in rows:
-        assert label_report(report_text(row["report"])) == row["labels"], row["report"]
+        assert label_report(report_text(row["report"]), row["labels"]) == row["labels"], row["report"]
 
 
 def test_finding_f1_and_majority_baseline():
@@ -100,7 +109,15 @@ def test_finding_f1_and_majority_baseline():
     assert common["majority_baseline"]["micro"]["f1"] == 1.0 and common["model"]["micro"]["f1"] == 0.0
     trained_on = finding_f1(["x"], [{"nodule": 1}], reference_labels=[{"nodule": 0}] * 3)
     assert trained_on["majority_class"] == {"nodule": 0}
-    assert truth_labels({"Nodule": 1, "Atelectasis": 1, "cardiomegaly": None}) == {"nodule": 1}
+    assert truth_labels({"Nodule": 1, "Lung_Opacity": 0, "cardiomegaly": None}) == {"nodule": 1, "lung opacity": 0}
+
+
+def test_finding_f1_names_labels_the_labeller_cannot_read():
+    labels = [{"emphysema": 1, "lung nodule": 0, "Bronchiectasis": 1}, {"emphysema": 0, "lung nodule": 1}]
+    scores = finding_f1(["Emphysema. No nodules.", "A 1 cm nodule."], labels)
+    assert scores["labels"] == ["emphysema", "lung nodule", "bronchiectasis"]  # every configured label
+    assert scores["findings"] == ["emphysema", "lung nodule"] and scores["unreadable"] == ["bronchiectasis"]
+    assert scores["model"]["micro"]["f1"] == 1.0
 
 
 def test_report_metrics_summary():
