@@ -12,12 +12,14 @@ import datetime
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,21 @@ _CATEGORY_CODES = {
     "D_TAGS": "D", "Z_TAGS": "Z", "X_TAGS": "X", "U_TAGS": "U", "Z_D_TAGS": "Z/D", "X_Z_TAGS": "X/Z",
     "X_D_TAGS": "X/D", "X_Z_D_TAGS": "X/Z/D", "X_Z_U_STAR_TAGS": "X/Z/U*",
 }
+
+
+@contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """No pydicom warning or log record while inside: both quote element values ("Invalid value for VR DA:
+    'Smith'"), and header values must never reach a log."""
+    logger = logging.getLogger("pydicom")
+    disabled = logger.disabled
+    logger.disabled = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.disabled = disabled
 
 
 class BurnedInAnnotationError(DataError):
@@ -234,8 +251,7 @@ def burned_in_reason(ds: Dataset) -> str | None:
 def burned_in_file_reason(path: str | os.PathLike) -> str | None:
     """``burned_in_reason`` of a file's header (None where pydicom cannot read it: copying it then says so)."""
     try:
-        with warnings.catch_warnings():  # pydicom's warnings quote element values
-            warnings.simplefilter("ignore")
+        with quiet_pydicom():
             return burned_in_reason(pydicom.dcmread(path, stop_before_pixels=True))
     except Exception:  # pydicom raises many types
         return None
@@ -286,11 +302,18 @@ class Deidentifier:
         PatientID and PatientName become ``patient_pseudonym`` (default: a pseudonym of the original PatientID);
         the date shift is keyed by the original PatientID (the StudyInstanceUID where there is none).
         """
+        with quiet_pydicom():
+            return self._deidentify(ds, patient_pseudonym)
+
+    def _deidentify(self, ds: Dataset, patient_pseudonym: str | None) -> Counter:
         patient = str(ds.get("PatientID", "") or "").strip() or "study:" + str(ds.get("StudyInstanceUID", "") or "")
         if patient_pseudonym is None:
             patient_pseudonym = self.pseudonym(patient)
         offset = self.date_offset(patient)
         actions: Counter = Counter()
+        for keyword in ("PatientID", "PatientName"):  # replaced by the pseudonym below, not by the table's action
+            if keyword in ds:
+                del ds[keyword]
         if getattr(ds, "file_meta", None) is not None:
             self._walk(ds.file_meta, offset, actions)
         self._walk(ds, offset, actions)
@@ -328,8 +351,11 @@ class Deidentifier:
         paired_times: set[BaseTag] = set()
         for element in list(ds):
             tag = element.tag
-            if tag.element == 0 or tag in paired_times:
-                continue  # group lengths; times already shifted with their date
+            if tag.element == 0:
+                continue  # group lengths
+            if tag in paired_times:  # a time already shifted with its date
+                actions[f"{element.keyword}: date shifted"] += 1
+                continue
             if tag.is_private:
                 self._private(ds, element, actions)
                 continue
@@ -421,7 +447,8 @@ class Deidentifier:
                 time_keyword = element.keyword.replace("Date", "Time") if element.keyword.endswith("Date") else ""
                 time_element = ds[time_keyword] if time_keyword and time_keyword in ds else None
                 times = []
-                if time_element is not None and time_element.VR == "TM" and time_element.value:
+                if (time_element is not None and time_element.VR == "TM" and time_element.value
+                        and time_element.tag not in paired):  # not already shifted on its own
                     tv = time_element.value
                     times = list(tv) if isinstance(tv, pydicom.multival.MultiValue) else [tv]
                 shifted = [_shift_date_time(str(d), str(times[i]) if i < len(times) else "", offset)
@@ -437,7 +464,8 @@ class Deidentifier:
             else:  # TM without a date: the time of day moves by the offset, modulo a day
                 new = [_shift_date_time("20000101", str(v), offset)[1] for v in values]
                 element.value = new if len(new) > 1 else new[0]
-        except ValueError:
+                paired.add(element.tag)
+        except (ValueError, OverflowError):  # not a date, or one the shift takes before year 1
             return False
         return True
 
@@ -466,8 +494,7 @@ class Deidentifier:
         target = Path(target)
         label = label if label is not None else target.name
         try:
-            with warnings.catch_warnings():  # pydicom's warnings quote element values
-                warnings.simplefilter("ignore")
+            with quiet_pydicom():
                 ds = pydicom.dcmread(source)
                 reason = burned_in_reason(ds)
                 if reason is not None and not self.allow_burned_in:

@@ -20,6 +20,7 @@ from mmvl.data.deid import (
     OPTIONS,
     BurnedInAnnotationError,
     Deidentifier,
+    quiet_pydicom,
     table_action,
 )
 from mmvl.errors import DataError, MMVLError
@@ -234,7 +235,8 @@ def test_report_counts_actions_per_file_kind_without_phi(tmp_path: Path) -> None
     assert counts["ImageComments: not clean: removed"] == counts["PatientAge: removed"] == 2
     assert counts["SeriesDescription: cleaned: kept"] == counts["StudyInstanceUID: uid replaced"] == 2
     assert counts["StudyDate: date shifted"] == 4  # with the nested one
-    assert counts["PatientName: emptied"] == 4 and counts["private attribute: removed"] > 2
+    assert counts["StudyTime: date shifted"] == counts["PatientID: pseudonym"] == 2
+    assert counts["PatientName: emptied"] == 2 and counts["private attribute: removed"] > 2  # the nested names
     assert counts["private attribute (safe list): keep"] == 2
     text = json.dumps(report) + deidentifier.report.format()
     assert leaks(text.encode(), planted_strings()) == []
@@ -343,3 +345,31 @@ def test_a_synthetic_study(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "out" / "deidentification_report.json").read_text())
     kind = "DX Digital X-Ray Image Storage - For Presentation" if "DX" in json.dumps(report) else "CR"
     assert sum(report["files"].values()) == len(images) and not report["refused"], kind
+
+
+def test_no_header_value_reaches_a_log_or_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                  recwarn: pytest.WarningsRecorder) -> None:
+    """pydicom logs and warns with element values ("Invalid value for VR DA: '...'"): a date holding a name is
+    removed, and the name appears in no log record and no warning."""
+    import logging
+    import warnings
+
+    source = planted_file(tmp_path / "in" / "a.dcm")
+    ds = pydicom.dcmread(source)
+    ds.add_new(0x00181200, "DA", "Smithplanted")  # DateOfLastCalibration, not a date
+    ds.save_as(tmp_path / "in" / "b.dcm")
+    caplog.set_level(logging.DEBUG)
+    warnings.simplefilter("always")
+    deidentifier = Deidentifier(tmp_path / "key")
+    copy = pydicom.dcmread(deidentifier.copy_dicom(tmp_path / "in" / "b.dcm", tmp_path / "out" / "b.dcm"))
+    assert "DateOfLastCalibration" not in copy
+    assert deidentifier.report.actions["CT CT Image Storage"]["DateOfLastCalibration: removed (not a date)"] == 1
+    messages = caplog.text + "".join(str(w.message) for w in recwarn)
+    assert leaks(messages.encode(), planted_strings()) == []
+    caplog.clear()
+    with quiet_pydicom():  # what pydicom says of a bad value, silenced ...
+        Dataset().add_new(0x00181200, "DA", "Smithplanted")
+    assert "Smithplanted" not in caplog.text
+    with pytest.warns(UserWarning, match="Smithplanted"):  # ... and outside, where it quotes the value
+        Dataset().add_new(0x00181200, "DA", "Smithplanted")
+    assert "Smithplanted" in caplog.text
