@@ -59,7 +59,7 @@ BURNED_IN_SOP_CLASSES = {
 }
 BURNED_IN_MODALITIES = {"OT", "SC", "DOC"}  # (0008,0060) Modality of screenshots and documents
 
-# Table E.1-1's "Rtn. Dev. Id." column: kept (K) under the Retain Device Identity Option.
+# Attributes of Table E.1-1's "Rtn. Dev. Id." column: kept (K) under the Retain Device Identity Option.
 DEVICE_KEYWORDS = frozenset({
     "CassetteID", "DetectorID", "DeviceAlternateIdentifier", "DeviceDescription", "DeviceLabel",
     "DeviceSerialNumber", "DeviceUID", "GantryID", "GeneratorID", "ManufacturerDeviceIdentifier",
@@ -68,7 +68,8 @@ DEVICE_KEYWORDS = frozenset({
     "StationName", "TreatmentMachineName", "UDISequence", "UniqueDeviceIdentifier", "XRayDetectorID",
     "XRayDetectorLabel",
 })
-# Table E.1-1's "Clean Desc." column: free text kept under the Clean Descriptors Option only when cleaned.
+# Free-text attributes of Table E.1-1's "Clean Desc." column: kept under the Clean Descriptors Option only when
+# clean, else given the Basic Profile's action.
 DESCRIPTOR_KEYWORDS = frozenset({
     "AcquisitionComments", "AcquisitionDeviceProcessingDescription", "AcquisitionProtocolDescription",
     "AdditionalPatientHistory", "AdmittingDiagnosesDescription", "CommentsOnThePerformedProcedureStep",
@@ -83,7 +84,7 @@ DESCRIPTOR_KEYWORDS = frozenset({
 DESCRIPTOR_WORDS = frozenset("""
 A AND ABDOMEN ANGIO AP ARTERIAL AXIAL AX BILATERAL BONE BREATH CHEST COR CORONAL CONTRAST CR CT CTA CXR DELAYED
 DOSE DX ENHANCED ERECT EXPIRATION FRONTAL FULL HD HEAD HIGH HOLD HRCT INSPIRATION IV KERNEL LAT LATERAL LDCT
-LEFT LL LOCALIZER LOW LUNG LUNGS MEDIASTINUM MIP MPR NECK NON OBLIQUE OF ORAL PA PE PELVIS PHASE PORTABLE PORTAL
+LEFT LL LOCALIZER LOW LUNG LUNGS MEDIASTINUM MIP MPR NECK NON O OBLIQUE OF ORAL PA PE PELVIS PHASE PORTABLE PORTAL
 PROTOCOL RECON RESOLUTION RIGHT RL ROUTINE SAG SAGITTAL SCOUT SCREENING SERIES SHARP SINGLE SMOOTH SOFT SPINE
 STANDARD SUPINE THIN THORAX TISSUE TOPOGRAM UPRIGHT VENOUS VIEW VIEWS VOLUME W WITH WITHOUT WO XR
 """.split())

@@ -373,3 +373,16 @@ def test_no_header_value_reaches_a_log_or_warning(tmp_path: Path, caplog: pytest
     with pytest.warns(UserWarning, match="Smithplanted"):  # ... and outside, where it quotes the value
         Dataset().add_new(0x00181200, "DA", "Smithplanted")
     assert "Smithplanted" in caplog.text
+
+
+@pytest.mark.parametrize("text, kept", [
+    ("CT CHEST W/O CONTRAST 1.25MM", True), ("CHEST PA", True), ("AX 5MM", True),
+    ("pt John Smith MRN 123", False), ("CHEST 123456", False), ("CXR for Jo", False), ("CHEST PA (SYNTHETIC)", False),
+])
+def test_clean_descriptors_keep_only_imaging_terms(tmp_path: Path, text: str, kept: bool) -> None:
+    ds = Dataset()
+    ds.PatientID, ds.StudyDescription = "P1", text
+    counts = Deidentifier(tmp_path / "key", options=["clean_descriptors"]).deidentify(ds)
+    assert (ds.get("StudyDescription") == text) is kept
+    assert counts == {"StudyDescription: " + ("cleaned: kept" if kept else "not clean: removed"): 1,
+                      "PatientID: pseudonym": 1, "PatientName: pseudonym": 1}
