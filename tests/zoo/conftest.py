@@ -29,16 +29,14 @@ PIPELINE_3D = [{"type": "LoadVolume", "modalities": ["CT"]}, {"type": "Orient", 
                {"type": "Resample", "spacing": [8.0, 8.0, 8.0]},
                {"type": "IntensityWindow", "low": -1000.0, "high": 1000.0},
                {"type": "CropOrPad", "size": [16, 16, 16]}, {"type": "Normalize", "mean": 0.5, "std": 0.25}]
-# timm's test_vit (width 64, 6 blocks, 160 px) with its defaults: a tower open_clip can build from the name alone.
-IMAGE_OPEN_CLIP = {"type": "vit2d", "model_name": "test_vit", "img_size": 160}
-PIPELINE_OPEN_CLIP = [{"type": "LoadImage", "frame": 0, "voi": "auto"}, {"type": "ResizePad", "size": 160},
-                      {"type": "Normalize", "mean": 0.5, "std": 0.25}]
 
 
 def write_work_dir(root: Path, image_encoder: dict | None, pipeline: list[dict], text: bool = True,
                    heads: list[dict] | None = None, seed: int = 0, manifest: str = "/site/private/manifest.jsonl",
-                   text_encoder: dict | None = None) -> Path:
-    """A work dir as tools/train.py leaves it (checkpoints/last.pt, preprocess.json, tokenizer/, config.py)."""
+                   text_encoder: dict | None = None, perturb: float = 0.0) -> Path:
+    """A work dir as tools/train.py leaves it (checkpoints/last.pt, preprocess.json, tokenizer/, config.py).
+    ``perturb``: noise of that scale added to every weight, so no norm is the identity and no bias zero (a
+    conversion that mixes them up then shows)."""
     import mmvl
     from mmvl.data.tokenizer import train_wordpiece_tokenizer
     from mmvl.data.transforms import save_preprocess
@@ -67,6 +65,11 @@ def write_work_dir(root: Path, image_encoder: dict | None, pipeline: list[dict],
     if any(h["type"] == "clip" for h in heads):
         with torch.no_grad():  # a trained-looking logit scale, not the initial one
             model.contrastive_head.logit_scale.fill_(2.5)
+    if perturb:
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if not name.endswith("logit_scale"):
+                    parameter.add_(torch.randn_like(parameter) * perturb)
     save_checkpoint(root / "checkpoints" / "last.pt",
                     {"model": model.state_dict(), "config": cfg, "step": 7, "mmvl_version": mmvl.__version__})
     save_preprocess(root / "preprocess.json", pipeline, mmvl_version=mmvl.__version__)
@@ -94,13 +97,13 @@ def export_entry(work_dir: Path, zoo_dir: Path, name: str, **kwargs: Any) -> Pat
 
 @pytest.fixture(scope="module")
 def entry2d(clip2d_work_dir, tmp_path_factory) -> Path:
-    """The 2D work dir exported with every format that applies (open_clip does not: custom ViT sizes)."""
-    return export_entry(clip2d_work_dir, tmp_path_factory.mktemp("zoo"), "tiny2d")
+    """The 2D work dir exported with every format (``all``)."""
+    return export_entry(clip2d_work_dir, tmp_path_factory.mktemp("zoo"), "tiny2d", formats="all")
 
 
 @pytest.fixture(scope="module")
 def entry3d(clip3d_work_dir, tmp_path_factory) -> Path:
-    return export_entry(clip3d_work_dir, tmp_path_factory.mktemp("zoo"), "tiny3d")
+    return export_entry(clip3d_work_dir, tmp_path_factory.mktemp("zoo"), "tiny3d", formats="all")
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import pytest
 import mmvl
 from mmvl import zoo
 from mmvl.errors import CheckpointError, ConfigError
+from mmvl.zoo.export import NotExportable
 from tests.conftest import load_tool, write_dicom
 
 LABELS = "pleural effusion,pneumothorax"
@@ -22,7 +23,8 @@ def test_entry_files_and_model_card(entry2d):
     files = set(zoo.entry.entry_files(entry2d))
     assert {"model.safetensors", "config.json", "preprocess.json", "README.md", "tokenizer/tokenizer.json",
             "configs/metadata.json", "configs/inference.json", "models/model.pt", "models/model.ts",
-            "text_encoder/model.safetensors", "torchscript/image_encoder.pt", "onnx/image_encoder.onnx"} <= files
+            "text_encoder/model.safetensors", "torchscript/image_encoder.pt", "onnx/image_encoder.onnx",
+            "open_clip/open_clip_config.json", "open_clip/open_clip_model.safetensors"} <= files
     assert not any(name.endswith((".bin", ".pth", ".pkl")) for name in files)
     sums = (entry2d / "SHA256SUMS").read_text().splitlines()
     assert sorted(line.split("  ", 1)[1] for line in sums) == sorted(files)
@@ -30,12 +32,13 @@ def test_entry_files_and_model_card(entry2d):
     card = (entry2d / "README.md").read_text()
     for text in ("license: other", "## Model", "| parameters: total | 30,689 |", "## Training",
                  "| data: manifest file | manifest.jsonl |", "| steps trained (checkpoint) | 7 |", "val/i2t_R@5",
-                 "## Intended use and limits", "not a medical device", "## Licence", "| onnx |",
-                 "| open_clip | not exported: open_clip builds timm towers"):
+                 "## Intended use and limits", "not a medical device", "## Licence", "| onnx |", "| open_clip |",
+                 "Present in this entry: mmvl, open_clip, hf, monai, torchscript, onnx."):
         assert text in card, text
     config = json.loads((entry2d / "config.json").read_text())
     assert config["input"] == {"kind": "2d", "in_chans": 1, "spatial_size": [32, 32]}
-    assert config["formats"] == ["mmvl", "hf", "monai", "torchscript", "onnx"]
+    assert config["formats"] == ["mmvl", "open_clip", "hf", "monai", "torchscript", "onnx"]
+    assert "Not written" not in card
 
 
 def test_no_local_paths_or_patient_identifiers_in_the_entry(clip2d_work_dir, tmp_path, one_thread):
@@ -78,8 +81,35 @@ def test_failed_export_leaves_nothing_and_existing_entries_are_kept(clip2d_work_
         zoo.export(clip2d_work_dir, "other", out=tmp_path / "other")
     with pytest.raises(ConfigError, match="entry name"):
         zoo.export(clip2d_work_dir, "../escape")
-    with pytest.raises(ConfigError, match="--formats: unknown"):
+    with pytest.raises(ConfigError, match="--formats: unknown 'keras'"):
         zoo.export(clip2d_work_dir, "x", out=zoo_dir / "x", formats="mmvl,keras")
+
+
+def test_default_formats_are_lean(clip2d_work_dir, tmp_path, monkeypatch, one_thread):
+    """By default the entry holds the mmvl format and the transformers text folder only; the card says which
+    formats are present and which are opt-in. A format skipped half-way leaves nothing behind."""
+    import mmvl.zoo.hf_text as hf_text
+
+    result = zoo.export(clip2d_work_dir, "lean", out=tmp_path / "zoo" / "lean")
+    assert result.formats == ["mmvl", "hf"] and result.skipped == {}
+    top = {path.name for path in result.path.iterdir()}
+    assert top == {"model.safetensors", "config.json", "preprocess.json", "tokenizer",
+                   "text_encoder", "README.md", "SHA256SUMS"}, top
+    card = (result.path / "README.md").read_text()
+    assert "Present in this entry: mmvl, hf." in card
+    assert ("Not written (opt-in: `tools/export.py --formats all`, or by name): open_clip, monai, torchscript, "
+            "onnx.") in card
+
+    def half_written(context):
+        (context.out / "text_encoder").mkdir()
+        (context.out / "text_encoder" / "config.json").write_text("{}")
+        raise NotExportable("not today")
+
+    monkeypatch.setattr(hf_text, "export_hf_text", half_written)
+    result = zoo.export(clip2d_work_dir, "skipped", out=tmp_path / "zoo" / "skipped")
+    assert result.formats == ["mmvl"] and result.skipped == {"hf": "not today"}
+    assert not (result.path / "text_encoder").exists()
+    assert "| hf | not exported: not today | |" in (result.path / "README.md").read_text()
 
 
 def test_export_tool_and_zero_shot_by_name(clip2d_work_dir, tmp_path, png_images, monkeypatch, capsys, one_thread):
@@ -95,9 +125,15 @@ def test_export_tool_and_zero_shot_by_name(clip2d_work_dir, tmp_path, png_images
     assert export.main(["--verify", str(zoo_dir / "cli_tiny")]) == 1
     assert export.main([str(clip2d_work_dir), "--name", "cli_tiny", "--out", str(zoo_dir / "cli_tiny"),
                         "--overwrite"]) == 0
-    assert export.main([str(clip2d_work_dir), "--name", "x", "--formats", "open_clip",
+    assert export.main([str(clip2d_work_dir), "--name", "x", "--formats", "openclip",
                         "--out", str(zoo_dir / "x")]) == 2
-    capsys.readouterr()
+    assert "--formats: unknown 'openclip'; did you mean 'open_clip'?" in capsys.readouterr().err
+    assert export.main([str(clip2d_work_dir), "--name", "x", "--formats", "auto", "--out", str(zoo_dir / "x")]) == 2
+    assert "--formats auto is now --formats all" in capsys.readouterr().err
+    assert export.main([str(clip2d_work_dir), "--name", "x", "--parts", "image", "--formats", "open_clip",
+                        "--out", str(zoo_dir / "x")]) == 2  # named, but does not apply to an image-only entry
+    assert "--formats open_clip: open_clip needs the image and the text tower" in capsys.readouterr().err
+    assert not (zoo_dir / "x").exists()
 
     monkeypatch.setenv("MMVL_ZOO", str(zoo_dir))
     zero_shot = load_tool("zero_shot")

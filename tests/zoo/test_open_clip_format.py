@@ -1,55 +1,159 @@
-"""open_clip interop: an mmvl model exported for open_clip and loaded by open_clip itself; an open_clip checkpoint
-on disk (timm vision tower + transformers text tower with an MLP head, as BiomedCLIP) imported into mmvl."""
+"""open_clip interop: an mmvl model exported for open_clip (any timm ViT as open_clip's own VisionTransformer),
+moved elsewhere and loaded by open_clip alone; what open_clip's ViT cannot express refused with the reason; an
+open_clip checkpoint on disk (timm vision tower + transformers text tower with an MLP head, as BiomedCLIP)
+imported into mmvl."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from mmvl import zoo
 from mmvl.zoo.export import NotExportable
-from tests.zoo.conftest import IMAGE_OPEN_CLIP, PIPELINE_OPEN_CLIP, REPORTS, export_entry, write_work_dir
+from tests.conftest import REPO
+from tests.zoo.conftest import REPORTS, export_entry, write_work_dir
 
 TEXTS = ["small left pleural effusion", "no pneumothorax", "cardiomegaly"]
 MEAN_RGB, STD_RGB = [0.48, 0.45, 0.40], [0.26, 0.27, 0.28]
+# What a user runs, with only open_clip: in the moved folder, offline; mmvl must not even be imported.
+OPEN_CLIP_ONLY = """
+import json, sys
+import torch, open_clip
+from safetensors.torch import load_file, save_file
+model, _, preprocess = open_clip.create_model_and_transforms("local-dir:.")
+tokenizer = open_clip.get_tokenizer("local-dir:.")
+model.eval()
+images = load_file(sys.argv[1])["images"]
+with torch.no_grad():
+    image = model.encode_image(images.expand(-1, 3, -1, -1), normalize=True)
+    text = model.encode_text(tokenizer(json.loads(sys.argv[2])), normalize=True)
+assert not [m for m in sys.modules if m.split(".")[0] == "mmvl"], "open_clip imported mmvl"
+save_file({"image": image, "text": text, "scale": model.logit_scale.exp().reshape(1)}, sys.argv[3])
+"""
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return F.cosine_similarity(a.float(), b.float(), dim=-1).min().item()
 
 
-def test_open_clip_loads_the_export(tmp_path, one_thread):
+def _pipeline(size: int) -> list[dict]:
+    return [{"type": "LoadImage", "frame": 0, "voi": "auto"}, {"type": "ResizePad", "size": size},
+            {"type": "Normalize", "mean": 0.5, "std": 0.25}]
+
+
+def _demo_model() -> tuple[dict, dict]:
+    """The image and text encoders of configs/demo/cxr_clip_tiny.py (what `make demo` trains)."""
+    from mmvl.config import Config
+
+    model = json.loads(json.dumps(Config.fromfile(REPO / "configs" / "demo" / "cxr_clip_tiny.py")["model"]))
+    text = {key: value for key, value in model["text_encoder"].items() if key != "tokenizer"}
+    return dict(model["image_encoder"]), text
+
+
+VITS = {
+    # resized: 64 px, 16 px patches, 2 blocks, [CLS] pooling with the final norm before it
+    "resized": {"type": "vit2d", "model_name": "vit_tiny_patch16_224", "img_size": 64, "patch_size": 16,
+                "embed_dim": 48, "depth": 2, "num_heads": 3},
+    # CLIP-style pre-norm (no patch bias), no qkv bias, layer scale, class token without a position embedding,
+    # [CLS] pooling with the norm after it, MLP ratio 2.5, tanh GELU
+    "variant": {"type": "vit2d", "model_name": "vit_tiny_patch16_224", "img_size": 48, "patch_size": 12,
+                "embed_dim": 32, "depth": 2, "num_heads": 2, "pre_norm": True, "qkv_bias": False,
+                "init_values": 0.5, "no_embed_class": True, "global_pool": "token", "fc_norm": True,
+                "mlp_ratio": 2.5, "act_layer": "gelu_tanh"},
+}
+
+
+def _work_dir(root: Path, vit: str) -> Path:
+    if vit == "demo":
+        image, text = _demo_model()
+        text["tokenizer"] = str(root / "tokenizer")  # write_work_dir trains it there
+    else:
+        image, text = VITS[vit], None
+    heads = [{"type": "clip", "embed_dim": 128 if vit == "demo" else 24}]
+    return write_work_dir(root, image, _pipeline(image["img_size"]), heads=heads, text_encoder=text, perturb=0.05)
+
+
+@pytest.mark.parametrize("vit", ["demo", "resized", "variant"])
+def test_open_clip_loads_a_moved_export_without_mmvl(vit, tmp_path, one_thread):
+    work = _work_dir(tmp_path / "run", vit)
+    entry = export_entry(work, tmp_path / "zoo", "oc", formats="mmvl,open_clip")
+    config = json.loads((entry / "open_clip" / "open_clip_config.json").read_text())
+    vision = config["model_cfg"]["vision_cfg"]
+    assert "timm_model_name" not in vision and config["model_cfg"]["text_cfg"]["hf_model_name"] == "."
+    image_cfg = _demo_model()[0] if vit == "demo" else VITS[vit]
+    assert (vision["image_size"], vision["patch_size"], vision["layers"]) == (
+        image_cfg["img_size"], image_cfg["patch_size"], image_cfg["depth"])
+    assert str(tmp_path) not in (entry / "open_clip" / "open_clip_config.json").read_text()
+
+    moved = tmp_path / "elsewhere" / "my_model"
+    moved.parent.mkdir()
+    shutil.move(entry / "open_clip", moved)
+    shutil.rmtree(entry)  # nothing of the entry is left to point at
+    gray = torch.randn(3, 1, image_cfg["img_size"], image_cfg["img_size"], generator=torch.Generator().manual_seed(6))
+    save_file({"images": gray}, str(tmp_path / "images.safetensors"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", OPEN_CLIP_ONLY, str(tmp_path / "images.safetensors"),
+                           json.dumps(TEXTS), str(tmp_path / "out.safetensors")],
+                          cwd=moved, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = load_file(str(tmp_path / "out.safetensors"))
+    trained = zoo.load_pretrained(work)  # the work dir's own model, not the export
+    assert _cosine(trained.encode_image(gray), got["image"]) >= 0.9999
+    assert _cosine(trained.encode_text(TEXTS), got["text"]) >= 0.9999
+    assert float(got["scale"][0]) == pytest.approx(float(torch.tensor(2.5).exp()), rel=1e-6)
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"class_token": False, "global_pool": "avg"}, "no class token"),
+    ({"reg_tokens": 1}, "1 register token"),
+    ({"global_pool": "max"}, "global_pool='max'"),
+    ({"qk_norm": True}, "q_norm, k_norm"),
+])
+def test_open_clip_refuses_what_its_vit_cannot_express(change, reason, tmp_path):
+    work = write_work_dir(tmp_path / "run", {**VITS["resized"], **change}, _pipeline(64))
+    with pytest.raises(NotExportable, match=f"--formats open_clip: open_clip's VisionTransformer cannot express "
+                                            f"this timm ViT exactly: .*{reason}"):
+        export_entry(work, tmp_path / "zoo", "refused", formats="open_clip")
+    assert [p.name for p in (tmp_path / "zoo").iterdir()] == []  # no half-written entry left behind
+
+
+def test_skipped_open_clip_leaves_no_folder(tmp_path, one_thread):
+    work = write_work_dir(tmp_path / "run", {**VITS["resized"], "reg_tokens": 1}, _pipeline(64))
+    result = zoo.export(work, "skipped", out=tmp_path / "zoo" / "skipped", formats="all")
+    assert "open_clip" in result.skipped and "register token" in result.skipped["open_clip"]
+    assert not (result.path / "open_clip").exists()
+    assert "| open_clip | not exported: open_clip's VisionTransformer cannot express" in (
+        result.path / "README.md").read_text()
+
+
+def test_other_timm_towers_go_by_name_at_their_defaults(tmp_path, monkeypatch, one_thread):
+    """A timm tower that is not a ViT (here ConvNeXt) is open_clip's timm tower, built from the name alone."""
     import open_clip
 
-    work = write_work_dir(tmp_path / "run", IMAGE_OPEN_CLIP, PIPELINE_OPEN_CLIP)
-    entry = export_entry(work, tmp_path / "zoo", "oc", formats="mmvl,open_clip")
-    folder = entry / "open_clip"
-    config = json.loads((folder / "open_clip_config.json").read_text())
-    assert config["model_cfg"]["vision_cfg"]["timm_model_name"] == "test_vit"
-    assert config["preprocess_cfg"]["mean"] == [0.5] * 3 and config["preprocess_cfg"]["std"] == [0.25] * 3
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
-    model.eval()
-    mmvl_model = zoo.load(entry)
-    gray = torch.randn(2, 1, 160, 160, generator=torch.Generator().manual_seed(6))
+    tower = {"type": "vit2d", "model_name": "test_convnext", "img_size": None}
+    work = write_work_dir(tmp_path / "run", tower, _pipeline(64), perturb=0.05)
+    entry = export_entry(work, tmp_path / "zoo", "convnext", formats="mmvl,open_clip")
+    config = json.loads((entry / "open_clip" / "open_clip_config.json").read_text())
+    assert config["model_cfg"]["vision_cfg"]["timm_model_name"] == "test_convnext"
+    monkeypatch.chdir(entry / "open_clip")
+    model = open_clip.create_model("local-dir:.").eval()
+    gray = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        image = model.encode_image(gray.expand(-1, 3, -1, -1), normalize=True)
-        text = model.encode_text(tokenizer(TEXTS), normalize=True)
-    assert _cosine(mmvl_model.encode_image(gray), image) >= 0.9999
-    assert _cosine(mmvl_model.encode_text(TEXTS), text) >= 0.9999
-    assert float(model.logit_scale.detach().exp()) == pytest.approx(float(torch.tensor(2.5).exp()), rel=1e-6)
+        got = model.encode_image(gray.expand(-1, 3, -1, -1), normalize=True)
+    assert _cosine(zoo.load_pretrained(work).encode_image(gray), got) >= 0.9999
 
-
-def test_open_clip_refuses_towers_it_cannot_build(clip2d_work_dir, tmp_path):
-    with pytest.raises(NotExportable, match="timm towers from the model name alone; .* depth, embed_dim"):
-        export_entry(clip2d_work_dir, tmp_path / "zoo", "custom_vit", formats="open_clip")
-    assert not (tmp_path / "zoo" / "custom_vit").exists()
-    assert [p.name for p in (tmp_path / "zoo").iterdir()] == []  # no half-written entry left behind
+    work = write_work_dir(tmp_path / "resized", {**tower, "drop_path_rate": 0.1}, _pipeline(64))
+    with pytest.raises(NotExportable, match="from the model name alone; this image encoder also sets drop_path_rate"):
+        export_entry(work, tmp_path / "zoo", "resized", formats="open_clip")
 
 
 def _open_clip_checkpoint(folder: Path) -> Path:
@@ -86,7 +190,7 @@ def _open_clip_checkpoint(folder: Path) -> Path:
     return checkpoint_dir
 
 
-def test_import_open_clip_checkpoint(tmp_path, one_thread):
+def test_import_open_clip_checkpoint(tmp_path, monkeypatch, one_thread):
     import open_clip
 
     folder = _open_clip_checkpoint(tmp_path)
@@ -111,7 +215,8 @@ def test_import_open_clip_checkpoint(tmp_path, one_thread):
     assert torch.equal(loaded.encode_text(TEXTS), imported.encode_text(TEXTS))
     images = (gray - normalize["mean"]) / normalize["std"]
     assert torch.equal(loaded.encode_image(images), imported.encode_image(images))
-    again = open_clip.create_model(f"local-dir:{entry / 'open_clip'}").eval()  # and back to open_clip, which now
-    with torch.no_grad():  # normalises every channel with the one mean/std: the gray input copied to RGB
+    monkeypatch.chdir(entry / "open_clip")  # open_clip reads the text model's config ("." ) from there
+    again = open_clip.create_model("local-dir:.").eval()  # and back to open_clip, which now normalises every
+    with torch.no_grad():  # channel with the one mean/std: the gray input copied to RGB
         assert _cosine(expected_image, again.encode_image(images.expand(-1, 3, -1, -1), normalize=True)) >= 0.9999
         assert _cosine(expected_text, again.encode_text(tokenizer(TEXTS), normalize=True)) >= 0.9999
