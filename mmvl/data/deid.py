@@ -200,13 +200,12 @@ class DeidReport:
     def refuse(self, reason: str, label: str) -> None:
         self.refused.setdefault(reason, []).append(label)
 
-    def to_dict(self, with_labels: bool = True) -> dict:
-        """The report as JSON-ready data; ``with_labels=False`` counts refused files instead of naming them."""
-        refused = {reason: (sorted(labels) if with_labels else len(labels)) for reason, labels in self.refused.items()}
+    def to_dict(self) -> dict:
+        """The report as JSON-ready data."""
         return {
             "profile": self.profile,
             "files": dict(sorted(self.files.items())),
-            "refused": refused,
+            "refused": {reason: sorted(labels) for reason, labels in sorted(self.refused.items())},
             "actions": {kind: dict(sorted(counts.items())) for kind, counts in sorted(self.actions.items())},
         }
 
