@@ -85,6 +85,15 @@ def _layer_norm_eps(norms: Mapping[str, nn.Module]) -> float:
     return eps.pop()
 
 
+def _gelu_approximation(act: nn.Module) -> str | None:
+    """``approximate`` of a GELU module (torch's, or timm's GELU/GELUTanh), None for another activation."""
+    from timm.layers.activations import GELU, GELUTanh
+
+    if type(act) is nn.GELU:
+        return act.approximate
+    return {GELU: "none", GELUTanh: "tanh"}.get(type(act))
+
+
 def is_timm_vit(trunk: nn.Module) -> bool:
     """A timm ``VisionTransformer`` itself (not a subclass with extra tokens, such as DeiT's distilled ViT)."""
     from timm.models.vision_transformer import VisionTransformer
@@ -95,7 +104,8 @@ def is_timm_vit(trunk: nn.Module) -> bool:
 def vit_vision_cfg(trunk: nn.Module) -> dict[str, Any]:
     """open_clip ``vision_cfg`` of its own ``VisionTransformer`` computing what mmvl computes with the timm ViT
     ``trunk`` (patch and position embedding, pre-norm, pre-LN blocks, class-token or mean pooling, final norm
-    before or after pooling); NotExportable naming what open_clip's ViT has no setting for."""
+    before or after pooling) at the entry's input size (a ``dynamic_img_size`` ViT uses its position embedding
+    unchanged at that size); NotExportable naming what open_clip's ViT has no setting for."""
     from timm.layers import Attention, LayerScale, Mlp, PatchEmbed
     from timm.models.vision_transformer import Block
 
@@ -103,8 +113,6 @@ def vit_vision_cfg(trunk: nn.Module) -> dict[str, Any]:
         raise _refuse_vit("it has no class token (open_clip's ViT always has one, and it takes part in attention)")
     if trunk.reg_token is not None:
         raise _refuse_vit(f"it has {trunk.num_reg_tokens} register token(s)")
-    if trunk.dynamic_img_size:
-        raise _refuse_vit("dynamic_img_size=True (open_clip's position embedding is for one image size)")
     embed = trunk.patch_embed
     proj = getattr(embed, "proj", None)
     if (type(embed) is not PatchEmbed or not isinstance(getattr(embed, "norm", None), nn.Identity)
@@ -136,14 +144,15 @@ def vit_vision_cfg(trunk: nn.Module) -> dict[str, Any]:
             extras.append("attn.gate")
         if extras:
             raise _refuse_vit(f"{where} has {', '.join(extras)} (qk_norm, scale_attn_norm, scale_mlp_norm, gated)")
-        if type(mlp.act) is not nn.GELU:
-            raise _refuse_vit(f"{where}.mlp uses {type(mlp.act).__name__} (open_clip's ViT: GELU)")
+        approximate = _gelu_approximation(mlp.act)
+        if approximate is None:
+            raise _refuse_vit(f"{where}.mlp uses {type(mlp.act).__name__} (open_clip's ViT: GELU, exact or tanh)")
         scales = (isinstance(block.ls1, LayerScale), isinstance(block.ls2, LayerScale))
         if scales[0] != scales[1] or not all(isinstance(m, (LayerScale, nn.Identity)) for m in (block.ls1, block.ls2)):
             raise _refuse_vit(f"{where} has layer scale on one branch only")
         if attn.attn_dim != dim:
             raise _refuse_vit(f"{where} attends in {attn.attn_dim} dimensions, not the width {dim}")
-        shapes.add((attn.num_heads, mlp.fc1.out_features, scales[0], mlp.act.approximate))
+        shapes.add((attn.num_heads, mlp.fc1.out_features, scales[0], approximate))
         norms[f"{where}.norm1"], norms[f"{where}.norm2"] = block.norm1, block.norm2
     if len(shapes) != 1:
         raise _refuse_vit("its blocks differ in heads, MLP width, layer scale or GELU (open_clip: one of each)")
