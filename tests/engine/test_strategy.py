@@ -61,6 +61,7 @@ def test_gradient_buckets_cut_by_size_and_dtype():
     assert len(gradient_buckets(grads[:3], bucket_bytes=25 * 2**20)) == 1
 
 
+@pytest.mark.slow
 def test_fsdp_units_and_bucketed_grad_cache_reduction_on_two_ranks(synthetic_cxr, tmp_path, one_thread):
     """2 processes (gloo): a timm ViT of depth 3 is 3 + 1 FSDP units; a gradient-caching DDP step all-reduces its
     gradients in one flat bucket (before: one all-reduce per parameter)."""
