@@ -5,7 +5,7 @@ linear probes on frozen image features, or generated reports.
         [--split test] [--val-split val] [--train-split train] [--labels "a,b"] [--preset chexzero]
         [--mode pairwise|multiclass] [--out metrics.json] [--plots DIR] [--batch-size 32] [--device cpu]
         [--n-bootstrap 1000] [--seed 0] [--limit N] [--method beam|greedy] [--num-beams 4] [--max-length N]
-        [--tokenizer auto|ptb|simple]
+        [--tokenizer auto|ptb|simple] [--ce-uncertain positive|negative]
 
 MODEL is a training work dir, a checkpoint file or a model-zoo entry (folder or name); images go through the
 model's recorded preprocessing, and must lie inside the data root it was trained with (its data.root; none
@@ -19,7 +19,10 @@ linear_probe  logistic regression per label on the image encoder's pooled featur
               --train-split rows, scored on --split like zero_shot
 retrieval     image-to-report and report-to-image Recall@1/5/10 among the split's studies
 report        reports written by the model's report head (beam search, 4 beams), scored against the split's
-              reports with BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap) and finding F1 (keyword labeller)
+              reports with BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap), clinical efficacy (CE: precision,
+              recall, F1 of the 14 CheXpert observations and the common 5, read by mmvl's report labeller in the
+              generated and the reference report; uncertain counted as --ce-uncertain) and finding F1 against the
+              manifest labels (every label is listed; those the labeller cannot read are named, not scored)
 
 Labels default to the manifest's label names; unknown labels (-1) are left out per label. Intervals are percentile
 bootstrap intervals over --n-bootstrap resamples of the studies (seeded). A table is printed and the JSON (--out)
@@ -51,8 +54,9 @@ from mmvl.data.inputs import (
 )
 from mmvl.data.manifest import add_root_arguments, load_manifest, root_options
 from mmvl.errors import ConfigError, MMVLError
+from mmvl.evaluation.clinical_efficacy import clinical_efficacy
 from mmvl.evaluation.metrics import PROBE_FRACTIONS, classification_metrics, linear_probe, target_matrix
-from mmvl.evaluation.report_metrics import TOKENIZERS, caption_metrics, finding_f1
+from mmvl.evaluation.report_metrics import TOKENIZERS, UNCERTAIN_POLICIES, caption_metrics, finding_f1
 from mmvl.evaluation.retrieval import retrieval_metrics
 from mmvl.evaluation.studies import AGGREGATES, aggregate, first_of_each, study_groups
 from mmvl.evaluation.zero_shot import PRESETS, prompts_from, text_prototypes, zero_shot_probabilities
@@ -91,6 +95,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, help="report: tokens including BOS/EOS (default: the model's)")
     parser.add_argument("--tokenizer", default="auto", choices=TOKENIZERS,
                         help="report: 'auto' = pycocoevalcap's PTB tokenizer where Java runs, else 'simple'")
+    parser.add_argument("--ce-uncertain", default="positive", choices=UNCERTAIN_POLICIES,
+                        help="report: an observation the labeller reads as uncertain counts as present (positive, "
+                        "as the CE papers do) or absent, in CE and finding F1")
     args = parser.parse_args(argv)
     for name in ("batch_size", "num_beams"):
         if getattr(args, name) < 1:
@@ -283,11 +290,16 @@ def run_report(args: argparse.Namespace, loaded: Any, runner: Runner, test: list
                                                                           **settings).texts, args.split)
     _require_rows(texts, args.split)
     kept = [with_report[i] for i in indices]
-    metrics = caption_metrics(texts, [item.reference for item in kept], tokenizer=args.tokenizer)
+    references = [item.reference for item in kept]
+    metrics = caption_metrics(texts, references, tokenizer=args.tokenizer)
+    metrics["clinical_efficacy"] = clinical_efficacy(texts, references, uncertain=args.ce_uncertain,
+                                                     study_ids=[item.study_id for item in kept],
+                                                     n_bootstrap=args.n_bootstrap, seed=args.seed)
     labelled = [(text, item.labels) for text, item in zip(texts, kept) if item.labels]
     if labelled:
-        findings = finding_f1([text for text, _ in labelled], [labels for _, labels in labelled])
-        if findings["findings"]:
+        findings = finding_f1([text for text, _ in labelled], [labels for _, labels in labelled],
+                              uncertain=args.ce_uncertain)
+        if findings["labels"]:
             metrics["findings"] = findings
     metrics["n_without_report"] = len(test) - len(with_report)
     examples = [{"study_id": item.study_id, "generated": text, "reference": item.reference}
@@ -380,11 +392,29 @@ def print_results(task: str, result: dict[str, Any]) -> None:
               + _value(metrics["cider"]))
         for name, reason in metrics.get("unavailable", {}).items():
             print(f"  {name} unavailable: {reason}")
-        if "findings" in metrics:
-            micro = {column: metrics["findings"][column]["micro"]["f1"]
+        print_clinical_efficacy(metrics["clinical_efficacy"])
+        findings = metrics.get("findings")
+        if findings and findings["findings"]:
+            micro = {column: findings[column]["micro"]["f1"]
                      for column in ("model", "majority_baseline", "all_positive_baseline")}
-            print(f"  finding F1 (keyword labeller, micro): model {micro['model']:.3f}, majority class "
+            print(f"  finding F1 against the manifest labels (report labeller, micro over "
+                  f"{', '.join(findings['findings'])}): model {micro['model']:.3f}, majority class "
                   f"{micro['majority_baseline']:.3f}, always present {micro['all_positive_baseline']:.3f}")
+        if findings and findings["unreadable"]:
+            print(f"  labels the report labeller cannot read (not in finding F1): {', '.join(findings['unreadable'])}")
+
+
+def print_clinical_efficacy(ce: dict[str, Any]) -> None:
+    boot = ce["bootstrap"]
+    ci = f"{100 * boot['confidence']:g}% CI" if boot["n_resamples"] else "CI"
+    print(f"  clinical efficacy (report labeller on generated and reference reports, uncertain = "
+          f"{ce['uncertain_policy']}; {ci} from {boot['n_resamples']} resamples of {boot['n_units']} studies):")
+    for name, title in (("chexpert14", "14 observations"), ("common5", "common 5")):
+        for average in ("micro", "macro"):
+            entry = ce[name][average]
+            print(f"    {title:<15} {average}  " + "  ".join(
+                f"{short} {entry[metric]:.3f} {_ci(entry, metric)}"
+                for metric, short in (("precision", "P"), ("recall", "R"), ("f1", "F1"))))
 
 
 def write_plots(plot: tuple | None, folder: str) -> list[str]:

@@ -143,7 +143,7 @@ def _score(rows: list[dict[str, Any]], items: list[dict[str, Any]]) -> dict[str,
         out.update({"n_with_reference": text_scores.pop("n"), **text_scores})
     if with_labels:
         findings = finding_f1([h for h, _ in with_labels], [labels for _, labels in with_labels])
-        if findings["findings"]:
+        if findings["labels"]:
             out["n_with_labels"] = len(with_labels)
             out["findings"] = findings
     return out
@@ -157,10 +157,12 @@ def _print_summary(rows: list[dict[str, Any]], scores: dict[str, Any]) -> None:
               + ", ".join(f"BLEU-{n} {scores[f'bleu{n}']:.3f}" for n in range(1, 5))
               + f", ROUGE-L {scores['rouge_l']:.3f}")
     findings = scores.get("findings")
-    if findings:
+    if findings and findings["unreadable"]:
+        print(f"\nlabels the report labeller cannot read (no finding F1): {', '.join(findings['unreadable'])}")
+    if findings and findings["findings"]:
         columns = [findings["model"], findings["majority_baseline"], findings["all_positive_baseline"]]
-        width = max(len(name) for name in findings["findings"])
-        print(f"\nfinding F1 from the keyword labeller ({scores['n_with_labels']} studies):")
+        width = max(len("micro"), *(len(name) for name in findings["findings"]))
+        print(f"\nfinding F1 from the report labeller ({scores['n_with_labels']} studies):")
         print(f"  {'':<{width}}  model  majority class  always present  positives")
         for name in findings["findings"]:
             row = [column["per_finding"][name] for column in columns]

@@ -157,5 +157,10 @@ def test_report_task(synthetic_cxr, tmp_path, one_thread, capsys):
         assert math.isfinite(metrics[key]) and metrics[key] >= 0.0
     assert (metrics["meteor"] is None) == ("meteor" in metrics.get("unavailable", {}))
     assert metrics["findings"]["findings"] == ["pleural effusion", "cardiomegaly", "pneumothorax", "nodule"]
+    assert metrics["findings"]["unreadable"] == []
+    ce = metrics["clinical_efficacy"]
+    assert ce["n"] == 4 and ce["uncertain_policy"] == "positive" and ce["bootstrap"]["unit"] == "study"
+    assert set(ce["common5"]["micro"]) >= {"precision", "recall", "f1", "f1_ci"}
     assert len(record["examples"]) == 4 and all(example["reference"] for example in record["examples"])
-    assert "BLEU-4" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "BLEU-4" in printed and "clinical efficacy" in printed and "common 5" in printed
