@@ -232,8 +232,11 @@ def write_torchscript(embedder: ImageEmbedder, images: torch.Tensor, path: Path,
               "batch_1": compare(embedder(images[:1]), traced(images[:1]), "MONAI bundle models/model.ts (batch 1)"),
               "new_images": compare(embedder(fresh), traced(fresh), "MONAI bundle models/model.ts (new images)")}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_net_with_metadata(traced, str(path), include_config_vals=False, append_timestamp=False,
-                           meta_values=metadata, more_extra_files={"inference.json": json.dumps(inference).encode()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.save's notice: MONAI bundles are TorchScript
+        save_net_with_metadata(traced, str(path), include_config_vals=False, append_timestamp=False,
+                               meta_values=metadata,
+                               more_extra_files={"inference.json": json.dumps(inference).encode()})
     return traced, checks
 
 

@@ -54,7 +54,11 @@ def input_files(dataset_dir: str, kind: str = "dicom") -> list[dict[str, str]]:
     files = sorted(os.path.join(root, name) for root, _, names in os.walk(dataset_dir) for name in names)
     found = [{"image": path} for path in files if wanted(path)]
     if not found:
-        raise FileNotFoundError(f"no {kind.upper()} file under {dataset_dir!r} ({len(files)} other files)")
+        hint = ""
+        if kind == "nifti" and any(_is_dicom(path) for path in files):
+            hint = ("; DICOM series are not read by this bundle (mmvl groups, sorts and checks slices its own way): "
+                    "convert them to NIfTI or embed them with mmvl")
+        raise FileNotFoundError(f"no {kind.upper()} file under {dataset_dir!r} ({len(files)} other files){hint}")
     return found
 
 

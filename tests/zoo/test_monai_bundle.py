@@ -200,5 +200,8 @@ def test_an_empty_input_folder_is_an_error(tmp_path):
     (tmp_path / "readme.txt").write_text("no scans here")
     with pytest.raises(FileNotFoundError, match="no DICOM file under .* \\(1 other files\\)"):
         input_files(str(tmp_path))
+    write_dicom(tmp_path / "series" / "slice1.dcm", np.zeros((4, 4)))
+    with pytest.raises(FileNotFoundError, match="no NIFTI file .* DICOM series are not read by this bundle"):
+        input_files(str(tmp_path), kind="nifti")
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         input_files(str(tmp_path / "missing"))
