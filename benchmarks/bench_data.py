@@ -455,6 +455,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="3D passes per measurement (each takes seconds; raise it for steadier figures)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (0 is always measured too)")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch intra-op threads of the timing process (1: as in a DataLoader worker; with more, "
+                        "the collate's torch.stack of 4 images waited up to 30 ms on OpenMP threads whenever other "
+                        "work held a core, for every path alike, hiding the readers' own cost)")
     parser.add_argument("--only", choices=("2d", "3d"), help="run one half only")
     parser.add_argument("--out-json", type=Path, help="also write the JSON line to this file")
     parser.add_argument("--work-dir", type=Path, help="where to write data and caches (default: a temp folder)")
@@ -463,8 +467,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                 "slices_hospital", "repeats", "repeats_3d", "batch_size"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1")
-    if args.workers < 0 or args.n_hospital < 0:
-        parser.error("--workers and --n-hospital must be >= 0")
+    if args.workers < 0 or args.n_hospital < 0 or args.torch_threads < 1:
+        parser.error("--workers and --n-hospital must be >= 0, --torch-threads >= 1")
     return args
 
 
@@ -473,6 +477,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import torch
 
     started = time.perf_counter()
+    torch.set_num_threads(args.torch_threads)
     workers_list = sorted({0, args.workers})
     config = {key: getattr(args, key) for key in ("n", "size", "n_large", "size_large", "n_3d", "size_3d", "slices_3d",
                                                    "n_hospital", "size_hospital", "slices_hospital", "repeats",
