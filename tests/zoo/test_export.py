@@ -148,12 +148,20 @@ def test_export_tool_and_zero_shot_by_name(clip2d_work_dir, tmp_path, png_images
 
 @pytest.mark.slow
 def test_trained_demo_model_exports_and_classifies(tiny_clip, tmp_path, capsys, one_thread):
-    """The tiny CLIP trained on the synthetic CXR set: exported with every format that applies, then zero-shot
-    from the entry equals zero-shot from the work dir."""
+    """The tiny CLIP trained on the synthetic CXR set: exported with the default formats (mmvl, hf) and with all
+    of them (its ViT goes to open_clip too), then zero-shot from the entry equals zero-shot from the work dir."""
     work_dir, _ = tiny_clip
     export = load_tool("export")
-    assert export.main([str(work_dir), "--name", "cxr_clip_tiny", "--out", str(tmp_path / "cxr_clip_tiny")]) == 0
-    print(capsys.readouterr().out)  # the file list and sizes (shown with pytest -s)
+    sizes = {}
+    for formats in ([], ["--formats", "all"]):
+        out = tmp_path / f"cxr_clip_tiny{'_all' if formats else ''}"
+        assert export.main([str(work_dir), "--name", out.name, "--out", str(out), *formats]) == 0
+        print(capsys.readouterr().out)  # the file list and sizes (shown with pytest -s)
+        config = json.loads((out / "config.json").read_text())
+        sizes[bool(formats)] = sum(path.stat().st_size for path in out.rglob("*") if path.is_file())
+    assert config["formats"] == ["mmvl", "open_clip", "hf", "monai", "torchscript", "onnx"]
+    assert json.loads((tmp_path / "cxr_clip_tiny" / "config.json").read_text())["formats"] == ["mmvl", "hf"]
+    assert sizes[False] < sizes[True] / 2  # the image tower once, not five times
     manifest = zoo.load_pretrained(work_dir).config["data"]["manifest"]
     labels = ["pleural effusion", "cardiomegaly", "pneumothorax", "nodule"]
     expected = mmvl.zero_shot(work_dir, manifest=manifest, labels=labels, limit=8, progress=False)
