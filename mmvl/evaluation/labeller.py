@@ -2,8 +2,8 @@
 each read as positive, negative, uncertain or not mentioned (mention, negation and uncertainty rules in the
 tradition of the CheXpert labeller, Irvin et al. AAAI 2019, and NegEx, Chapman et al. 2001).
 
-Rules written by hand: medspaCy's ConText (1.3.1) was tried and labelled 3,955 reports in 66-110 s on one core, and on
-Python 3.11 pins spaCy < 3.8 and so numpy < 2, which mmvl's environment cannot take.
+Rules written by hand: medspaCy's ConText (1.3.1, run offline with a blank tokenizer) took 66-110 s for 3,955 reports
+on one (loaded) core, and on Python 3.11 pins spaCy < 3.8, hence numpy < 2, which mmvl's environment cannot take.
 
 How a report is read: it is lower-cased and split into sentences (at ``.``, ``;``, ``!``, not at decimal points)
 and each sentence into clauses at words that turn it round ("but", "however", "although", "except", "there
@@ -30,6 +30,7 @@ __all__ = [
     "CHEXPERT_OBSERVATIONS",
     "COMMON_FIVE",
     "CT_FINDINGS",
+    "IU_MESH_TERMS",
     "NEGATIVE",
     "NOT_MENTIONED",
     "OBSERVATIONS",
@@ -37,6 +38,7 @@ __all__ = [
     "UNCERTAIN",
     "canonical_observation",
     "label_observations",
+    "mesh_observations",
     "unreadable",
 ]
 
