@@ -24,7 +24,8 @@ DATA_FIELDS = ("type", "train_split", "val_split", "report_sections", "max_skip_
 LOADING = {
     "mmvl": "`mmvl.zoo.load(\"{name}\")` (or this folder's path); `tools/zero_shot.py {name} scans/ --labels ...`",
     "open_clip": "in `<this folder>/open_clip` as the working directory (open_clip reads the text model's config from "
-                 "`hf_model_name` `\".\"` relative to it): `open_clip.create_model_and_transforms(\"local-dir:.\")`, "
+                 "`hf_model_name` `./text_model` relative to it): "
+                 "`open_clip.create_model_and_transforms(\"local-dir:.\")`, "
                  "tokenizer `open_clip.get_tokenizer(\"local-dir:.\")`; the folder can be moved or copied",
     "hf": "`transformers.AutoModel.from_pretrained(\"<this folder>/text_encoder\")` and `AutoTokenizer` (pooling and "
           "projection to the shared space: `text_encoder/mmvl_text.json`, `text_encoder/text_projection.safetensors`)",

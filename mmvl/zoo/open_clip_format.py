@@ -41,7 +41,11 @@ CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 CHECKPOINT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
                     "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "model.pth")
-TEXT_MODEL_NAME = "."  # the folder itself holds the text model's config.json and tokenizer
+# The text model's config.json, in a subfolder named with "./": from a working directory without that folder
+# transformers refuses the name ("./" is never a hub repo id) instead of reading some other config.json there.
+TEXT_MODEL_FOLDER = "text_model"
+TEXT_MODEL_NAME = f"./{TEXT_MODEL_FOLDER}"
+TOKENIZER_NAME = "."  # the tokenizer files: open_clip's get_tokenizer("local-dir:...") reads them from the folder
 POOLERS = {"mean": "mean_pooler", "cls": "cls_last_hidden_state_pooler"}
 TIMM_ENCODER_ARGS = {"type", "model_name", "in_chans", "img_size", "pretrained", "pretrained_path",
                      "grad_checkpointing", "token_drop", "attention"}
@@ -276,10 +280,10 @@ def open_clip_state(model: nn.Module, in_chans: int) -> dict[str, torch.Tensor]:
 
 
 def open_clip_config(context: ExportContext) -> dict[str, Any]:
-    """``open_clip_config.json``. The text model is named ``"."``: the folder itself holds its ``config.json`` and
-    tokenizer, so nothing names a path outside it. open_clip 3.3 reads ``hf_model_name`` with
-    ``transformers.AutoConfig`` as given, which resolves ``"."`` against the working directory; its tokenizer it
-    reads from the ``local-dir:`` folder itself."""
+    """``open_clip_config.json``. Nothing in it names a path outside the folder: the text model is
+    ``"./text_model"`` (its ``config.json``; the weights are in ``open_clip_model.safetensors``), the tokenizer
+    ``"."``. open_clip 3.3 reads ``hf_model_name`` with ``transformers.AutoConfig`` as given, which resolves it
+    against the working directory (not the ``local-dir:`` folder); the tokenizer it reads from the folder."""
     model = context.model
     head = model.contrastive_head
     trunk = model.image_encoder.model
@@ -287,7 +291,7 @@ def open_clip_config(context: ExportContext) -> dict[str, Any]:
     text = model.text_encoder
     mean, std = _normalisation(context.loaded.preprocess.spec)
     text_cfg: dict[str, Any] = {
-        "hf_model_name": TEXT_MODEL_NAME, "hf_tokenizer_name": TEXT_MODEL_NAME, "hf_model_pretrained": False,
+        "hf_model_name": TEXT_MODEL_NAME, "hf_tokenizer_name": TOKENIZER_NAME, "hf_model_pretrained": False,
         "hf_pooler_type": POOLERS[text.pooling], "context_length": text.max_length}
     if isinstance(text, ProjectedHFTextEncoder):
         if not torch.equal(head.text_proj.weight, torch.eye(head.embed_dim)):
@@ -389,7 +393,7 @@ def export_open_clip(context: ExportContext) -> dict[str, Any]:
 
     folder = context.out / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
-    model.text_encoder.model.config.save_pretrained(str(folder))
+    model.text_encoder.model.config.save_pretrained(str(folder / TEXT_MODEL_FOLDER))
     model.text_encoder.tokenizer.save_pretrained(str(folder))
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     save_file(state, str(folder / WEIGHTS_FILE))
@@ -430,7 +434,7 @@ def _read_open_clip_config(model_config: str | os.PathLike) -> tuple[dict[str, A
 
 
 def _inside(folder: Path | None, name: str | None) -> str | None:
-    """A relative text model/tokenizer name that is a folder inside the open_clip folder (``"."`` as mmvl
+    """A relative text model/tokenizer name that is a folder inside the open_clip folder (as mmvl
     writes it) resolved there, not against the working directory; a hub id or an absolute path as given."""
     if folder is not None and name and not os.path.isabs(name) and (folder / name).is_dir():
         return str(folder / name)

@@ -88,7 +88,7 @@ def test_open_clip_loads_a_moved_export_without_mmvl(vit, tmp_path, one_thread):
     entry = export_entry(work, tmp_path / "zoo", "oc", formats="mmvl,open_clip")
     config = json.loads((entry / "open_clip" / "open_clip_config.json").read_text())
     vision = config["model_cfg"]["vision_cfg"]
-    assert "timm_model_name" not in vision and config["model_cfg"]["text_cfg"]["hf_model_name"] == "."
+    assert "timm_model_name" not in vision and config["model_cfg"]["text_cfg"]["hf_model_name"] == "./text_model"
     image_cfg = _demo_model()[0] if vit == "demo" else VITS[vit]
     assert (vision["image_size"], vision["patch_size"], vision["layers"]) == (
         image_cfg["img_size"], image_cfg["patch_size"], image_cfg["depth"])
@@ -215,7 +215,7 @@ def test_import_open_clip_checkpoint(tmp_path, monkeypatch, one_thread):
     assert torch.equal(loaded.encode_text(TEXTS), imported.encode_text(TEXTS))
     images = (gray - normalize["mean"]) / normalize["std"]
     assert torch.equal(loaded.encode_image(images), imported.encode_image(images))
-    monkeypatch.chdir(entry / "open_clip")  # open_clip reads the text model's config ("." ) from there
+    monkeypatch.chdir(entry / "open_clip")  # open_clip reads the text model's config (./text_model) from there
     again = open_clip.create_model("local-dir:.").eval()  # and back to open_clip, which now normalises every
     with torch.no_grad():  # channel with the one mean/std: the gray input copied to RGB
         assert _cosine(expected_image, again.encode_image(images.expand(-1, 3, -1, -1), normalize=True)) >= 0.9999
