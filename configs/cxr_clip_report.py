@@ -7,7 +7,7 @@ model = dict(
     heads=[
         dict(type="clip", embed_dim=512, loss_weight=1.0),
         dict(type="report_gen", tokenizer=dict(type="wordpiece", vocab_size=30000, min_frequency=2),
-             decoder_dim=512, decoder_depth=3, decoder_heads=8, max_length=128, label_smoothing=0.1,
+             decoder_dim=512, decoder_depth=3, decoder_heads=8, max_length=256, label_smoothing=0.1,
              loss_weight=0.5),
     ],
 )

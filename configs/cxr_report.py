@@ -18,7 +18,9 @@ model = dict(
             decoder_dim=512,
             decoder_depth=3,
             decoder_heads=8,
-            max_length=128,  # findings + impression of MIMIC-CXR: about 95% fit in 128 WordPiece tokens
+            # findings + impression of MIMIC-CXR: about 95% fit in 128 WordPiece tokens, long ones need 256; a report
+            # longer still keeps its impression whole (data.report_truncation="keep_last")
+            max_length=256,
             label_smoothing=0.1,
             dropout=0.1,
         )

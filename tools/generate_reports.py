@@ -2,7 +2,7 @@
 
     python tools/generate_reports.py MODEL INPUT... --out reports.jsonl
         [--manifest test.jsonl] [--method beam|greedy] [--num-beams 4] [--length-penalty 1.0]
-        [--no-repeat-ngram-size 3] [--max-length N] [--batch-size 16] [--device cpu] [--limit N]
+        [--no-repeat-ngram-size 0] [--max-length N] [--batch-size 16] [--device cpu] [--limit N]
 
 MODEL is a training work dir, a checkpoint file or a model-zoo entry (folder or name).
 INPUT may be files or folders, searched recursively (``mmvl.data.inputs.find_inputs``): 2D models take
@@ -11,8 +11,8 @@ Preprocessing is rebuilt from the model's recorded spec; --allow-gaps (interpola
 series) and --reader-option KEY=VALUE override its reader's options. One JSON line per input: ``path``, ``study_id``
 (manifest rows), and ``report`` or ``error``;
 the exit code is 1 if any input failed, 2 on bad arguments. A ``.json`` sidecar beside ``--out`` records the
-model and settings. Manifest images must lie inside the data root the model was trained with (its data.root;
-none recorded: the manifest's folder) unless --data-root or --allow-outside-root says otherwise. With a manifest
+model, the settings asked for ("requested") and the search that ran ("decoding"). Manifest images must lie inside
+the data root the model was trained with (its data.root; none recorded: the manifest's folder) unless --data-root or --allow-outside-root says otherwise. With a manifest
 that has reports and/or labels, BLEU-1..4 and ROUGE-L against the
 reports (the sections the model was trained on) and finding F1 from the keyword labeller against the labels,
 beside the majority-class and always-present baselines, are printed and stored in the sidecar.
@@ -58,7 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-beams", type=int, default=4)
     parser.add_argument("--length-penalty", type=float, default=1.0,
                         help="beam ranking: sum log p / length**penalty (> 0 favours longer reports)")
-    parser.add_argument("--no-repeat-ngram-size", type=int, default=3, help="0 allows repeated n-grams")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=0,
+                        help="ban repeating any n-gram of this size (0: off, the default; reports repeat 'there is "
+                        "no' on purpose)")
     parser.add_argument("--max-length", type=int, help="tokens including BOS/EOS (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--limit", type=int, help="only the first N inputs")
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     model = loaded.model
+    decoding: dict[str, Any] | None = None  # what the head reports it ran (a one-beam "beam" is greedy search)
     settings = dict(method=args.method, num_beams=args.num_beams, length_penalty=args.length_penalty,
                     no_repeat_ngram_size=args.no_repeat_ngram_size, max_length=max_length)
     rows: list[dict[str, Any]] = []
@@ -112,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 for row in kept:
                     row["error"] = f"generation failed: {err}"
             else:
+                decoding = generated.decoding
                 for row, text, ids in zip(kept, generated.texts, generated.token_ids):
                     row.update(report=text, n_tokens=len(ids))
         for row in batch.rows:  # JSONL rows: study_id only from manifests, error only on failure
@@ -120,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     atomic_write_text(out, "".join(json.dumps(row) + "\n" for row in rows))
     n_failed = sum("error" in row for row in rows)
-    sidecar: dict[str, Any] = {"model": loaded.source, "mmvl_version": mmvl.__version__, **settings,
+    sidecar: dict[str, Any] = {"model": loaded.source, "mmvl_version": mmvl.__version__, "requested": settings,
+                               "decoding": decoding,
                                "reader_options": reader_options(args),
                                "n_inputs": len(rows), "n_failed": n_failed}
     scores = _score(rows, items)

@@ -10,7 +10,7 @@ model = dict(
                        depth=4, num_heads=4),
     heads=[
         dict(type="report_gen", tokenizer=dict(type="wordpiece", vocab_size=1000, min_frequency=2),
-             decoder_dim=128, decoder_depth=2, decoder_heads=4, max_length=128, label_smoothing=0.1, dropout=0.1)
+             decoder_dim=128, decoder_depth=2, decoder_heads=4, max_length=256, label_smoothing=0.1, dropout=0.1)
     ],
 )
 data = dict(

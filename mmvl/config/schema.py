@@ -31,6 +31,9 @@ DATA_DEFAULTS: dict[str, Any] = dict(
     # a study's views (manifest rows listing several images): "random" (one per study, drawn anew each epoch),
     # "frontal" (drawn among its frontal views), "all" (one item per view; a batch never holds two of one study)
     view_policy="random",
+    # a report longer than the model's max_length: "keep_last" keeps its last section (report_sections' order: the
+    # impression after the findings) whole and cuts the ones before; "tail" cuts the joined text at its end
+    report_truncation="keep_last",
 )
 
 OPTIM_DEFAULTS: dict[str, Any] = dict(
@@ -51,4 +54,5 @@ DATA_TYPES = ("manifest", "shards")
 VIEW_POLICIES = ("random", "frontal", "all")
 ON_ERROR = ("skip", "raise")
 CACHE_KINDS = (None, "memory", "disk")
+REPORT_TRUNCATIONS = ("keep_last", "tail")
 OPTIM_TYPES = ("adamw",)

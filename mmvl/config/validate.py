@@ -31,6 +31,7 @@ from mmvl.config.schema import (
     ON_ERROR,
     OPTIM_DEFAULTS,
     OPTIM_TYPES,
+    REPORT_TRUNCATIONS,
     SECTIONS,
     TRAIN_DEFAULTS,
     VIEW_POLICIES,
@@ -222,6 +223,7 @@ def _check_data(data: Mapping[str, Any]) -> None:
     _check_choice(data, "view_policy", VIEW_POLICIES, "data")
     _check_choice(data, "on_error", ON_ERROR, "data")
     _check_choice(data, "cache", CACHE_KINDS, "data")
+    _check_choice(data, "report_truncation", REPORT_TRUNCATIONS, "data")
     for name in PIPELINES:
         steps = data.get(name)
         if not isinstance(steps, Sequence) or isinstance(steps, str) or not steps:

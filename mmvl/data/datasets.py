@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from mmvl.config.schema import CACHE_KINDS, ON_ERROR, VIEW_POLICIES
 from mmvl.data.manifest import is_frontal, load_manifest
-from mmvl.data.reports import report_text
+from mmvl.data.reports import report_parts
 from mmvl.data.transforms import LoadVolume, Pipeline
 from mmvl.errors import DataError, ManifestError
 from mmvl.registry import DATASETS
@@ -187,7 +187,8 @@ class ManifestDataset(Dataset):
         for row in rows:
             reason = row.get("error")
             if reason is None:
-                row["text"] = report_text(row["report"], report_sections)
+                row["parts"] = report_parts(row["report"], report_sections)
+                row["text"] = " ".join(row["parts"])
                 if require_report and not row["text"]:
                     reason = "empty report" + (f" (sections {list(report_sections)})" if report_sections else "")
             if reason is not None:
@@ -330,6 +331,7 @@ class ManifestDataset(Dataset):
         item = {
             "image": image,
             "report": row["text"],
+            "report_parts": row["parts"],
             "meta": {"path": path, "study_id": row.get("study_id"), "index": index, "view": view,
                      "view_name": row["views"][view] if row.get("views") else None},
         }

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from mmvl.config.schema import REPORT_TRUNCATIONS
+
 
 class ResumableSampler(Sampler):
     """Seeded per-epoch permutation that can start mid-epoch; yields ``(index, sample_seed)``.
@@ -105,10 +107,57 @@ def spread_groups(order: Sequence[int], groups: Sequence[Sequence[Hashable]], sp
 
 class Collate:
     """Stack images and labels, tokenize reports; samples the dataset skipped (``{"skipped": {...}}`` or
-    ``None``) are dropped and listed in ``batch["skipped"]`` with ``batch["n_skipped"]`` their count."""
+    ``None``) are dropped and listed in ``batch["skipped"]`` with ``batch["n_skipped"]`` their count.
 
-    def __init__(self, tokenizer: Any | None = None, max_length: int = 128):
-        self.tokenizer, self.max_length = tokenizer, max_length
+    A report longer than ``max_length`` tokens is cut. ``truncation="keep_last"`` (default) keeps the last of its
+    sections (``report_parts`` of a sample: the impression after the findings) whole and cuts the sections before
+    it from their ends, so a long findings section no longer costs the impression; the last section alone is
+    cut at its end only when it does not fit by itself. ``"tail"`` cuts the joined text at its end.
+    """
+
+    def __init__(self, tokenizer: Any | None = None, max_length: int = 128, truncation: str = "keep_last"):
+        if truncation not in REPORT_TRUNCATIONS:
+            raise ValueError(f"truncation must be one of {REPORT_TRUNCATIONS}, got {truncation!r}")
+        self.tokenizer, self.max_length, self.truncation = tokenizer, max_length, truncation
+
+    def tokenize(self, reports: list[str], parts: list[list[str]] | None = None) -> dict[str, torch.Tensor]:
+        """``input_ids`` and ``attention_mask`` of ``reports``, padded to the longest and cut as the class says."""
+        tokenizer = self.tokenizer
+        tokens = tokenizer(reports, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        ids, mask = tokens["input_ids"], tokens["attention_mask"]
+        if (self.truncation == "tail" or parts is None or ids.shape[1] < self.max_length
+                or getattr(tokenizer, "padding_side", "right") != "right"):
+            return {"input_ids": ids, "attention_mask": mask}
+        # Rows filling every position may have been cut; re-tokenize those of several sections without the cut.
+        # WordPiece/BERT tokenizers split on whitespace first, so the sections' tokens are the report's tokens.
+        candidates = [i for i in range(len(reports)) if len(parts[i]) > 1 and bool(mask[i].all())]
+        if not candidates:
+            return {"input_ids": ids, "attention_mask": mask}
+        prefix, suffix = self._special_tokens()
+        budget = self.max_length - len(prefix) - len(suffix)
+        whole = tokenizer([reports[i] for i in candidates], add_special_tokens=False)["input_ids"]
+        for i, content in zip(candidates, whole):
+            if len(content) <= budget:
+                continue  # exactly max_length long, nothing was cut
+            pieces = tokenizer(parts[i], add_special_tokens=False)["input_ids"]
+            last = pieces[-1][:budget]
+            before = [token for piece in pieces[:-1] for token in piece][: budget - len(last)]
+            row = prefix + before + last + suffix
+            ids[i] = tokenizer.pad_token_id
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i] = 0
+            mask[i, : len(row)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def _special_tokens(self) -> tuple[list[int], list[int]]:
+        """The ids the tokenizer puts before and after a text ([CLS] and [SEP] for BERT), found by tokenizing one
+        word with and without them (transformers 5 tokenizers have no ``build_inputs_with_special_tokens``)."""
+        if not hasattr(self, "_specials"):
+            bare = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+            full = self.tokenizer("a")["input_ids"]
+            start = next(k for k in range(len(full) - len(bare) + 1) if full[k:k + len(bare)] == bare)
+            self._specials = (full[:start], full[start + len(bare):])
+        return self._specials
 
     def __call__(self, samples: list[dict[str, Any] | None]) -> dict[str, Any]:
         kept = [s for s in samples if s is not None and "skipped" not in s]
@@ -123,8 +172,6 @@ class Collate:
         if "report" in kept[0]:
             batch["report"] = [s["report"] for s in kept]
             if self.tokenizer is not None:
-                tokens = self.tokenizer(batch["report"], padding=True, truncation=True,
-                                        max_length=self.max_length, return_tensors="pt")
-                batch["input_ids"] = tokens["input_ids"]
-                batch["attention_mask"] = tokens["attention_mask"]
+                parts = [s["report_parts"] for s in kept] if "report_parts" in kept[0] else None
+                batch.update(self.tokenize(batch["report"], parts))
         return batch

@@ -180,6 +180,13 @@ def report_text(text: str, sections: Sequence[str] = ("findings", "impression"))
     Section names may be any alias ("conclusion" is ``impression``). When none of them is present, or all
     are empty after cleaning, the whole cleaned report is returned instead; a blank report gives "".
     """
+    return " ".join(report_parts(text, sections))
+
+
+def report_parts(text: str, sections: Sequence[str] = ("findings", "impression")) -> list[str]:
+    """What :func:`report_text` joins: the non-empty cleaned bodies of ``sections`` in order, or ``[whole
+    cleaned report]`` when none is found (``[]`` for a blank report). A tokenizer that must cut a long report
+    can then keep its last section (the impression) whole (:class:`mmvl.data.loader.Collate`)."""
     if isinstance(sections, str):  # a bare "impression" would otherwise be read letter by letter
         sections = (sections,)
     names = (" ".join(name.lower().split()) for name in sections)
@@ -187,4 +194,7 @@ def report_text(text: str, sections: Sequence[str] = ("findings", "impression"))
     found = extract_sections(text)
     parts = [clean_report(found[name]) for name in wanted if name in found]
     parts = [part for part in parts if part]
-    return " ".join(parts) if parts else clean_report(text)
+    if parts:
+        return parts
+    whole = clean_report(text)
+    return [whole] if whole else []

@@ -28,7 +28,7 @@ import torch
 
 import mmvl
 from mmvl.config import Config
-from mmvl.config.schema import TRAIN_DEFAULTS
+from mmvl.config.schema import DATA_DEFAULTS, TRAIN_DEFAULTS
 from mmvl.config.validate import resolve_config, validate_config
 from mmvl.data.loader import Collate
 from mmvl.data.transforms import save_preprocess
@@ -152,7 +152,8 @@ class Trainer:
             cfg.dump(self.work_dir / "config.py")
             save_preprocess(self.work_dir / "preprocess.json", cfg["data"]["eval_pipeline"],
                             mmvl_version=mmvl.__version__)
-        self.collate = Collate(self.model.tokenizer, self.model.max_length)
+        self.collate = Collate(self.model.tokenizer, self.model.max_length,
+                               cfg["data"].get("report_truncation", DATA_DEFAULTS["report_truncation"]))
         self.loader, self.sampler = build_train_loader(self.train_set, self.collate, train_cfg, strategy)
         self.metrics = run_hooks.MetricsLog(self.work_dir, strategy.is_main)
         self.hooks: list[run_hooks.Hook] = [run_hooks.LoggerHook(), run_hooks.ValidationHook(self),

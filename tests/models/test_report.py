@@ -14,7 +14,7 @@ from mmvl.models.heads.report import ReportGenerationHead, _HeadState, ban_token
 VIT2D = dict(type="vit2d", model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=1,
              num_heads=2)
 VIT3D = dict(type="vit3d", img_size=16, patch_size=8, hidden_size=32, mlp_dim=64, num_layers=1, num_heads=2)
-REPORTS = ["no pleural effusion.", "large right pneumothorax.", "the heart is enlarged.",
+REPORTS = ["no pleural effusion.", "large right pneumothorax.", "the heart is enlarged.", "there is no effusion.",
            "small left pleural effusion. no pneumothorax."]
 
 
@@ -209,3 +209,40 @@ def test_configuration_and_input_errors(tokenizer_dir):
     with pytest.raises(ValueError, match="no image encoder"):
         alone.generate(images)
     assert len(alone.generate(torch.randn(2, 5, 32), max_length=4).texts) == 2  # tokens (B, N, D) work
+
+
+def test_default_decoding_can_repeat_the_phrases_reports_repeat(tokenizer_dir, monkeypatch):
+    """Reports say "there is no ..." twice on purpose; the default search must be able to write that (it used to ban
+    every repeated trigram). A decoder that insists on the sentence shows what each setting lets through."""
+    from mmvl.models.heads import report
+
+    model = report_model(tokenizer_dir).eval()
+    head = model.heads["report_gen"]
+    wanted = "there is no effusion. there is no pneumothorax."
+    target = head.tokenizer(wanted, add_special_tokens=False)["input_ids"] + [head.eos_id]
+
+    class Insisting:  # the next token of ``wanted`` by position, whatever the image
+        def __init__(self, head, memory):
+            pass
+
+        def step(self, sequences):
+            log_probs = torch.full((sequences.shape[0], len(head.tokenizer)), -20.0)
+            log_probs[:, target[min(sequences.shape[1] - 1, len(target) - 1)]] = 0.0
+            return log_probs.log_softmax(-1)
+
+        def reorder(self, index):
+            pass
+
+    monkeypatch.setattr(report, "_HeadState", Insisting)
+    image = model.image_encoder(torch.randn(1, 1, 32, 32))
+    for method in ("greedy", "beam"):
+        generated = head.generate(image, method=method)
+        assert generated.texts == [wanted] and generated.decoding["no_repeat_ngram_size"] == 0
+    banned = head.generate(image, method="greedy", no_repeat_ngram_size=3)
+    assert banned.texts != [wanted] and banned.texts[0].startswith("there is no effusion.")
+
+
+def test_report_heads_hold_256_positions_by_default(tokenizer_dir):
+    model = build_model(dict(image_encoder=VIT2D, heads=[dict(type="report_gen", tokenizer=str(tokenizer_dir),
+                                                               decoder_dim=32, decoder_depth=1, decoder_heads=2)]))
+    assert model.heads["report_gen"].max_length == 256 and model.max_length == 256

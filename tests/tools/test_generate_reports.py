@@ -42,7 +42,9 @@ def test_generate_reports_cli(report_work_dir, synthetic_cxr, tmp_path, capsys):
         assert "error" not in row and isinstance(row["report"], str) and row["study_id"].startswith("syn")
         assert 1 <= row["n_tokens"] <= 11
     sidecar = json.loads(out.with_suffix(".json").read_text())
-    assert sidecar["method"] == "beam" and sidecar["num_beams"] == 2 and sidecar["n_failed"] == 1
+    assert sidecar["requested"]["method"] == "beam" and sidecar["n_failed"] == 1
+    assert sidecar["decoding"] == {"method": "beam", "num_beams": 2, "length_penalty": 1.0, "early_stopping": True,
+                                   "max_length": 12, "no_repeat_ngram_size": 0}
     metrics = sidecar["metrics"]
     assert metrics["n_with_reference"] == 4 and 0.0 <= metrics["bleu4"] <= 1.0 and 0.0 <= metrics["rouge_l"] <= 1.0
     assert metrics["findings"]["findings"] == ["pleural effusion", "cardiomegaly", "pneumothorax", "nodule"]
@@ -60,7 +62,18 @@ def test_generate_reports_cli_on_a_folder_with_greedy(report_work_dir, synthetic
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [Path(row["path"]).name for row in rows] == ["000000.dcm", "000001.dcm", "000002.dcm"]
     assert all("study_id" not in row and "report" in row for row in rows)
-    assert "metrics" not in json.loads(out.with_suffix(".json").read_text())
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert "metrics" not in sidecar and sidecar["decoding"]["method"] == "greedy"
+
+
+def test_a_one_beam_search_is_recorded_as_the_greedy_search_it_is(report_work_dir, synthetic_cxr, tmp_path):
+    out = tmp_path / "one_beam.jsonl"
+    assert load_tool("generate_reports").main([
+        str(report_work_dir), str(synthetic_cxr.parent / "images"), "--limit", "2", "--method", "beam",
+        "--num-beams", "1", "--max-length", "8", "--out", str(out)]) == 0
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["requested"]["method"] == "beam" and sidecar["requested"]["num_beams"] == 1
+    assert sidecar["decoding"] == {"method": "greedy", "max_length": 8, "no_repeat_ngram_size": 0}
 
 
 def test_generate_reports_cli_errors(report_work_dir, tmp_path, capsys):
@@ -68,7 +81,7 @@ def test_generate_reports_cli_errors(report_work_dir, tmp_path, capsys):
     assert tool.main([str(tmp_path / "nowhere"), "x.dcm"]) == 2
     assert "no checkpoints" in capsys.readouterr().err
     assert tool.main([str(report_work_dir), "x.dcm", "--max-length", "1000"]) == 2
-    assert "--max-length must be in [2, 128]" in capsys.readouterr().err
+    assert "--max-length must be in [2, 256]" in capsys.readouterr().err
     assert tool.main([str(report_work_dir)]) == 2
     assert "no inputs" in capsys.readouterr().err
     with pytest.raises(SystemExit):

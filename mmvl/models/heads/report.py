@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -84,11 +84,13 @@ class DecoderBlock(nn.Module):
 @dataclass
 class GeneratedReports:
     """``texts``: decoded reports; ``token_ids``: generated ids (no BOS; EOS last unless cut at max_length);
-    ``log_probs``: sum of the chosen tokens' log-probabilities."""
+    ``log_probs``: sum of the chosen tokens' log-probabilities; ``decoding``: the search that actually ran
+    (``method``: "greedy" also for a beam search of one beam, which is exactly greedy search) and its settings."""
 
     texts: list[str]
     token_ids: list[list[int]]
     log_probs: list[float]
+    decoding: dict[str, Any] = field(default_factory=dict)
 
 
 class DecoderState(Protocol):
@@ -274,7 +276,7 @@ class ReportGenerationHead(nn.Module):
         decoder_dim: int = 512,
         decoder_depth: int = 3,
         decoder_heads: int = 8,
-        max_length: int = 128,
+        max_length: int = 256,
         label_smoothing: float = 0.1,
         mlp_ratio: float = 4.0,
         dropout: float = 0.1,
@@ -365,13 +367,16 @@ class ReportGenerationHead(nn.Module):
         method: str = "beam",
         num_beams: int = 4,
         length_penalty: float = 1.0,
-        no_repeat_ngram_size: int = 3,
+        no_repeat_ngram_size: int = 0,
         max_length: int | None = None,
         early_stopping: bool = True,
     ) -> GeneratedReports:
         """Reports for ``image``: the image encoder's output, or images ``(B, C, H, W)``/``(B, C, D, H, W)``
         (encoded with the image encoder the head was built with). ``max_length`` counts BOS and EOS (default:
-        the head's). Runs in eval mode (no dropout) and restores the mode it found."""
+        the head's). Runs in eval mode (no dropout) and restores the mode it found.
+
+        ``no_repeat_ngram_size`` is off (0) by default: radiology reports repeat their phrasing on purpose ("There
+        is no pneumothorax. There is no effusion."), which a ban on repeated trigrams makes impossible."""
         if method not in ("greedy", "beam"):
             raise ValueError(f"generate: method must be 'greedy' or 'beam', got {method!r}")
         if num_beams < 1:
@@ -404,7 +409,12 @@ class ReportGenerationHead(nn.Module):
             self.train(was_training)
         texts = [tidy_decoded(self.tokenizer.decode(row, skip_special_tokens=True, clean_up_tokenization_spaces=True))
                  for row in ids]
-        return GeneratedReports(texts=texts, token_ids=ids, log_probs=scores)
+        beam = method == "beam" and num_beams > 1
+        decoding = {"method": "beam" if beam else "greedy", "max_length": max_length,
+                    "no_repeat_ngram_size": no_repeat_ngram_size,
+                    **({"num_beams": num_beams, "length_penalty": length_penalty, "early_stopping": early_stopping}
+                       if beam else {})}
+        return GeneratedReports(texts=texts, token_ids=ids, log_probs=scores, decoding=decoding)
 
 
 def _init_weights(module: nn.Module) -> None:
