@@ -287,9 +287,12 @@ def _place_nodules(case: _Case, rng: np.random.Generator, count: int) -> tuple[_
     return tuple(nodules)
 
 
-def _sample_case(rng: np.random.Generator) -> _Case:
-    """Labels, severities, pose, anatomy and encoding of one study; nothing here depends on the image size."""
-    labels = {name: int(rng.random() < FINDING_PROBABILITY) for name in FINDINGS}
+def _sample_case(rng: np.random.Generator, labels: dict[str, int] | None = None) -> _Case:
+    """Labels, severities, pose, anatomy and encoding of one study; nothing here depends on the image size.
+    ``labels`` (a real report's reading) replace the drawn ones; the stream of draws is the same either way.
+    A label of -1 (the report is uncertain) is drawn as present."""
+    drawn = {name: int(rng.random() < FINDING_PROBABILITY) for name in FINDINGS}
+    labels = drawn if labels is None else {name: int(labels[name]) for name in FINDINGS}
     case = _Case(
         labels=labels,
         modality=str(rng.choice(["DX", "CR"])),
@@ -849,13 +852,58 @@ def _report(case: _Case, rng: np.random.Generator) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _make_sample(seed: int, index: int, size: int) -> tuple[_Case, np.ndarray, str, np.random.Generator]:
-    """Case, display image (unclipped), report and header generator of sample ``index``."""
+def _make_sample(seed: int, index: int, size: int, real: _RealReport | None = None,
+                 ) -> tuple[_Case, np.ndarray, str, np.random.Generator]:
+    """Case, display image (unclipped), report and header generator of sample ``index``; with ``real``, the
+    image draws what that report says and the report is its text."""
     anatomy_rng, noise_rng, header_rng, report_rng = _sample_rngs(seed, index)
-    case = _sample_case(anatomy_rng)
+    case = _sample_case(anatomy_rng, None if real is None else real.labels)
     columns = int(round(size * NARROW_ASPECT)) if case.narrow else size
     display = _render(case, size, columns, noise_rng)
-    return case, display, _report(case, report_rng), header_rng
+    return case, display, _report(case, report_rng) if real is None else real.text, header_rng
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Real report text: the even-numbered Indiana University reports (datasets/iu_xray.py)
+# ---------------------------------------------------------------------------------------------------------
+REPORT_SOURCES = ("template", "iu_xray")
+# What the phantom can draw, read from a report by mmvl's labeller (mmvl.evaluation.labeller).
+DRAWABLE = {"pleural effusion": ("Pleural Effusion",), "cardiomegaly": ("Cardiomegaly",),
+            "pneumothorax": ("Pneumothorax",), "nodule": ("Lung Lesion", "Lung Nodule")}
+
+
+class _RealReport(NamedTuple):
+    report_id: int
+    text: str  # FINDINGS / IMPRESSION as in the XML (placeholders kept: training cleans them, as on real data)
+    labels: dict[str, int]  # 1 present, 0 absent or not mentioned, -1 the report is uncertain
+
+
+def _reading(text: str) -> dict[str, int]:
+    """The drawable findings of a report: present if the labeller reads any of its observations as positive,
+    uncertain (-1) if only as uncertain, else absent."""
+    from mmvl.evaluation.labeller import NEGATIVE, POSITIVE, UNCERTAIN, label_observations
+
+    read = label_observations(text, [name for names in DRAWABLE.values() for name in names])
+    labels = {}
+    for finding, names in DRAWABLE.items():
+        values = [read[name] for name in names]
+        labels[finding] = 1 if POSITIVE in values else -1 if UNCERTAIN in values else NEGATIVE  # or not mentioned
+    return labels
+
+
+def iu_reports(source: str | os.PathLike | None = None) -> list[_RealReport]:
+    """The even-numbered IU reports with a findings or impression section, in report-number order, each with its
+    reading. ``source``: an Open-I folder or ``.tgz`` (default: the copy inside an installed torchxrayvision)."""
+    iu_xray = _sibling("iu_xray")
+    reports = []
+    for report in iu_xray.read_reports(source, parity="even"):  # the odd ones are kept for an independent check
+        findings, impression = (report.sections.get(name, "").strip() for name in ("findings", "impression"))
+        if not report.text():
+            continue
+        text = "\n".join(f"{name.upper()}: {body}" for name, body in (("findings", findings),
+                                                                      ("impression", impression)) if body)
+        reports.append(_RealReport(report.report_id, text, _reading(report.text())))
+    return reports
 
 
 def _check_arguments(n: int, size: int, seed: int) -> None:
@@ -906,14 +954,25 @@ probing); the reports state the same findings with varied wording, laterality an
 
 
 def generate(
-    out: str | Path, n: int = 800, size: int = 128, seed: int = 0, *, progress: bool = False
+    out: str | Path, n: int = 800, size: int = 128, seed: int = 0, *, progress: bool = False,
+    reports: str = "template", reports_source: str | os.PathLike | None = None,
 ) -> Path:
     """Write ``n`` synthetic studies of ``size`` pixels under ``out``; returns the ``manifest.jsonl`` path.
 
     ``progress`` shows a tqdm bar (unless the environment sets ``MMVL_NO_PROGRESS=1``). Files of an
     earlier, larger run in ``out`` are left alone; the manifests list only this run's images.
+
+    ``reports="iu_xray"``: study ``i`` gets the ``i``-th even-numbered Indiana University report (real radiology
+    language, :func:`iu_reports`; ``reports_source`` as there) and its image draws the findings mmvl's labeller
+    reads in it (:data:`DRAWABLE`; laterality and severity stay random). Rows add ``report_id``; a finding the
+    report is uncertain about is drawn and labelled -1 (unknown: left out of AUROCs).
     """
     _check_arguments(n, size, seed)
+    if reports not in REPORT_SOURCES:
+        raise ValueError(f"reports must be one of {REPORT_SOURCES}, got {reports!r}")
+    real = iu_reports(reports_source) if reports == "iu_xray" else None
+    if real is not None and n > len(real):
+        raise ValueError(f"n={n} but only {len(real)} even-numbered IU reports have findings or an impression")
     out = Path(out)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -922,7 +981,7 @@ def generate(
     splits = _splits(seed, n)
     quiet = not progress or os.environ.get("MMVL_NO_PROGRESS") == "1"
     for index in tqdm(range(n), desc="writing DICOM", unit="img", disable=quiet):
-        case, display, report, header_rng = _make_sample(seed, index, size)
+        case, display, report, header_rng = _make_sample(seed, index, size, None if real is None else real[index])
         stored, center, width = _encode(display, case)
         relative = f"images/{index:0{digits}d}.dcm"
         _write_dicom(out / relative, stored, center, width, case, seed, size, index, header_rng)
@@ -933,6 +992,7 @@ def generate(
                 "labels": dict(case.labels),
                 "split": splits[index],
                 "study_id": f"syn{index:0{digits}d}",
+                **({} if real is None else {"report_id": real[index].report_id}),
             }
         )
 
@@ -945,21 +1005,41 @@ def generate(
         write_jsonl(out / f"{split}.jsonl", [row for row in rows if row["split"] == split])
     counts = {
         "split": Counter(row["split"] for row in rows),
-        "finding": Counter(name for row in rows for name in FINDINGS if row["labels"][name]),
+        "finding": Counter(name for row in rows for name in FINDINGS if row["labels"][name] == 1),
     }
-    (out / "README.md").write_text(_dataset_card(n, size, seed, counts), encoding="utf-8")
+    card = _dataset_card(n, size, seed, counts)
+    if real is not None:
+        card += _IU_CARD
+    (out / "README.md").write_text(card, encoding="utf-8")
     return manifest
 
 
-def _synthetic_ct() -> ModuleType:
-    """datasets/synthetic_ct.py, loaded by path: datasets/ is not a package."""
-    name = "mmvl_datasets_synthetic_ct"
+_IU_CARD = """
+## Reports: real text (`--reports iu_xray`)
+
+Each study's report is an even-numbered Indiana University chest X-ray report (Open-I, CC BY-NC-ND 4.0; the
+`NLMCXR_reports.tgz` of torchxrayvision), in report-number order, FINDINGS and IMPRESSION as written (the `XXXX`
+de-identification placeholders are removed when mmvl reads the text). The image draws what mmvl's labeller
+(`mmvl.evaluation.labeller`) reads in the report: pleural effusion, cardiomegaly, pneumothorax, and a nodule for
+Lung Lesion / Lung Nodule; laterality, severity and size are random, not read. A finding the report is uncertain
+about is drawn and labelled -1 (unknown). `report_id` is the report's `pmcId`. Real reports are mostly normal,
+so positives are far rarer than in the template set (see the counts above).
+"""
+
+
+def _sibling(script: str) -> ModuleType:
+    """``datasets/<script>.py``, loaded by path: datasets/ is not a package."""
+    name = f"mmvl_datasets_{script}"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("synthetic_ct.py"))
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{script}.py"))
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def _synthetic_ct() -> ModuleType:
+    return _sibling("synthetic_ct")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -980,18 +1060,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=800, help="number of images (default: %(default)s)")
     parser.add_argument("--size", type=int, default=128, help="image height in pixels (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--reports", choices=REPORT_SOURCES, default="template",
+                        help="template: generated wording; iu_xray: the even-numbered Indiana University reports, "
+                        "each study's image drawing what the report says (default: %(default)s)")
+    parser.add_argument("--reports-source", help="iu_xray: an Open-I folder or NLMCXR_reports.tgz (default: the copy "
+                        "inside an installed torchxrayvision)")
     args = parser.parse_args(argv)
     try:
-        manifest = generate(args.out, n=args.n, size=args.size, seed=args.seed, progress=True)
+        manifest = generate(args.out, n=args.n, size=args.size, seed=args.seed, progress=True,
+                            reports=args.reports, reports_source=args.reports_source)
     except ValueError as err:
         parser.error(str(err))
     rows = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines()]
     splits = Counter(row["split"] for row in rows)
     print(f"studies written: {len(rows)} (" + ", ".join(f"{split} {splits[split]}" for split in SPLITS) + ")")
     for name in FINDINGS:
-        positives = sum(row["labels"][name] for row in rows)
+        positives = sum(row["labels"][name] == 1 for row in rows)
         print(f"  {name:<17} {positives:5d} positive ({positives / len(rows):.0%})")
     normal = sum(not any(row["labels"].values()) for row in rows)
+    uncertain = sum(-1 in row["labels"].values() for row in rows)
+    if uncertain:
+        print(f"  {'uncertain':<17} {uncertain:5d} (a finding labelled -1: drawn, left out of AUROCs)")
     print(f"  {'no finding':<17} {normal:5d}")
     print(f"manifest: {manifest}")
 

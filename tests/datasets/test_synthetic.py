@@ -303,3 +303,56 @@ def test_pneumothorax_shows_air_darker_than_lung(rows, images):
     dark = np.array([dark_fraction(image) for image in images])
     assert auc(dark[positive], dark[~positive]) > 0.95
     assert np.median(dark[positive]) > 0.1 > np.median(dark[~positive])
+
+
+# -- real report text: --reports iu_xray -------------------------------------------------------------------
+def iu_xml(number: int, findings: str, impression: str) -> str:
+    """The parts of an Open-I ecgen-radiology XML the reader uses (see tests/datasets/test_iu_xray.py)."""
+    return (f'<?xml version="1.0" encoding="utf-8"?>\n<eCitation><uId id="CXR{number}"/><pmcId id="{number}"/>'
+            f'<MedlineCitation><Article><Abstract><AbstractText Label="FINDINGS">{findings}</AbstractText>'
+            f'<AbstractText Label="IMPRESSION">{impression}</AbstractText></Abstract></Article></MedlineCitation>'
+            f"<MeSH><major>normal</major></MeSH></eCitation>")
+
+
+IU_REPORTS = {  # number: (findings, impression, the drawable findings the labeller reads)
+    8002: ("Clear lung XXXX bilaterally. Heart size normal. No pneumothorax or pleural effusion.",
+           "No acute disease.", {}),
+    8003: ("Large left pleural effusion.", "Effusion.", None),  # odd: never read
+    8004: ("The heart is enlarged. Small right pleural effusion.", "Cardiomegaly and effusion.",
+           {"cardiomegaly": 1, "pleural effusion": 1}),
+    8006: ("Rounded opacity in the right upper lobe may represent a nodule.", "Possible nodule.", {"nodule": -1}),
+    8008: ("", "", {}),  # no text: skipped
+    8010: ("Small apical pneumothorax on the left.", "Left pneumothorax.", {"pneumothorax": 1}),
+}
+
+
+def test_real_reports_pair_with_images_drawing_what_they_say(synthetic, tmp_path):
+    folder = tmp_path / "openi" / "ecgen-radiology"
+    folder.mkdir(parents=True)
+    for number, (findings, impression, _) in IU_REPORTS.items():
+        (folder / f"{number}.xml").write_text(iu_xml(number, findings, impression))
+    rows = read_jsonl(synthetic.generate(tmp_path / "out", n=4, size=48, seed=1, reports="iu_xray",
+                                         reports_source=tmp_path / "openi"))
+    assert [row["report_id"] for row in rows] == [8002, 8004, 8006, 8010]  # even, with text, in order
+    for index, row in enumerate(rows):
+        findings, impression, read = IU_REPORTS[row["report_id"]]
+        assert row["report"] == f"FINDINGS: {findings}\nIMPRESSION: {impression}"
+        assert row["labels"] == {name: read.get(name, 0) for name in synthetic.FINDINGS}
+        case, *_ = synthetic._make_sample(1, index, 48, synthetic.iu_reports(tmp_path / "openi")[index])
+        assert case.labels == {name: read.get(name, 0) for name in synthetic.FINDINGS}  # what is drawn
+    assert rows[2]["labels"]["nodule"] == -1  # "may represent", "possible": drawn, unknown for AUROC
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "even-numbered Indiana University" in card
+    with pytest.raises(ValueError, match="n=5 but only 4 even-numbered IU reports"):
+        synthetic.generate(tmp_path / "more", n=5, size=48, reports="iu_xray", reports_source=tmp_path / "openi")
+    with pytest.raises(ValueError, match="reports must be one of"):
+        synthetic.generate(tmp_path / "bad", n=2, size=48, reports="mimic")
+
+
+def test_the_installed_iu_reports_feed_the_real_text_demo(synthetic):
+    if importlib.util.find_spec("torchxrayvision") is None:  # never imported: installed without its dependencies
+        pytest.skip("pip install --no-deps torchxrayvision (make install does)")
+    reports = synthetic.iu_reports()
+    assert len(reports) > 1900 and all(report.report_id % 2 == 0 for report in reports)
+    counts = {name: sum(report.labels[name] == 1 for report in reports) for name in synthetic.FINDINGS}
+    assert counts["cardiomegaly"] > 150 and counts["pleural effusion"] > 50 and counts["nodule"] > 50
