@@ -39,6 +39,9 @@ DATA_DEFAULTS: dict[str, Any] = dict(
 OPTIM_DEFAULTS: dict[str, Any] = dict(
     type="adamw", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, warmup_steps=0, min_lr_ratio=0.0,
     fused=None,
+    # the contrastive heads' learned logit scale and bias: their own peak learning rate (None: lr), never decayed;
+    # gains and biases (1-D parameters: norms, biases) decay only if decay_gains_biases (mmvl.engine.optim)
+    scalar_lr=None, decay_gains_biases=False,
 )
 
 # Top-level names a config file may define besides the sections: the size knobs that flow into the model

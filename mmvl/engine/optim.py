@@ -1,4 +1,5 @@
-"""AdamW with decay only on weight matrices, and a linear-warmup cosine learning-rate schedule."""
+"""AdamW in named parameter groups (weight matrices decay; gains and biases do not; the contrastive heads' learned
+scale and bias at their own learning rate), and a linear-warmup cosine learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -8,28 +9,64 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmvl.config.schema import OPTIM_DEFAULTS
+from mmvl.engine.finetune import layer_scaled_groups
 from mmvl.errors import ConfigError
+
+# The learned temperature and bias of the contrastive heads (CLIP's logit scale, SigLIP's scale and bias): scalars
+# whose useful range spans several units (SigLIP starts at log 10 and -10), so at a weight matrix's learning rate
+# Adam's ~lr-sized steps barely move them in a short run; they get ``optim.scalar_lr`` and never decay (a decayed
+# bias would be pulled towards 0 and the temperature towards 1).
+LEARNED_SCALARS = ("logit_scale", "logit_bias")
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, scalar_lr: float | None = None,
+                     decay_gains_biases: bool = False) -> list[dict[str, Any]]:
+    """AdamW parameter groups, each named (the name is saved with the optimizer state):
+
+    - ``"decay"``: weight matrices, embeddings, convolution kernels, position tables; ``weight_decay``.
+    - ``"gains_biases"``: 1-D and 0-D parameters (norm gains and shifts, biases); no decay unless
+      ``decay_gains_biases`` (open_clip's training script excludes ``p.ndim < 2``, norms and biases likewise).
+    - ``"scalars"``: the :data:`LEARNED_SCALARS`; learning rate ``scalar_lr`` (None: the optimizer's) and no decay.
+
+    Frozen parameters are left out, and so are empty groups; a given model and config always give the same groups
+    in the same order, which a resume relies on."""
+    groups: dict[str, list[nn.Parameter]] = {"decay": [], "gains_biases": [], "scalars": []}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.rsplit(".", 1)[-1] in LEARNED_SCALARS:
+            groups["scalars"].append(param)
+        elif param.ndim < 2 or name.endswith(".bias"):
+            groups["gains_biases"].append(param)
+        else:
+            groups["decay"].append(param)
+    settings = {"decay": {"weight_decay": weight_decay},
+                "gains_biases": {"weight_decay": weight_decay if decay_gains_biases else 0.0},
+                "scalars": {"weight_decay": 0.0, **({} if scalar_lr is None else {"lr": scalar_lr})}}
+    return [{"name": name, "params": params, **settings[name]} for name, params in groups.items() if params]
 
 
 def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
-    """``cfg``: lr, weight_decay, betas, eps, fused. Biases, norms and the logit scale get no weight decay
-    (as in open_clip's training script). ``fused`` (default: when every parameter is a plain CUDA tensor) runs
-    AdamW as one fused CUDA kernel per step instead of torch's per-tensor (foreach) loop."""
+    """``cfg``: lr, weight_decay, betas, eps, fused, scalar_lr, decay_gains_biases (groups:
+    :func:`parameter_groups`). ``fused`` (default: when every parameter is a plain CUDA tensor) runs AdamW as one
+    fused CUDA kernel per step instead of torch's per-tensor (foreach) loop."""
     cfg = dict(cfg)
     kind = cfg.pop("type", "adamw").lower()
     if kind != "adamw":
         raise ConfigError(f"optim.type '{kind}' is not supported; use 'adamw'")
     for key in ("warmup_steps", "min_lr_ratio"):
         cfg.pop(key, None)
-    weight_decay = cfg.pop("weight_decay", 0.0)
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or "logit_scale" in name or "norm" in name.lower() else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    scalar_lr = cfg.pop("scalar_lr", None)
+    if scalar_lr is not None and (isinstance(scalar_lr, bool) or not isinstance(scalar_lr, (int, float))
+                                  or not scalar_lr > 0):
+        raise ConfigError(f"optim.scalar_lr must be a learning rate > 0 or None (use optim.lr), got {scalar_lr!r}")
+    groups = parameter_groups(model, cfg.pop("weight_decay", 0.0), scalar_lr,
+                              bool(cfg.pop("decay_gains_biases", False)))
+    groups = layer_scaled_groups(model, groups, float(cfg.get("lr", OPTIM_DEFAULTS["lr"])),
+                                 cfg.pop("layer_decay", 1.0), cfg.pop("encoder_lr_mult", 1.0))
     if cfg.get("fused") is None:
-        params = decay + no_decay
+        params = [param for group in groups for param in group["params"]]
         cfg["fused"] = bool(params) and all(p.is_cuda and type(p) is nn.Parameter for p in params) or None
     try:
         return torch.optim.AdamW(groups, **cfg)
