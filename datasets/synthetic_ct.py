@@ -878,6 +878,7 @@ _NORMAL_IMPRESSIONS = (
     "Normal non-contrast chest CT.",
     "No acute cardiopulmonary abnormality.",
     "No evidence of acute thoracic pathology.",
+    "No significant pathological finding was detected in the thorax.",
 )
 
 
@@ -889,11 +890,14 @@ def _cardiomegaly_sentences(study: Study, rng: np.random.Generator) -> tuple[str
             "The heart is enlarged.",
             f"The heart is {severity}ly enlarged.",
             "Cardiomegaly is present.",
+            "Cardiomegaly was observed.",
             f"{_capital(severity)} cardiomegaly.",
             f"Heart size is increased, with a cardiothoracic ratio of about {study.ctr:.2f}.",
         ),
     )
-    impression = _pick(rng, ("Cardiomegaly.", f"{_capital(severity)} cardiomegaly.", "Enlarged heart."))
+    impression = _pick(
+        rng, ("Cardiomegaly.", f"{_capital(severity)} cardiomegaly.", "Enlarged heart.", "Cardiomegaly is observed.")
+    )
     return finding, impression
 
 
@@ -906,9 +910,14 @@ def _effusion_sentences(study: Study, rng: np.random.Generator) -> tuple[str, st
                 f"There are {severity} bilateral pleural effusions.",
                 f"{_capital(severity)} pleural effusions on both sides, layering posteriorly.",
                 f"Bilateral pleural fluid, {severity} in volume.",
+                f"Bilateral pleural effusion was observed, {severity} in amount.",
             ),
         )
-        impression = _pick(rng, (f"{_capital(severity)} bilateral pleural effusions.", "Bilateral pleural effusions."))
+        impression = _pick(
+            rng,
+            (f"{_capital(severity)} bilateral pleural effusions.", "Bilateral pleural effusions.",
+             "Bilateral pleural effusion."),
+        )
         return finding, impression
     finding = _pick(
         rng,
@@ -917,9 +926,14 @@ def _effusion_sentences(study: Study, rng: np.random.Generator) -> tuple[str, st
             f"{_capital(severity)} pleural effusion on the {side}.",
             f"{_capital(severity)} {side}-sided pleural effusion.",
             f"Pleural fluid of {severity} volume in the {side} hemithorax, with a dependent distribution.",
+            f"A {severity} pleural effusion was observed in the {side} hemithorax.",
         ),
     )
-    impression = _pick(rng, (f"{_capital(severity)} {side} pleural effusion.", f"Pleural effusion on the {side}."))
+    impression = _pick(
+        rng,
+        (f"{_capital(severity)} {side} pleural effusion.", f"Pleural effusion on the {side}.",
+         f"{_capital(side)} pleural effusion."),
+    )
     return finding, impression
 
 
@@ -934,6 +948,7 @@ def _emphysema_sentences(study: Study, rng: np.random.Generator) -> tuple[str, s
             f"Emphysematous changes of {severity} degree, predominantly in the upper lobes, with {bullae}.",
             f"There is {severity} emphysema with subpleural bullae in the upper zones.",
             f"Areas of low attenuation consistent with {severity} emphysema are seen in both lungs.",
+            f"{_capital(severity)} centrilobular emphysematous changes are observed in both lungs, with {bullae}.",
         ),
     )
     impression = _pick(
@@ -941,6 +956,7 @@ def _emphysema_sentences(study: Study, rng: np.random.Generator) -> tuple[str, s
         (
             f"{_capital(severity)} emphysema.",
             "Bullous emphysema.",
+            "Emphysema.",
             f"{_capital(severity)} centrilobular emphysema with upper-lobe bullae.",
         ),
     )
@@ -956,6 +972,7 @@ def _consolidation_sentences(study: Study, rng: np.random.Generator) -> tuple[st
             f"Consolidation is present in the {lobe}.",
             f"There is an area of consolidation in the {lobe}, about {across} mm across.",
             f"Airspace consolidation in the {lobe}, compatible with pneumonia.",
+            f"Consolidation areas were observed in the {lobe}.",
         ),
     )
     impression = _pick(
@@ -963,6 +980,7 @@ def _consolidation_sentences(study: Study, rng: np.random.Generator) -> tuple[st
         (
             f"Consolidation in the {lobe}, likely pneumonia; clinical correlation is recommended.",
             f"{_capital(lobe)} consolidation.",
+            f"Consolidation in the {lobe}.",
         ),
     )
     return finding, impression
@@ -992,6 +1010,7 @@ def _nodule_sentences(study: Study, rng: np.random.Generator) -> tuple[str, str]
             f"There is a solid pulmonary nodule measuring {size} in the {lobe}.",
             f"A {size} nodule in the {lobe}.",
             f"A well-circumscribed nodule of {size} in diameter is observed in the {lobe}.",
+            f"A nodule measuring {size} was observed in the {lobe}.",
         ),
     )
     impression = _pick(
@@ -999,6 +1018,7 @@ def _nodule_sentences(study: Study, rng: np.random.Generator) -> tuple[str, str]
         (
             f"{size} nodule in the {lobe}; follow-up CT is recommended.",
             f"Solid pulmonary nodule in the {lobe} ({size}).",
+            f"Pulmonary nodule in the {lobe}.",
         ),
     )
     return finding, impression
@@ -1009,7 +1029,14 @@ def _report(study: Study, rng: np.random.Generator) -> str:
     A sentence never mixes a negation with a positive finding."""
     labels = study.labels
     findings = [
-        _pick(rng, ("Trachea and both main bronchi are patent.", "The trachea and main bronchi are normal in calibre."))
+        _pick(
+            rng,
+            (
+                "Trachea and both main bronchi are patent.",
+                "The trachea and main bronchi are normal in calibre.",
+                "Trachea and both main bronchi are open.",  # CT-RATE's opening sentence
+            ),
+        )
     ]
     impressions: list[str] = []
 
@@ -1029,6 +1056,7 @@ def _report(study: Study, rng: np.random.Generator) -> str:
             "Heart contour and size are normal.",
             "No cardiomegaly.",
             "The heart is not enlarged.",
+            "Mediastinal main vascular structures, heart contour and size are normal.",
         ),
     )
     findings.append(
@@ -1038,24 +1066,40 @@ def _report(study: Study, rng: np.random.Generator) -> str:
                 "No pathologically enlarged lymph nodes in the mediastinum or hila.",
                 "Mediastinal vascular structures are of normal calibre.",
                 "The thoracic aorta is of normal diameter.",
+                "No lymph node in pathological size and appearance was detected in the mediastinum or hila.",
             ),
         )
     )
     state(
         "pleural effusion",
         _effusion_sentences,
-        ("No pleural effusion.", "No pleural effusion or thickening.", "Pleural spaces are free of fluid."),
+        (
+            "No pleural effusion.",
+            "No pleural effusion or thickening.",
+            "Pleural spaces are free of fluid.",
+            "Pleural effusion-thickening was not detected.",
+        ),
     )
     lungs = ("emphysema", "consolidation", "lung nodule")
     if not any(labels[name] for name in lungs) and rng.random() < 0.3:
         findings.append("Both lungs are clear, with no consolidation, nodule or emphysema.")
     else:
-        state("emphysema", _emphysema_sentences, ("No emphysema.", "There is no emphysematous change."), omit=0.3)
+        state(
+            "emphysema",
+            _emphysema_sentences,
+            ("No emphysema.", "There is no emphysematous change.", "No emphysematous change was observed."),
+            omit=0.3,
+        )
         state("consolidation", _consolidation_sentences, ("No consolidation.", "There is no focal consolidation."))
         state(
             "lung nodule",
             _nodule_sentences,
-            ("No pulmonary nodule.", "No nodule or mass is seen in either lung.", "There is no suspicious nodule."),
+            (
+                "No pulmonary nodule.",
+                "No nodule or mass is seen in either lung.",
+                "There is no suspicious nodule.",
+                "No mass or nodule was detected in both lungs.",
+            ),
         )
     findings.append(
         _pick(

@@ -36,7 +36,7 @@ def zero_shot(
     (``mmvl.zoo.load_pretrained``). ``inputs``: files or folders, searched recursively
     (:func:`mmvl.data.inputs.find_inputs`: a DICOMDIR is read, every file seen is a scan or an error row).
     ``labels``: names, or one comma-separated string; default: those of the zoo entry's ``prompts.json``.
-    ``preset``: ``chexzero``, ``ctclip``, ``ensemble``, a prompt dict or a JSON/YAML prompt file (see
+    ``preset``: ``chexzero``, ``ctclip``, ``ctrate``, ``ensemble``, a prompt dict or a JSON/YAML prompt file (see
     ``mmvl.evaluation.zero_shot.load_prompt_file``); default: the entry's recorded prompts, else ``chexzero``.
     ``mode``: ``pairwise`` (per label, softmax over its positive and negative prompts) or ``multiclass`` (softmax
     across two or more labels). Returns one dict per scan (``path``, ``study_id``, one probability per label,

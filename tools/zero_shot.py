@@ -1,7 +1,7 @@
 """Zero-shot classification of scans from label names.
 
     python tools/zero_shot.py MODEL INPUT... [--labels "pleural effusion,pneumothorax"]
-        [--preset chexzero|ctclip|ensemble|prompts.json|prompts.yaml] [--mode pairwise|multiclass]
+        [--preset chexzero|ctclip|ctrate|ensemble|prompts.json|prompts.yaml] [--mode pairwise|multiclass]
         [--out preds.csv] [--batch-size 32] [--device cpu] [--limit N]
         [--allow-gaps] [--reader-option KEY=VALUE ...]
     python tools/zero_shot.py MODEL --manifest test.jsonl [--data-root DIR] ...

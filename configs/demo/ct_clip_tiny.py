@@ -3,6 +3,12 @@
 # patches: 216 tokens), a 2-layer BERT (width 128) on the impression section, batch 32, preprocessed volumes
 # cached in memory.
 # Full size: configs/ct_clip.py (CT-RATE, 224 x 224 x 112 at 1.5 x 1.5 x 3 mm, 3D ViT-B + BERT-base, batch 32).
+# Run it, then zero-shot on the CT test split with prompts worded as CT-RATE's (and the synthetic) reports are
+# (README, "The CT demo"):
+#   python datasets/synthetic.py --kind ct --out data/synthetic_ct
+#   python tools/train.py configs/demo/ct_clip_tiny.py
+#   python tools/evaluate.py work_dirs/ct_clip_tiny --manifest data/synthetic_ct/manifest_nifti.jsonl \
+#       --task zero_shot --split test --preset ctrate
 _base_ = ["../ct_clip.py"]
 
 spacing = (8.0, 8.0, 8.0)

@@ -17,11 +17,49 @@ from mmvl.data.manifest import trained_root
 from mmvl.errors import ConfigError
 
 # Named prompt presets: where the field's published systems differ, the preset records which was used.
-PRESETS: dict[str, dict[str, list[str]]] = {
+PRESETS: dict[str, dict[str, Any]] = {
     # CheXzero (Tiu et al. 2022): softmax over "{}" vs "no {}".
     "chexzero": {"positive": ["{}"], "negative": ["no {}"]},
-    # CT-CLIP (Hamamci et al. 2024): "{} is present." vs "{} is not present."
+    # CT-CLIP (Hamamci et al. 2024): "{} is present." vs "{} is not present." (its published zero-shot prompts,
+    # kept for comparison with its numbers; they are not how CT-RATE's reports are worded: use "ctrate")
     "ctclip": {"positive": ["{} is present."], "negative": ["{} is not present."]},
+    # CT-RATE's own report phrasing (Hamamci et al. 2024's dataset; mmvl's synthetic CT reports follow it):
+    # impressions name a finding in a word or two ("Cardiomegaly.", "Bilateral pleural effusion."), findings state it
+    # ("... was observed") or negate it ("Heart size is normal.", "Pleural effusion-thickening was not detected.").
+    # Each side averages the impression and the findings forms; labels outside the five get the templates.
+    "ctrate": {
+        "positive": ["{}.", "{} was observed.", "There is {}."],
+        "negative": ["No {}.", "No {} was detected.", "There is no {}."],
+        "lung nodule": {
+            "positive": ["Pulmonary nodule.", "A nodule was observed in the lung.",
+                         "There is a solid pulmonary nodule.", "Nodules are observed in the lungs."],
+            "negative": ["No pulmonary nodule.", "No mass or nodule was detected in either lung.",
+                         "There is no suspicious nodule."],
+        },
+        "pleural effusion": {
+            "positive": ["Pleural effusion.", "There is pleural effusion.", "Pleural effusion was observed.",
+                         "Bilateral pleural effusion."],
+            "negative": ["No pleural effusion.", "Pleural effusion-thickening was not detected.",
+                         "There is no pleural effusion."],
+        },
+        "emphysema": {
+            "positive": ["Emphysema.", "Centrilobular emphysema.", "Emphysematous changes are observed in both lungs.",
+                         "There is emphysema in both lungs."],
+            "negative": ["No emphysema.", "There is no emphysematous change."],
+        },
+        "cardiomegaly": {
+            "positive": ["Cardiomegaly.", "Cardiomegaly is observed.", "The heart is enlarged.",
+                         "Heart size is increased."],
+            "negative": ["Heart size is normal.", "Heart contour and size are normal.", "No cardiomegaly.",
+                         "The heart is not enlarged."],
+        },
+        "consolidation": {
+            "positive": ["Consolidation.", "Consolidation is observed.",
+                         "Consolidation areas were observed in the lung.",
+                         "Airspace consolidation, compatible with pneumonia."],
+            "negative": ["No consolidation.", "There is no focal consolidation."],
+        },
+    },
     # Template ensemble: each side's embeddings are averaged (as CLIP's prompt ensembling).
     "ensemble": {
         "positive": ["{}", "there is {}", "findings consistent with {}", "{} is present.", "{} is seen."],

@@ -1,11 +1,20 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from mmvl.errors import ConfigError
 from mmvl.evaluation.retrieval import retrieval_metrics
-from mmvl.evaluation.zero_shot import auroc, build_prompts, zero_shot_probabilities
+from mmvl.evaluation.zero_shot import (
+    PRESETS,
+    auroc,
+    build_prompts,
+    load_prompt_file,
+    prompts_from,
+    zero_shot_probabilities,
+)
 
 
 def test_presets_and_custom_prompts():
@@ -45,3 +54,27 @@ def test_retrieval_recall():
     assert shuffled["i2t_R@1"] == 0.5 and shuffled["i2t_R@2"] == 0.5
     collapsed = retrieval_metrics(torch.ones(4, 2), torch.ones(4, 2), ks=(1, 3))
     assert collapsed["i2t_R@1"] == 0.0 and collapsed["i2t_R@3"] == 0.0  # ties count against the model
+
+
+def test_ctrate_prompts_cover_the_synthetic_ct_labels_and_read_as_they_should():
+    # Issue 22: the CT prompts are worded as CT-RATE's (and the synthetic CT generator's) reports are, one set per
+    # label the generator draws; the report labeller, which reads every synthetic CT report right, reads each
+    # positive prompt as stating its finding and each negative one as negating it.
+    from mmvl.evaluation.labeller import NEGATIVE, POSITIVE, label_observations
+    from tests.conftest import load_script
+
+    labels = list(load_script("synthetic_ct").FINDINGS)
+    prompts = build_prompts(labels, "ctrate")
+    for label in labels:
+        assert prompts[label] == PRESETS["ctrate"][label], f"{label}: the generic templates, not its own prompts"
+        for side, expected in (("positive", POSITIVE), ("negative", NEGATIVE)):
+            assert len(prompts[label][side]) >= 2
+            for prompt in prompts[label][side]:
+                assert label_observations(prompt, [label])[label] == expected, (label, side, prompt)
+    assert build_prompts(["atelectasis"], "ctrate")["atelectasis"]["negative"][1] == "No atelectasis was detected."
+
+
+def test_the_ct_prompt_file_is_the_ctrate_preset():
+    path = Path(__file__).resolve().parents[2] / "configs" / "prompts" / "ct_rate.json"
+    assert load_prompt_file(path) == PRESETS["ctrate"]
+    assert prompts_from(["emphysema", "atelectasis"], path) == build_prompts(["emphysema", "atelectasis"], "ctrate")
