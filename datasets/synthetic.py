@@ -378,8 +378,20 @@ def _clavicles(x: np.ndarray, y: np.ndarray, px: float) -> np.ndarray:
     return _bump(y - centre, max(0.045, 2.0 * px)) * ((np.abs(x) > 0.06) & (np.abs(x) < 0.8))
 
 
-def _render(case: _Case, rows: int, columns: int, rng: np.random.Generator) -> np.ndarray:
-    """Display image (0 = black, 1 = white, not yet clipped) of one case; ``rng`` only adds pixel noise."""
+class _Grid(NamedTuple):
+    """Pixel coordinates of one image: ``grid_x``/``grid_y`` along the columns/rows and ``image_x`` in image
+    units, ``x``/``y`` in the anatomy's frame (after the pose jitter), one pixel ``px`` and the soft ``edge``."""
+
+    grid_x: np.ndarray
+    grid_y: np.ndarray
+    image_x: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    px: float
+    edge: float
+
+
+def _grid(case: _Case, rows: int, columns: int) -> _Grid:
     half = rows / 2.0
     grid_x = ((np.arange(columns) - (columns - 1) / 2.0) / half).astype(np.float32)
     grid_y = ((np.arange(rows) - (rows - 1) / 2.0) / half).astype(np.float32)
@@ -389,7 +401,47 @@ def _render(case: _Case, rows: int, columns: int, rng: np.random.Generator) -> n
     ux, uy = image_x - case.shift_x, image_y - case.shift_y
     x, y = cos * ux + sin * uy, cos * uy - sin * ux
     px = 1.0 / (half * case.scale)  # one pixel in anatomical units
-    edge = 0.8 * px
+    return _Grid(grid_x, grid_y, image_x, x, y, px, 0.8 * px)
+
+
+def _effusion_fluid(case: _Case, side: str, x: np.ndarray, y: np.ndarray, edge: float) -> tuple[np.ndarray, np.ndarray]:
+    """Opacity of one side's pleural fluid and its depth below the meniscus."""
+    depth = y - _fluid_top(case, side, x)
+    below_dome = _inside(_diaphragm(case, side, x) + 0.08 - y, 3.0 * edge)  # the posterior recess
+    return _lung_envelope(case, side, x, y, edge) * _inside(depth, 2.5 * edge) * below_dome, depth
+
+
+def _nodule_disc(nodule: _Nodule, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Signed distance inside a nodule's disc (positive inside), in anatomical units."""
+    return 2.0 * nodule.radius_fraction - np.sqrt((x - nodule.x) ** 2 + (y - nodule.y) ** 2)
+
+
+def finding_masks(case: _Case, rows: int, columns: int) -> dict[str, np.ndarray]:
+    """Boolean ``(rows, columns)`` masks, on the DICOM pixel grid, of what :func:`_render` draws for each finding the
+    case holds: where a soft edge passes half opacity. ``pleural effusion``: the fluid where it stays visible (not
+    under the heart or mediastinum, which are drawn over it); ``cardiomegaly``: the cardiac silhouette;
+    ``pneumothorax``: the gap between the chest wall and the collapsed lung's pleural line; ``nodule``: every disc."""
+    x, y, edge = (grid := _grid(case, rows, columns)).x, grid.y, grid.edge
+    heart = _heart(case, x, y, edge)
+    masks: dict[str, np.ndarray] = {}
+    if case.labels["pleural effusion"]:
+        fluid = np.zeros_like(x)
+        for side in _effusion_sides(case):
+            fluid = np.maximum(fluid, _effusion_fluid(case, side, x, y, edge)[0])
+        masks["pleural effusion"] = fluid * (1.0 - heart) * (1.0 - _mediastinum(case, x, y, edge)) > 0.5
+    if case.labels["cardiomegaly"]:
+        masks["cardiomegaly"] = heart > 0.5
+    if case.labels["pneumothorax"]:
+        collapsed = _inside(_collapsed_lung_distance(case, x, y), edge)
+        masks["pneumothorax"] = _lung(case, case.pneumothorax_side, x, y, edge) * (1.0 - collapsed) > 0.5
+    if case.nodules:
+        masks["nodule"] = np.any([_nodule_disc(nodule, x, y) > 0 for nodule in case.nodules], axis=0)
+    return masks
+
+
+def _render(case: _Case, rows: int, columns: int, rng: np.random.Generator) -> np.ndarray:
+    """Display image (0 = black, 1 = white, not yet clipped) of one case; ``rng`` only adds pixel noise."""
+    grid_x, grid_y, image_x, x, y, px, edge = _grid(case, rows, columns)
 
     body_x, body_y = np.abs(x * (1 / 0.9)), np.abs((y - 0.3) * (1 / 1.35))
     body = _inside(1.0 - (body_x * body_x * body_x + body_y * body_y * body_y), 2.0 * edge)
@@ -424,9 +476,7 @@ def _render(case: _Case, rows: int, columns: int, rng: np.random.Generator) -> n
     image += 0.03 * ribs * body  # chest-wall ribs, fainter than over the air-filled lung
 
     for side in _effusion_sides(case):
-        depth = y - _fluid_top(case, side, x)
-        below_dome = _inside(_diaphragm(case, side, x) + 0.08 - y, 3.0 * edge)  # the posterior recess
-        fluid = _lung_envelope(case, side, x, y, edge) * _inside(depth, 2.5 * edge) * below_dome
+        fluid, depth = _effusion_fluid(case, side, x, y, edge)
         value = _FLUID + 0.12 * np.clip(depth * 5.0, 0.0, 1.0)  # denser towards the base
         image = image * (1.0 - fluid) + value * fluid
 
@@ -444,7 +494,7 @@ def _render(case: _Case, rows: int, columns: int, rng: np.random.Generator) -> n
 
     for nodule in case.nodules:
         radius = 2.0 * nodule.radius_fraction
-        distance = radius - np.sqrt((x - nodule.x) ** 2 + (y - nodule.y) ** 2)
+        distance = _nodule_disc(nodule, x, y)
         image += _NODULE_CONTRAST * _inside(distance, edge) * (0.85 + 0.15 * np.clip(distance / radius, 0, 1))
 
     image = case.offset + case.gain * image + case.gradient * image_x
@@ -906,6 +956,14 @@ def iu_reports(source: str | os.PathLike | None = None) -> list[_RealReport]:
     return reports
 
 
+def _write_mask(path: Path, mask: np.ndarray) -> None:
+    """An 8-bit grayscale PNG, 255 inside and 0 outside, one pixel per DICOM pixel (Pillow writes no timestamp)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(path, optimize=False)
+
+
 def _check_arguments(n: int, size: int, seed: int) -> None:
     for name, value in (("n", n), ("size", size), ("seed", seed)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer):
@@ -932,7 +990,12 @@ No real patient data went into it; the patient identifiers in the DICOM headers 
   MONOCHROME2, non-trivial RescaleSlope / RescaleIntercept and a WindowCenter / WindowWidth. Read them
   as: rescale, window to [0, 1] and clip, then invert MONOCHROME1. Patient right is image left.
 - `manifest.jsonl`: one row per image: `image` (relative to this folder), `report`, `labels`, `split`,
-  `study_id`. `train.jsonl`, `val.jsonl`, `test.jsonl` hold the same rows split 80/10/10.
+  `study_id`, `masks`. `train.jsonl`, `val.jsonl`, `test.jsonl` hold the same rows split 80/10/10.
+- `masks/<index>_<label>.png`: where each finding present in a study is drawn, 255 inside and 0 outside, on the
+  DICOM's pixel grid (same rows and columns); a row's `masks` maps its labels to them (a label without a mask is
+  not drawn). Effusion: the fluid where it stays visible (not behind the heart); cardiomegaly: the cardiac
+  silhouette; pneumothorax: the gap outside the collapsed lung; nodule: every disc. For grounding evaluation
+  (`tools/evaluate.py --task grounding`) and segmentation.
 - Deterministic: the same `(n, size, seed)` gives the same bytes, and image `i` does not depend on `n`.
 
 Split sizes: {split_counts}. Positive studies: {finding_counts}.
@@ -985,6 +1048,10 @@ def generate(
         stored, center, width = _encode(display, case)
         relative = f"images/{index:0{digits}d}.dcm"
         _write_dicom(out / relative, stored, center, width, case, seed, size, index, header_rng)
+        masks = {}
+        for label, mask in finding_masks(case, *display.shape).items():
+            masks[label] = f"masks/{index:0{digits}d}_{label.replace(' ', '_')}.png"
+            _write_mask(out / masks[label], mask)
         rows.append(
             {
                 "image": relative,
@@ -993,6 +1060,7 @@ def generate(
                 "split": splits[index],
                 "study_id": f"syn{index:0{digits}d}",
                 **({} if real is None else {"report_id": real[index].report_id}),
+                "masks": masks,
             }
         )
 

@@ -17,7 +17,7 @@ from pydicom.uid import ComputedRadiographyImageStorage, DigitalXRayImageStorage
 N_IMAGES = 60
 SIZE = 64
 SEED = 0
-MANIFEST_KEYS = {"image", "report", "labels", "split", "study_id"}
+MANIFEST_KEYS = {"image", "report", "labels", "split", "study_id", "masks"}
 # Header attributes that identify a patient or a study; none may appear in a manifest.
 IDENTIFIER_KEYWORDS = (
     "PatientName",
@@ -195,7 +195,8 @@ def test_same_seed_same_bytes_and_prefix_stable(synthetic, tmp_path):
     first = synthetic.generate(tmp_path / "a", n=12, size=48, seed=3).parent
     second = synthetic.generate(tmp_path / "b", n=12, size=48, seed=3).parent
     files = sorted(path.relative_to(first) for path in first.rglob("*") if path.is_file())
-    assert len(files) == 12 + 5  # images, manifest, three splits, README
+    n_masks = sum(len(row["masks"]) for row in read_jsonl(first / "manifest.jsonl"))
+    assert n_masks >= 5 and len(files) == 12 + 5 + n_masks  # images, manifest, three splits, README, masks
     assert files == sorted(path.relative_to(second) for path in second.rglob("*") if path.is_file())
     for relative in files:
         assert (first / relative).read_bytes() == (second / relative).read_bytes(), relative
@@ -356,3 +357,30 @@ def test_the_installed_iu_reports_feed_the_real_text_demo(synthetic):
     assert len(reports) > 1900 and all(report.report_id % 2 == 0 for report in reports)
     counts = {name: sum(report.labels[name] == 1 for report in reports) for name in synthetic.FINDINGS}
     assert counts["cardiomegaly"] > 150 and counts["pleural effusion"] > 50 and counts["nodule"] > 50
+
+
+def test_masks_cover_what_is_drawn(dataset, rows, images):
+    """Each finding's mask (a PNG on the DICOM's pixel grid) is where the phantom drew it: inside it the image is
+    brighter (fluid, heart, nodules) or darker (pneumothorax air) than in the 3-pixel band just above it (lung for
+    an effusion's meniscus; below it lie the dense upper abdomen and diaphragm)."""
+    from PIL import Image
+    from scipy import ndimage
+
+    seen = {name: 0 for name in MENTIONS}
+    for row, image in zip(rows, images):
+        drawn = {name for name, value in row["labels"].items() if value}
+        assert set(row["masks"]) == drawn, row["study_id"]
+        for name, relative in row["masks"].items():
+            assert relative == f"masks/{row['study_id'][3:]}_{name.replace(' ', '_')}.png"
+            mask = np.asarray(Image.open(dataset / relative))
+            assert mask.shape == image.shape and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+            inside = mask == 255
+            above = ndimage.binary_dilation(inside, iterations=3) & (np.cumsum(inside, axis=0) == 0)
+            assert inside.sum() >= 4 and above.any()
+            contrast = image[inside].mean() - image[above].mean()
+            if name == "pneumothorax":
+                assert contrast < -0.2, (row["study_id"], name, contrast)
+            else:
+                assert contrast > 0.04, (row["study_id"], name, contrast)
+            seen[name] += 1
+    assert min(seen.values()) >= 5, seen
