@@ -286,8 +286,14 @@ def run_report(args: argparse.Namespace, loaded: Any, runner: Runner, test: list
         raise ConfigError(f"--max-length must be in [2, {head.max_length}] for this model, got {max_length}")
     settings = dict(method=args.method, num_beams=args.num_beams, max_length=max_length)
     with_report = first_of_each([item for item in test if item.reference])  # a study's first frontal view
-    texts, indices = runner.run(with_report, lambda images: head.generate(model.image_encoder(images),
-                                                                          **settings).texts, args.split)
+    decoding: dict[str, Any] = {}  # the search that ran (a one-beam "beam" is greedy search)
+
+    def generate(images: torch.Tensor) -> list[str]:
+        generated = head.generate(model.image_encoder(images), **settings)
+        decoding.update(generated.decoding)
+        return generated.texts
+
+    texts, indices = runner.run(with_report, generate, args.split)
     _require_rows(texts, args.split)
     kept = [with_report[i] for i in indices]
     references = [item.reference for item in kept]
@@ -304,7 +310,7 @@ def run_report(args: argparse.Namespace, loaded: Any, runner: Runner, test: list
     metrics["n_without_report"] = len(test) - len(with_report)
     examples = [{"study_id": item.study_id, "generated": text, "reference": item.reference}
                 for text, item in list(zip(texts, kept))[:5]]
-    return {"info": {"generation": settings}, "metrics": metrics, "examples": examples}
+    return {"info": {"generation": settings, "decoding": decoding}, "metrics": metrics, "examples": examples}
 
 
 def _require_rows(rows: Any, split: str) -> None:

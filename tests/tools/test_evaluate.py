@@ -151,6 +151,8 @@ def test_report_task(synthetic_cxr, tmp_path, one_thread, capsys):
     assert code == 0
     record = json.loads(out.read_text())
     assert record["generation"] == {"method": "beam", "num_beams": 2, "max_length": 12}
+    assert record["decoding"] == {"method": "beam", "num_beams": 2, "length_penalty": 1.0, "early_stopping": True,
+                                  "max_length": 12, "no_repeat_ngram_size": 0}
     metrics = record["metrics"]
     assert metrics["n"] == 4 and metrics["tokenizer"] == "simple"
     for key in ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider"):
