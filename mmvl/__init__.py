@@ -12,9 +12,9 @@ logging.getLogger("mmvl").addHandler(logging.NullHandler())
 
 
 def __getattr__(name: str):
-    """``mmvl.zero_shot`` without importing torch and the model code on ``import mmvl``."""
-    if name == "zero_shot":
-        from mmvl.inference import zero_shot
+    """``mmvl.zero_shot`` and ``mmvl.grounding`` without importing torch and the model code on ``import mmvl``."""
+    if name in ("zero_shot", "grounding"):
+        from mmvl import inference
 
-        return zero_shot
+        return getattr(inference, name)
     raise AttributeError(f"module 'mmvl' has no attribute '{name}'")

@@ -1,6 +1,6 @@
 """Running a trained model over new scans: ``mmvl.zero_shot``, zero-shot classification of files, folders and
-manifest rows by a work dir, checkpoint or zoo entry. Finding and preprocessing the scans is
-:mod:`mmvl.data.inputs`; loading the model, :mod:`mmvl.loading`."""
+manifest rows by a work dir, checkpoint or zoo entry, and ``mmvl.grounding``, where in each scan a phrase is.
+Finding and preprocessing the scans is :mod:`mmvl.data.inputs`; loading the model, :mod:`mmvl.loading`."""
 
 from __future__ import annotations
 
@@ -53,3 +53,48 @@ def zero_shot(
         inputs, labels, preset, mode=mode, manifest=manifest, batch_size=batch_size, progress=progress,
         as_frame=as_frame, limit=limit, data_root=data_root, allow_outside_root=allow_outside_root,
         reader_options=reader_options)
+
+
+def grounding(
+    model: Any,
+    inputs: Sequence[PathLike] | PathLike | None = (),
+    phrases: str | Sequence[str] | Mapping[str, Any] = (),
+    method: str = "similarity",
+    manifest: PathLike | None = None,
+    batch_size: int = 8,
+    device: Any = None,
+    limit: int | None = None,
+    data_root: PathLike | None = None,
+    allow_outside_root: bool = False,
+    reader_options: Mapping[str, Any] | None = None,
+) -> list[Any]:
+    """Grounding heatmaps: for every scan in ``inputs`` (files or folders, found as :func:`zero_shot` finds them)
+    and/or ``manifest``, a map per phrase of where the phrase is, in the scan's geometry.
+
+    ``model``: as for :func:`zero_shot`. ``phrases``: a phrase (``"right pleural effusion"``), a list of them, or
+    ``{name: prompts}`` with a label's prompts (a list of positive prompts, or ``{"positive": [...], "negative":
+    [...]}``, e.g. from ``mmvl.evaluation.zero_shot.build_prompts``; with negatives each scan also gets the pairwise
+    zero-shot probability). ``method``: ``"similarity"`` (each patch token projected into the joint space, cosine
+    with the text embedding; a head with ``patch_similarity(image, text)``, such as a local-alignment head, is
+    preferred) or ``"gradcam"`` (Grad-CAM on the image-text similarity). See :mod:`mmvl.evaluation.grounding`.
+
+    Returns one :class:`mmvl.evaluation.grounding.ScanHeatmaps` per scan, in input order: ``maps[name]`` (2D:
+    ``(rows, columns)`` of the image as read; 3D: ``(X, Y, Z)`` of the volume as read, whose RAS affine is
+    ``.affine``), ``similarity``, ``probability``, ``scan`` (the image as read) and ``error`` for scans that could
+    not be read.
+    """
+    from mmvl.data.inputs import with_reader_options
+    from mmvl.evaluation.grounding import build_texts, grounding_items, iter_heatmaps
+
+    if model is None or not isinstance(model, (str, os.PathLike, LoadedModel)):
+        raise ConfigError(f"grounding: model must be a work dir, checkpoint, zoo entry (folder or name) or a loaded "
+                          f"model (mmvl.zoo.load_pretrained), got {type(model).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"grounding: batch_size must be an integer >= 1, got {batch_size!r}")
+    loaded = load_model(model, device)
+    if loaded.preprocess is None:
+        raise ConfigError(f"{loaded.source}: this model has no image preprocessing (a text-only model)")
+    loaded.preprocess = with_reader_options(loaded.preprocess, reader_options)
+    items = grounding_items(loaded, inputs, manifest, data_root, allow_outside_root, limit)
+    texts = build_texts(loaded.model, phrases)
+    return list(iter_heatmaps(loaded, items, texts, method=method, batch_size=batch_size))

@@ -3,7 +3,7 @@
     python tools/zero_shot.py MODEL INPUT... [--labels "pleural effusion,pneumothorax"]
         [--preset chexzero|ctclip|ctrate|ensemble|prompts.json|prompts.yaml] [--mode pairwise|multiclass]
         [--out preds.csv] [--batch-size 32] [--device cpu] [--limit N]
-        [--allow-gaps] [--reader-option KEY=VALUE ...]
+        [--allow-gaps] [--reader-option KEY=VALUE ...] [--heatmaps DIR [--heatmap-method similarity|gradcam]]
     python tools/zero_shot.py MODEL --manifest test.jsonl [--data-root DIR] ...
 
 MODEL is a training work dir, a checkpoint file or a model-zoo entry (folder or name). Without --labels (and
@@ -18,6 +18,11 @@ The CSV has one row per scan (path, study_id, one probability column per label, 
 be read gets its reason in ``error`` and the run goes on. A ``.json`` sidecar records the model, preset,
 prompts, mode and mmvl version. Exit code: 0 all scans classified, 1 some failed, 2 bad arguments. With a
 labelled manifest, per-label AUROC is printed.
+
+--heatmaps DIR writes where each label is (mmvl.grounding with the label's positive prompts): per scan and label
+``<scan>_<label>.png``, the scan with the map as a colour overlay, a colour bar and the zero-shot probability in the
+title; for volumes a montage of the axial slices where the map peaks and ``<scan>_<label>.nii.gz``, the map in the
+scan's geometry (the scan's affine). --heatmap-method: similarity (patch tokens in the joint space) or gradcam.
 """
 
 from __future__ import annotations
@@ -59,6 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="only the first N scans")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_reader_arguments(parser)
+    parser.add_argument("--heatmaps", metavar="DIR", help="also write grounding heatmaps of every label on every scan")
+    parser.add_argument("--heatmap-method", default="similarity", choices=["similarity", "gradcam"],
+                        help="--heatmaps: patch-text similarity or Grad-CAM (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
@@ -83,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                          batch_size=args.batch_size, device=args.device, limit=args.limit,
                          data_root=args.data_root, allow_outside_root=args.allow_outside_root,
                          reader_options=options)
+        n_heatmaps = _write_heatmaps(args, loaded, prompts, rows, labels) if args.heatmaps else 0
     except MMVLError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -100,8 +109,29 @@ def main(argv: list[str] | None = None) -> int:
         truth = {(item.path, item.study_id or ""): item.labels for item in manifest_items(
             args.manifest, **root_options(args, loaded.config, source=loaded.source)) if item.labels}
     _print_summary(rows, labels, truth)
-    print(f"wrote {out} and {out.with_suffix('.json')} ({n_failed} of {len(rows)} failed)")
+    print(f"wrote {out} and {out.with_suffix('.json')} ({n_failed} of {len(rows)} failed)"
+          + (f"; {n_heatmaps} heatmap files in {args.heatmaps}" if args.heatmaps else ""))
     return 1 if n_failed else 0
+
+
+def _write_heatmaps(args: argparse.Namespace, loaded: Any, prompts: dict[str, dict], rows: list[dict[str, Any]],
+                    labels: list[str]) -> int:
+    """Grounding maps of every label's positive prompts on the scans of ``rows`` (found again, in the same order),
+    titled with the zero-shot probabilities of ``rows``; returns the number of files written."""
+    from mmvl.evaluation.grounding import build_texts, grounding_items, iter_heatmaps
+    from mmvl.evaluation.overlays import write_heatmaps
+
+    items = grounding_items(loaded, args.inputs, args.manifest, args.data_root, args.allow_outside_root, args.limit)
+    texts = build_texts(loaded.model, {label: prompts[label]["positive"] for label in labels})
+    taken: set[str] = set()
+    written = 0
+    for row, result in zip(rows, iter_heatmaps(loaded, items, texts, method=args.heatmap_method,
+                                               batch_size=args.batch_size)):
+        if row["path"] != result.path:  # never expected: the same inputs are found the same way
+            raise ConfigError(f"--heatmaps: scans found in a different order ({row['path']} vs {result.path})")
+        result.probability = {label: None if math.isnan(row[label]) else row[label] for label in labels}
+        written += len(write_heatmaps(result, args.heatmaps, labels, taken))
+    return written
 
 
 def _csv_text(rows: list[dict[str, Any]], fields: list[str]) -> str:
