@@ -34,6 +34,9 @@ DATA_DEFAULTS: dict[str, Any] = dict(
     # a report longer than the model's max_length: "keep_last" keeps its last section (report_sections' order: the
     # impression after the findings) whole and cuts the ones before; "tail" cuts the joined text at its end
     report_truncation="keep_last",
+    # fine-tuning on a seeded, nested, study-level subset of the training split (mmvl.data.fractions); its seed is
+    # its own, so every mode and training seed sees the same studies
+    label_fraction=None, label_fraction_seed=0,
 )
 
 OPTIM_DEFAULTS: dict[str, Any] = dict(
@@ -42,6 +45,9 @@ OPTIM_DEFAULTS: dict[str, Any] = dict(
     # the contrastive heads' learned logit scale and bias: their own peak learning rate (None: lr), never decayed;
     # gains and biases (1-D parameters: norms, biases) decay only if decay_gains_biases (mmvl.engine.optim)
     scalar_lr=None, decay_gains_biases=False,
+    # fine-tuning (mmvl.engine.finetune.layer_scaled_groups): the encoder's layer i of depth d at
+    # lr x encoder_lr_mult x layer_decay ** (d + 1 - i); 1.0 and 1.0: off
+    layer_decay=1.0, encoder_lr_mult=1.0,
 )
 
 # Top-level names a config file may define besides the sections: the size knobs that flow into the model

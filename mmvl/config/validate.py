@@ -232,7 +232,13 @@ def _check_data(data: Mapping[str, Any]) -> None:
 
 
 def _check_model(model: Mapping[str, Any]) -> None:
+    from mmvl.models.finetune import check_mode
+
     _check_keys(model, _model_keys(), "model", "model")
+    check_mode(model.get("mode", "full"), model.get("lora"))
+    if model.get("init_from") is not None and not isinstance(model["init_from"], str):
+        raise ConfigError(f"model.init_from must be a work dir, checkpoint or zoo entry (folder or name), got "
+                          f"{model['init_from']!r}")
     if not model.get("image_encoder"):
         raise ConfigError("model.image_encoder is not set: give dict(type='vit2d', ...) (see configs/_base_/models/)")
     if not model.get("heads"):

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mmvl.config.schema import CACHE_KINDS, ON_ERROR, VIEW_POLICIES
+from mmvl.data.fractions import study_key
 from mmvl.data.manifest import is_frontal, load_manifest
 from mmvl.data.reports import report_parts
 from mmvl.data.transforms import LoadVolume, Pipeline
@@ -139,6 +140,7 @@ class ManifestDataset(Dataset):
     among its frontal views only (all views when the row names none); ``"all"`` gives one item per view. Without a
     seed (evaluation) a study shows its first frontal view (its first image when no view is frontal or named).
     ``group_keys`` name each item's study and report text, so a sampler can keep them out of one batch.
+    ``studies``: only the rows of these studies (``study_id``, else the first image path: a label fraction).
 
     ``cache="memory"`` keeps the output of the deterministic steps in RAM (MONAI ``CacheDataset``, filled
     at start-up); ``cache="disk"`` stores it under ``cache_dir`` (:class:`ArrayCache`: one memory-mapped ``.npy``
@@ -163,6 +165,7 @@ class ManifestDataset(Dataset):
         root: str | os.PathLike | None = None,
         allow_outside_root: bool = False,
         view_policy: str = "random",
+        studies: Collection[str] | None = None,
     ):
         if view_policy not in VIEW_POLICIES:
             raise ValueError(f"view_policy must be one of {VIEW_POLICIES}, got {view_policy!r}")
@@ -182,6 +185,9 @@ class ManifestDataset(Dataset):
             rows = [row for row in rows if row.get("split") == split]
             if not rows:
                 raise ManifestError(manifest, f"no rows with split == '{split}'")
+        if studies is not None:  # a label fraction's subset (mmvl.data.fractions)
+            studies = set(studies)
+            rows = [row for row in rows if study_key(row) in studies]
         self.rows: list[dict[str, Any]] = []
         self.skipped_rows: list[dict[str, Any]] = []
         for row in rows:

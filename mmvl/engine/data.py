@@ -5,6 +5,7 @@ stream of training batches."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 from collections.abc import Callable, Iterator, Mapping
@@ -15,20 +16,24 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from mmvl.config.schema import DATA_DEFAULTS
+from mmvl.data.fractions import label_fraction_subset
 from mmvl.data.loader import Collate, ResumableSampler
+from mmvl.data.manifest import load_manifest
 from mmvl.data.tokenizer import train_wordpiece_tokenizer
 from mmvl.errors import CheckpointError, ConfigError, ManifestError
 from mmvl.models.vlm import tokenizer_users
 from mmvl.registry import DATASETS
-from mmvl.utils import atomic_directory, get_logger
+from mmvl.utils import atomic_directory, atomic_write_text, get_logger
 
 logger = get_logger(__name__)
 
 
-def build_datasets(data_cfg: Mapping[str, Any], work_dir: Path, seed: int) -> tuple[Dataset, Dataset | None]:
+def build_datasets(data_cfg: Mapping[str, Any], work_dir: Path, seed: int, is_main: bool = True) -> \
+        tuple[Dataset, Dataset | None]:
     """``data.type="manifest"`` reads ``data.manifest``; ``"shards"`` streams the webdataset shards in
     ``data.shards`` that ``tools/make_shards.py`` wrote from one (``data.resampled``, ``data.shuffle_buffer``).
-    Every key of ``data`` is one of :data:`mmvl.config.schema.DATA_DEFAULTS` (the config check refuses others)."""
+    Every key of ``data`` is one of :data:`mmvl.config.schema.DATA_DEFAULTS` (the config check refuses others).
+    ``data.label_fraction`` trains on a subset of the training studies (:func:`label_fraction_studies`)."""
     data = {**DATA_DEFAULTS, **data_cfg}
     kind = data["type"]
     streaming = kind == "shards"
@@ -52,6 +57,11 @@ def build_datasets(data_cfg: Mapping[str, Any], work_dir: Path, seed: int) -> tu
     if streaming and data["view_policy"] != DATA_DEFAULTS["view_policy"]:
         raise ConfigError(f"data.view_policy={data['view_policy']!r} applies to manifests; shards hold one image per "
                           "sample as tools/make_shards.py wrote them")
+    if data["label_fraction"] is not None:
+        if streaming:
+            raise ConfigError("data.label_fraction draws studies from a manifest; shards hold their samples as "
+                              "tools/make_shards.py wrote them: train from data.manifest instead")
+        stream["studies"] = label_fraction_studies(data, work_dir, is_main)
     train_set = DATASETS.build(dict(type=kind, split=data["train_split"], pipeline=data["train_pipeline"],
                                     **stream, **common))
     val_set = None
@@ -62,6 +72,36 @@ def build_datasets(data_cfg: Mapping[str, Any], work_dir: Path, seed: int) -> tu
                                       label_names=train_set.label_names, **whole, **common))
     logger.info("data: %d train rows, %d val rows from %s", len(train_set), len(val_set or []), source)
     return train_set, val_set
+
+
+def label_fraction_studies(data: Mapping[str, Any], work_dir: Path, is_main: bool) -> list[str]:
+    """The studies of the training split that ``data.label_fraction`` keeps (seeded by
+    ``data.label_fraction_seed``, never by ``train.seed``: every mode and seed trains on the same studies), recorded
+    in ``<work_dir>/label_fraction.json`` with the labels' positives; a resume draws them again and finds the
+    same ones unless the manifest changed, which is refused."""
+    rows = [row for row in load_manifest(data["manifest"], root=data["root"],
+                                         allow_outside_root=bool(data["allow_outside_root"]))
+            if row.get("split") == data["train_split"] and row.get("error") is None]
+    label_names = sorted({name for row in rows for name in (row.get("labels") or {})})
+    try:
+        subset = label_fraction_subset(rows, label_names, data["label_fraction"], int(data["label_fraction_seed"]))
+    except ValueError as err:
+        raise ConfigError(f"{err} ({data['manifest']}, split {data['train_split']!r})") from err
+    record = {"manifest": str(data["manifest"]), "split": data["train_split"], "labels": label_names, **subset}
+    path = work_dir / "label_fraction.json"
+    if path.is_file() and json.loads(path.read_text(encoding="utf-8"))["study_ids"] != subset["study_ids"] \
+            and (work_dir / "checkpoints").is_dir() and any((work_dir / "checkpoints").glob("*.pt")):
+        raise CheckpointError(f"{path}: the studies drawn for data.label_fraction={data['label_fraction']} differ "
+                              f"from those this run trained on; {data['manifest']} changed since. Restore it, or start "
+                              "a new run in another --work-dir")
+    if is_main:
+        atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+    if subset["missing"]:
+        logger.warning("data.label_fraction: no positive of %s in the training split", ", ".join(subset["missing"]))
+    logger.info("data.label_fraction=%g (seed %d): %d of %d labelled studies (%d added for positives) -> %s",
+                subset["fraction"], subset["seed"], len(subset["study_ids"]), subset["n_studies"],
+                len(subset["added"]), path)
+    return subset["study_ids"]
 
 
 def prepare_tokenizers(model_cfg: Mapping[str, Any], texts: Callable[[], list[str]], work_dir: Path, resume: bool,

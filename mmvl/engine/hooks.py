@@ -200,7 +200,8 @@ def validate(trainer: Any) -> dict[str, float]:
     whose text equals the query's own counts as a hit, so boilerplate reports are not held against the model,
     nor can they choose best.pt). Every rank
     validates the whole split on its own (local batches, no gathers); the training RNG stream is untouched and
-    masking heads draw the same masks at every validation."""
+    masking heads draw the same masks at every validation. Classification heads (``is_classifier``) add their
+    ``evaluate`` metrics of the whole split (``val/<head>/macro_auroc``...)."""
     model, device = trainer.model, trainer.strategy.device
     world = model.world_size
     model.set_world(0, 1)
@@ -210,6 +211,9 @@ def validate(trainer: Any) -> dict[str, float]:
     totals: dict[str, float] = {}
     count = 0
     image_embs, text_embs, texts = [], [], []
+    classifiers = {name: head for name, head in model.heads.items() if getattr(head, "is_classifier", False)}
+    scores: dict[str, list[torch.Tensor]] = {name: [] for name in classifiers}
+    targets: dict[str, list[torch.Tensor]] = {name: [] for name in classifiers}
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(int(trainer.train_cfg["seed"]))
@@ -224,6 +228,9 @@ def validate(trainer: Any) -> dict[str, float]:
                         image_embs.append(model.encode_image(batch["image"]).float())
                         text_embs.append(model.encode_text(batch).float())
                         texts += batch["report"]
+                for name, head in classifiers.items():
+                    scores[name].append(out.pop(f"{name}/scores").float().cpu())
+                    targets[name].append(head.targets(batch).cpu())
                 for key, value in out.items():
                     if torch.is_tensor(value) and value.numel() == 1:
                         totals[key] = totals.get(key, 0.0) + float(value) * n
@@ -231,6 +238,10 @@ def validate(trainer: Any) -> dict[str, float]:
     finally:
         model.set_world(trainer.strategy.dist.rank, world)
     metrics = {f"val/{k}": v / max(count, 1) for k, v in totals.items()}
+    for name, head in classifiers.items():
+        if scores[name]:
+            found = head.evaluate(torch.cat(scores[name]).numpy(), torch.cat(targets[name]).long().numpy())
+            metrics.update({f"val/{name}/{key}": value for key, value in found.items()})
     if image_embs:
         recall = retrieval_metrics(torch.cat(image_embs), torch.cat(text_embs), texts=texts)
         metrics.update({f"val/{k}": v for k, v in recall.items()})

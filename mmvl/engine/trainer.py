@@ -43,6 +43,7 @@ from mmvl.engine.checkpoint import (
     step_checkpoint_name,
 )
 from mmvl.engine.data import build_datasets, build_train_loader, prepare_tokenizers, to_device, train_batches
+from mmvl.engine.finetune import prepare_finetune
 from mmvl.engine.grad_cache import check_grad_cache, grad_cache_step
 from mmvl.engine.optim import apply_config_after_resume, build_optimizer, build_scheduler, config_hyperparameters
 from mmvl.engine.state import (
@@ -111,9 +112,12 @@ class Trainer:
         if strategy.device.type == "cpu" and train_cfg["keep_freed_memory"]:
             keep_freed_memory()
 
-        self.train_set, self.val_set = build_datasets(cfg["data"], self.work_dir, int(train_cfg["seed"]))
+        self.train_set, self.val_set = build_datasets(cfg["data"], self.work_dir, int(train_cfg["seed"]),
+                                                      strategy.is_main)
         model_cfg = prepare_tokenizers(cfg["model"], lambda: self.train_set.texts, self.work_dir, resume, strategy)
-        self.model = build_model(model_cfg).to(strategy.device)
+        self.model = build_model(model_cfg)
+        prepare_finetune(self.model, model_cfg, self.train_set.label_names, resume)  # init_from, label columns
+        self.model.to(strategy.device)
         if train_cfg["channels_last"]:
             self.model.to(memory_format=torch.channels_last)  # 4D (conv) weights; the rest is unaffected
         self.train_model = strategy.wrap(self.model)

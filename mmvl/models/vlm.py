@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mmvl.errors import ConfigError
+from mmvl.models.finetune import apply_mode, check_mode
 from mmvl.registry import ENCODERS, HEADS
 
 
@@ -24,7 +25,14 @@ class VisionLanguageModel(nn.Module):
     encoder drop that fraction of patch tokens (the largest ratio among the heads wins: CLIP + MAE heads
     then share one masked encoding, as in FLIP/MedFLIP); ``tokenizer``/``max_length`` attributes provide
     the report tokenizer when there is no text encoder; ``visualize(model, batch, path)`` writes a picture
-    that the trainer asks for every ``train.vis_interval`` steps.
+    that the trainer asks for every ``train.vis_interval`` steps; ``is_classifier = True`` heads return their
+    ``scores`` in eval mode and ``evaluate(scores, targets)`` scores a validation split.
+
+    Fine-tuning (:mod:`mmvl.models.finetune`): ``mode`` says what trains (``full``, ``linear``, ``lora``,
+    ``lora+head``), ``lora`` the adapters' rank, alpha, dropout and targets; ``init_from`` (a work dir or zoo entry)
+    names where the image encoder's starting weights come from. The model is built with random weights and
+    adapters, so a checkpoint of it loads without that source; the trainer loads ``init_from`` into a fresh run
+    (:func:`mmvl.engine.finetune.load_init_from`).
     """
 
     def __init__(
@@ -32,8 +40,12 @@ class VisionLanguageModel(nn.Module):
         image_encoder: Mapping[str, Any],
         heads: Sequence[Mapping[str, Any]],
         text_encoder: Mapping[str, Any] | None = None,
+        mode: str = "full",
+        lora: Mapping[str, Any] | None = None,
+        init_from: str | None = None,
     ):
         super().__init__()
+        check_mode(mode, lora)  # before anything is built
         self.image_encoder = ENCODERS.build(image_encoder, where="model.image_encoder")
         self.text_encoder = ENCODERS.build(text_encoder, where="model.text_encoder") if text_encoder else None
         if isinstance(heads, Mapping):
@@ -59,6 +71,14 @@ class VisionLanguageModel(nn.Module):
                 **extra,
             )
         self.mask_ratio = max(float(getattr(head, "mask_ratio", 0.0) or 0.0) for head in self.heads.values())
+        self.mode, self.init_from = mode, init_from
+        apply_mode(self, mode, lora)
+
+    def train(self, mode: bool = True) -> VisionLanguageModel:
+        super().train(mode)
+        if self.mode == "linear":  # a frozen encoder gives its eval-mode features (no dropout, no DropPath)
+            self.image_encoder.eval()
+        return self
 
     def set_world(self, rank: int, world_size: int) -> None:
         """Tell heads whose loss spans ranks (contrastive) where this process sits; the trainer calls it."""

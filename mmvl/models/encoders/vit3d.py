@@ -34,12 +34,31 @@ def _check_volume(encoder: nn.Module, images: torch.Tensor, size: tuple[int, ...
         raise ValueError(f"{type(encoder).__name__}: every volume side must be a multiple of {multiple}, got {spatial}")
 
 
+def add_drop_path(blocks: nn.Module, rate: float) -> float:
+    """Stochastic depth (Huang et al. 2016) on MONAI's transformer blocks, ``x + drop(attn(norm1(x)))`` and
+    ``x + drop(mlp(norm2(x)))``, rising linearly over the blocks to ``rate`` as in timm's ViT. The residual
+    branches' outputs pass through timm's ``drop_path`` by forward hooks, so the state dict keeps MONAI's names
+    (UNETR checkpoints still load)."""
+    from timm.layers import drop_path
+
+    if not 0.0 <= rate < 1.0:
+        raise ConfigError(f"image_encoder.drop_path_rate must be in [0, 1), got {rate!r}")
+    if rate:
+        for index, block in enumerate(blocks):
+            block_rate = rate * index / max(len(blocks) - 1, 1)
+            for branch in (block.attn, block.mlp):
+                branch.register_forward_hook(
+                    lambda module, args, output, p=block_rate: drop_path(output, p, module.training))
+    return float(rate)
+
+
 @ENCODERS.register("monai_vit", "vit3d")
 class MonaiViTEncoder(nn.Module):
     """MONAI ``ViT`` over 3D patches; pooled output is the mean of the patch tokens.
 
     ``img_size`` and ``patch_size`` are voxels per axis (D, H, W order of the input). ``token_drop``,
-    ``grad_checkpointing`` and ``forward(images, token_drop=r)`` behave as in the 2D ViT encoder.
+    ``grad_checkpointing`` and ``forward(images, token_drop=r)`` behave as in the 2D ViT encoder;
+    ``drop_path_rate`` adds stochastic depth (:func:`add_drop_path`), as timm's ``drop_path_rate`` in 2D.
     ``pretrained_path`` loads a local MONAI ViT state dict (``vit.`` prefixes of UNETR checkpoints stripped).
     MONAI builds its ViT blocks with naive attention; ``attention="mmvl"`` (default) runs them through
     ``mmvl.ops.attention`` (SDPA or xformers), ``"native"`` keeps MONAI's.
@@ -64,6 +83,7 @@ class MonaiViTEncoder(nn.Module):
         grad_checkpointing: bool = False,
         pretrained_path: str | None = None,
         attention: str = "mmvl",
+        drop_path_rate: float = 0.0,
     ):
         super().__init__()
         from monai.networks.nets import ViT
@@ -85,6 +105,7 @@ class MonaiViTEncoder(nn.Module):
             load_weights_file(self.vit, pretrained_path, "image_encoder")
         self.token_drop, self.grad_checkpointing = float(token_drop), grad_checkpointing
         self.patched_attention = use_mmvl_attention(self.vit, attention, "image_encoder")
+        self.drop_path_rate = add_drop_path(self.vit.blocks, drop_path_rate)
         self.out_dim = hidden_size
         self.grid = tuple(i // p for i, p in zip(self.img_size, self.patch_size, strict=True))
         self.in_chans = in_chans
