@@ -1,11 +1,12 @@
 """Evaluate a trained model on a split of a labelled manifest: zero-shot classification, image-text retrieval,
-linear probes on frozen image features, or generated reports.
+linear probes on frozen image features, generated reports, or grounding heatmaps.
 
-    python tools/evaluate.py MODEL --manifest FILE --task zero_shot|retrieval|linear_probe|report
+    python tools/evaluate.py MODEL --manifest FILE --task zero_shot|retrieval|linear_probe|report|grounding
         [--split test] [--val-split val] [--train-split train] [--labels "a,b"] [--preset chexzero]
         [--mode pairwise|multiclass] [--out metrics.json] [--plots DIR] [--batch-size 32] [--device cpu]
         [--n-bootstrap 1000] [--seed 0] [--limit N] [--method beam|greedy] [--num-beams 4] [--max-length N]
-        [--tokenizer auto|ptb|simple] [--ce-uncertain positive|negative]
+        [--tokenizer auto|ptb|simple] [--ce-uncertain positive|negative] [--heatmap-method similarity|gradcam]
+        [--threshold 0.5]
 
 MODEL is a training work dir, a checkpoint file or a model-zoo entry (folder or name); images go through the
 model's recorded preprocessing, and must lie inside the data root it was trained with (its data.root; none
@@ -23,6 +24,11 @@ report        reports written by the model's report head (beam search, 4 beams),
               recall, F1 of the 14 CheXpert observations and the common 5, read by mmvl's report labeller in the
               generated and the reference report; uncertain counted as --ce-uncertain) and finding F1 against the
               manifest labels (every label is listed; those the labeller cannot read are named, not scored)
+grounding     where the model's heatmaps (mmvl.grounding, --heatmap-method) put each finding of the rows that carry
+              masks or boxes (the synthetic sets' `masks`; MS-CXR-style `boxes`/`phrases`, datasets/ms_cxr.md):
+              pointing game, IoU and Dice of the map rescaled to [0, 1] and thresholded at --threshold, BioViL's
+              contrast-to-noise ratio, per label against a centre prior (a Gaussian centred in the scan), with the
+              paired difference (see mmvl/evaluation/grounding_metrics.py)
 
 Labels default to the manifest's label names; unknown labels (-1) are left out per label. Intervals are percentile
 bootstrap intervals over --n-bootstrap resamples of the studies (seeded). A table is printed and the JSON (--out)
@@ -38,6 +44,7 @@ import json
 import math
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,7 +70,7 @@ from mmvl.evaluation.zero_shot import PRESETS, prompts_from, text_prototypes, ze
 from mmvl.utils import atomic_write_text, setup_logging
 from mmvl.zoo import load_pretrained
 
-TASKS = ("zero_shot", "retrieval", "linear_probe", "report")
+TASKS = ("zero_shot", "retrieval", "linear_probe", "report", "grounding")
 RECALL_KS = (1, 5, 10)
 
 
@@ -98,6 +105,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ce-uncertain", default="positive", choices=UNCERTAIN_POLICIES,
                         help="report: an observation the labeller reads as uncertain counts as present (positive, "
                         "as the CE papers do) or absent, in CE and finding F1")
+    parser.add_argument("--heatmap-method", default="similarity", choices=["similarity", "gradcam"],
+                        help="grounding: patch-text similarity or Grad-CAM maps")
+    parser.add_argument("--threshold", type=float, default=0.5,
+                        help="grounding: IoU/Dice keep the map where it is >= this, after per-scan min-max rescaling")
     args = parser.parse_args(argv)
     for name in ("batch_size", "num_beams"):
         if getattr(args, name) < 1:
@@ -313,6 +324,26 @@ def run_report(args: argparse.Namespace, loaded: Any, runner: Runner, test: list
     return {"info": {"generation": settings, "decoding": decoding}, "metrics": metrics, "examples": examples}
 
 
+def run_grounding(args: argparse.Namespace, loaded: Any, runner: Runner) -> dict[str, Any]:
+    from mmvl.evaluation.grounding_metrics import definitions, evaluate_grounding
+
+    rows = [row for row in load_manifest(args.manifest, **root_options(args, loaded.config, source=loaded.source))
+            if str(row.get("split") or "") == args.split][:args.limit]
+    found = sorted({label for row in rows for key in ("masks", "boxes") for label in (row.get(key) or {})})
+    if not found:
+        raise ConfigError(f"{args.manifest}: no row of split '{args.split}' has 'masks' or 'boxes' to ground "
+                          "(datasets/synthetic.py writes masks; MS-CXR's layout: datasets/ms_cxr.md)")
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()] if args.labels else found
+    prompts = prompts_from(labels, args.preset)
+    metrics, failed = evaluate_grounding(loaded, rows, Path(args.manifest).parent, prompts, args.heatmap_method,
+                                         args.threshold, args.batch_size, args.device, args.n_bootstrap, args.seed)
+    runner.failed.extend({"split": args.split, **entry} for entry in failed)
+    if not metrics["n_targets"]:
+        raise NoRows(f"no finding of split '{args.split}' could be scored (see 'failed' in the JSON)")
+    return {"info": {"labels": labels, "preset": str(args.preset), "prompts": prompts, "method": args.heatmap_method,
+                     "threshold": args.threshold, "definitions": definitions(args.threshold)}, "metrics": metrics}
+
+
 def _require_rows(rows: Any, split: str) -> None:
     if rows is None or not len(rows):
         raise NoRows(f"no image of split '{split}' could be evaluated (see 'failed' in the JSON)")
@@ -387,6 +418,8 @@ def print_results(task: str, result: dict[str, Any]) -> None:
                 print(f"  {name}: no probe, {reason}")
             if "metrics" in entry:
                 print_classification(entry["metrics"], f"linear probe {float(key):.0%}")
+    elif task == "grounding":
+        print_grounding(metrics, result["info"])
     elif task == "retrieval":
         print(f"\nretrieval among {metrics['n']} studies (image <-> report):")
         for direction, name in (("i2t", "image -> report"), ("t2i", "report -> image")):
@@ -408,6 +441,20 @@ def print_results(task: str, result: dict[str, Any]) -> None:
                   f"{micro['majority_baseline']:.3f}, always present {micro['all_positive_baseline']:.3f}")
         if findings and findings["unreadable"]:
             print(f"  labels the report labeller cannot read (not in finding F1): {', '.join(findings['unreadable'])}")
+
+
+def print_grounding(metrics: dict[str, Any], info: dict[str, Any]) -> None:
+    boot = metrics["bootstrap"]
+    print(f"\ngrounding ({info['method']} maps; IoU/Dice at >= {info['threshold']} of the rescaled map): "
+          f"{metrics['n_targets']} findings; {100 * boot['confidence']:g}% CIs from {boot['n_resamples']} bootstrap "
+          f"resamples of studies; model vs centre prior")
+    for label, entry in metrics["labels"].items():
+        print(f"  {label} ({entry['n_images']} images, {entry['n_studies']} studies)")
+        for metric in ("pointing", "iou", "dice", "cnr"):
+            values = entry[metric]
+            print(f"    {metric:<8}  model {_value(values['model'])} {_ci(values, 'model')}  centre prior "
+                  f"{_value(values['centre_prior'])} {_ci(values, 'centre_prior')}  difference "
+                  f"{_value(values['difference'])} {_ci(values, 'difference')}")
 
 
 def print_clinical_efficacy(ce: dict[str, Any]) -> None:
@@ -465,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
             result = run_linear_probe(args, loaded, runner, test, val, train, labels)
         elif args.task == "retrieval":
             result = run_retrieval(args, loaded, runner, test)
+        elif args.task == "grounding":
+            result = run_grounding(args, loaded, runner)
         else:
             result = run_report(args, loaded, runner, test)
         problem = None
