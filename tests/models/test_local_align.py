@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mmvl.errors import ConfigError
+from mmvl.evaluation.grounding import build_texts, similarity_maps
 from mmvl.models import build_model
 from mmvl.models.encoders.base import EncoderOutput
 from mmvl.models.heads.local_align import word_mask
@@ -260,12 +261,14 @@ def test_2d_and_3d_token_grids_in_a_model_with_the_clip_head(tokenizer_dir, enco
         assert local == pytest.approx(out["local_align/loss"].item(), rel=1e-6)
         assert local == pytest.approx(reference_loss(head, image.tokens, text.tokens, batch["attention_mask"]),
                                       **LOSS_TOL)
-        phrase = model.text_encoder.tokenize(["pleural effusion"])
-        phrase_text = model.text_encoder(phrase["input_ids"], phrase["attention_mask"])
-        similarity = head.patch_similarity(image.tokens, phrase_text.tokens, phrase["attention_mask"])
-    n_tokens = phrase["input_ids"].shape[1]
-    assert similarity.shape == (4, n_tokens, math.prod(grid))
-    assert similarity.reshape(4, n_tokens, *grid).shape[2:] == grid
+        # mmvl.grounding's similarity maps take this head's patch_similarity (mmvl/evaluation/grounding.py)
+        phrases = {"effusion": ["pleural effusion", "right pleural effusion"], "heart": "the heart is enlarged"}
+        maps, _, source = similarity_maps(model, batch["image"], build_texts(model, phrases))
+        prompts = model.text_encoder.tokenize(phrases["effusion"])
+        effusion = head.patch_similarity(image, model.text_encoder(**prompts))
+    assert source == "heads.local_align.patch_similarity" and maps.shape == (4, 2, *grid)
+    assert effusion.shape == (4, 2, math.prod(grid))
+    torch.testing.assert_close(maps[:, 0], effusion.mean(dim=1).reshape(4, *grid), rtol=0, atol=0)
 
 
 def test_patch_similarity_peaks_at_the_planted_patch_of_a_3d_grid():
@@ -284,13 +287,20 @@ def test_patch_similarity_peaks_at_the_planted_patch_of_a_3d_grid():
     planted = [(1, 2, 3), (0, 1, 0)]  # (depth, row, column) in each image
     for b, (d, r, c) in enumerate(planted):
         image[b, 1 + (d * 3 + r) * 4 + c] = signal  # + 1: the prefix token comes first
-    text = torch.zeros(1, 3, dim)
-    text[0, 1] = signal  # [CLS] word [SEP]
-    mask = torch.ones(1, 3, dtype=torch.long)
-    similarity = head.patch_similarity(image, text, mask)
-    assert similarity.shape == (2, 3, 24)
-    assert similarity[:, 0].abs().sum() == 0 and similarity[:, 2].abs().sum() == 0  # [CLS], [SEP]
-    maps = head.phrase_similarity(image, text, mask).reshape(2, *grid)
+    text = torch.randn(2, 5, dim)  # text 0: [CLS] signal [SEP] [PAD] [PAD]; text 1: [CLS] 3 other words [SEP]
+    text[0, 1] = signal
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    words = head.word_patch_similarity(image, text[:1], mask[:1])  # one text against both images
+    assert words.shape == (2, 5, 24)
+    assert words[:, [0, 2, 3, 4]].abs().sum() == 0  # [CLS], [SEP], padding
+    similarity = head.patch_similarity(EncoderOutput(pooled=image[:, 0], tokens=image),
+                                       EncoderOutput(pooled=text[:, 0], tokens=text, attention_mask=mask))
+    assert similarity.shape == (2, 2, 24)
+    torch.testing.assert_close(similarity[:, 0], words[:, 1])  # one word: its own map
+    for b in range(2):  # three words: their mean
+        torch.testing.assert_close(similarity[b, 1], head.word_patch_similarity(image[b:b + 1], text[1:], mask[1:])
+                                   [0, 1:4].mean(dim=0))
+    maps = similarity[:, 0].reshape(2, *grid)
     for b, position in enumerate(planted):
         peak = divmod(int(maps[b].argmax()), 12)
         assert (peak[0], *divmod(peak[1], 4)) == position

@@ -74,15 +74,15 @@ class LocalAlignmentHead(nn.Module):
     chunk's (~4 GB for 16 images against 256 reports of 128 tokens, N = 196 patches, E = 512), at the price of
     running the head's forward twice. ``image_chunk=None`` scores all images at once and keeps everything.
 
-    **Heatmaps** (the interface ``mmvl.grounding`` uses when a model has a head with ``has_patch_similarity``):
-    :meth:`patch_similarity` gives ``s_tn`` of every word with every patch, ``(B, T, N)``, and
-    :meth:`phrase_similarity` its mean over a phrase's words, ``(B, N)``; ``N`` runs over ``grid`` in row-major
-    order (the encoder's token order), so ``.reshape(B, *head.grid)`` is the map on the patch grid; the attention
-    ``a`` is ``softmax(gamma1 * s)`` over ``N``.
+    **Heatmaps**: :meth:`patch_similarity` is what ``mmvl.grounding`` calls on a model with this head
+    (``mmvl.evaluation.grounding.PATCH_SIMILARITY``): ``(image, text) -> (B, P, N)``, the similarity of each of
+    ``N`` patches of ``B`` images with each of ``P`` texts (phrases, prompts), the mean over a text's words of
+    ``s_tn``. :meth:`word_patch_similarity` gives ``s_tn`` itself, word by word, ``(B, T, N)``. ``N`` runs over
+    ``grid`` in row-major order (the encoder's token order), so ``.reshape(..., *head.grid)`` is the map on the
+    patch grid; the attention ``a`` is ``softmax(gamma1 * s)`` over ``N``.
     """
 
     needs_image_encoder = True
-    has_patch_similarity = True
 
     def __init__(
         self,
@@ -153,14 +153,14 @@ class LocalAlignmentHead(nn.Module):
         return F.normalize(self.word_proj(text_tokens).float(), dim=-1)
 
     # -- heatmaps ------------------------------------------------------------------------------------
-    def patch_similarity(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor
-                         ) -> torch.Tensor:
+    def word_patch_similarity(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor
+                              ) -> torch.Tensor:
         """Cosine similarity of every word with every patch, ``(B, T, N)`` float32 in [-1, 1].
 
         ``image_tokens``: the image encoder's ``EncoderOutput.tokens``, ``(B, num_prefix_tokens + N, image_dim)``
         as it returns them (unmasked); ``text_tokens``/``text_mask``: the text encoder's ``tokens`` and
-        ``attention_mask``, ``(B, T, text_dim)``/``(B, T)``, or with a batch of 1 to score one phrase against
-        every image. Rows of [CLS], [SEP] and padding are 0. ``N`` runs over ``self.grid`` in row-major order.
+        ``attention_mask``, ``(B, T, text_dim)``/``(B, T)`` (report ``b`` with image ``b``), or with a batch of 1 to
+        score one text against every image. Rows of [CLS], [SEP] and padding are 0.
         """
         patches = self.embed_patches(image_tokens)
         words = self.embed_words(text_tokens)
@@ -168,13 +168,17 @@ class LocalAlignmentHead(nn.Module):
         mask = word_mask(text_mask).expand(len(words), -1)
         return torch.einsum("btd,bnd->btn", words, patches) * mask[..., None]
 
-    def phrase_similarity(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor
-                          ) -> torch.Tensor:
-        """Similarity of each patch with a phrase: :meth:`patch_similarity` averaged over the phrase's words,
-        ``(B, N)`` (0 for a phrase without words)."""
-        mask = word_mask(text_mask).expand(len(image_tokens), -1)
-        total = self.patch_similarity(image_tokens, text_tokens, text_mask).sum(dim=1)
-        return total / mask.sum(dim=1, keepdim=True).clamp(min=1)
+    def patch_similarity(self, image: EncoderOutput, text: EncoderOutput) -> torch.Tensor:
+        """Similarity of each patch with each text, ``(B, P, N)`` float32 in [-1, 1]: for ``B`` images (the image
+        encoder's output, unmasked) and ``P`` texts (the text encoder's output, ``attention_mask`` set), the mean
+        over a text's words of :meth:`word_patch_similarity` (0 for a text without words)."""
+        if text.attention_mask is None:
+            raise ValueError("patch_similarity needs the text encoder's attention_mask (EncoderOutput.attention_mask)")
+        patches = self.embed_patches(image.tokens)
+        words = self.embed_words(text.tokens)
+        mask = word_mask(text.attention_mask).to(words.dtype)
+        total = torch.einsum("ptd,bnd,pt->bpn", words, patches, mask)
+        return total / mask.sum(dim=1).clamp(min=1)[None, :, None]
 
     # -- loss ----------------------------------------------------------------------------------------
     def pair_scores(self, patches: torch.Tensor, words: torch.Tensor, words_mask: torch.Tensor) -> torch.Tensor:
