@@ -633,9 +633,9 @@ def sample_geometry(study: Study, seed: int, index: int, size: int, slices: int)
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _render(study: Study, geometry: Geometry, rng: np.random.Generator) -> np.ndarray:
-    """int16 HU volume (slices in acquisition order, rows, columns). Each slice averages the phantom over its
-    thickness (sub-planes no further apart than a pixel), then noise is added; ``rng`` only adds noise."""
+def _body_coordinates(study: Study, geometry: Geometry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Body coordinates (mm) of the sub-planes of every voxel, ``(sub, slices, rows, columns)`` each: a slice
+    averages the phantom over its thickness, with sub-planes no further apart than a pixel."""
     count, rows, columns = geometry.shape
     sub = int(np.clip(np.ceil(geometry.slice_spacing / geometry.pixel_spacing), 1, 6))
     k = np.arange(count)[:, None, None] + ((np.arange(sub) + 0.5) / sub - 0.5)[:, None, None, None]
@@ -648,9 +648,53 @@ def _render(study: Study, geometry: Geometry, rng: np.random.Generator) -> np.nd
         )
         for i in range(3)
     )
-    hu = phantom_hu(study, x, y, z, edge=pixel).mean(axis=0)
+    return x, y, z
+
+
+def _render(study: Study, geometry: Geometry, rng: np.random.Generator) -> np.ndarray:
+    """int16 HU volume (slices in acquisition order, rows, columns). Each slice averages the phantom over its
+    thickness (sub-planes no further apart than a pixel), then noise is added; ``rng`` only adds noise."""
+    x, y, z = _body_coordinates(study, geometry)
+    hu = phantom_hu(study, x, y, z, edge=geometry.pixel_spacing).mean(axis=0)
     hu += geometry.noise_hu * rng.standard_normal(hu.shape, dtype=np.float32)
     return np.clip(np.rint(hu), *_HU_RANGE).astype(np.int16)
+
+
+def finding_masks(study: Study, geometry: Geometry) -> dict[str, np.ndarray]:
+    """Boolean masks ``(slices, rows, columns)`` of what :func:`phantom_hu` draws for each finding the study holds,
+    averaged over each slice's thickness like the volume and kept where that passes one half. ``lung nodule``: the
+    spheres; ``pleural effusion``: the fluid outside the mediastinum; ``cardiomegaly``: the heart; ``consolidation``:
+    its region inside the lung and above the fluid; ``emphysema``: its bullae (the diffuse low attenuation around
+    them has no edge to draw)."""
+    x, y, z = _body_coordinates(study, geometry)
+    edge = geometry.pixel_spacing
+    parts: dict[str, np.ndarray] = {}
+    mediastinum = _mediastinum(study, x, y, z, edge)
+    fluid = np.zeros_like(x)
+    for side in _effusion_sides(study):
+        fluid = np.maximum(fluid, _fluid(study, side, x, y, z, edge) * (1.0 - mediastinum))
+    if study.effusion_side:
+        parts["pleural effusion"] = fluid
+    lung = np.maximum(_hemithorax(study, "right", x, y, z, edge), _hemithorax(study, "left", x, y, z, edge))
+    lung *= 1.0 - mediastinum
+    if study.bullae:
+        bullae = np.zeros_like(x)
+        for bx, by, bz, radius in study.bullae:
+            bullae = np.maximum(bullae, _ramp(radius - np.sqrt((x - bx) ** 2 + (y - by) ** 2 + (z - bz) ** 2), edge))
+        parts["emphysema"] = bullae * lung
+    if study.consolidation is not None:
+        (cx, cy, cz), (rx, ry, rz) = study.consolidation.centre, study.consolidation.radii
+        parts["consolidation"] = _ramp(_ellipsoid_depth(x - cx, y - cy, z - cz, rx, ry, rz), edge) * lung * (1 - fluid)
+    if study.nodules:
+        nodules = np.zeros_like(x)
+        for nodule in study.nodules:
+            (nx, ny, nz), radius = nodule.centre, nodule.diameter_mm / 2.0
+            nodules = np.maximum(nodules, _ramp(radius - np.sqrt((x - nx) ** 2 + (y - ny) ** 2 + (z - nz) ** 2), edge))
+        parts["lung nodule"] = nodules
+    if study.labels["cardiomegaly"]:
+        hx, hy, hz = study.heart_centre
+        parts["cardiomegaly"] = _ramp(_ellipsoid_depth(x - hx, y - hy, z - hz, *study.heart_radii), edge)
+    return {label: part.mean(axis=0) > 0.5 for label, part in parts.items()}
 
 
 def nifti_affine(geometry: Geometry) -> np.ndarray:
@@ -674,18 +718,20 @@ def nifti_affine(geometry: Geometry) -> np.ndarray:
     return affine
 
 
-def _write_nifti(path: Path, volume: np.ndarray, geometry: Geometry) -> None:
+def _write_nifti(path: Path, volume: np.ndarray, geometry: Geometry, dtype: type = np.int16,
+                 description: bytes = b"mmvl synthetic chest CT, HU") -> None:
     """int16 HU with scl_slope 1 / scl_inter 0, voxel axes as in nifti_affine, qform and sform both that
-    scanner-anatomical affine (code 1); nibabel's gzip writer is deterministic (no timestamp)."""
+    scanner-anatomical affine (code 1); nibabel's gzip writer is deterministic (no timestamp). Masks are written
+    the same way as uint8 (1 inside), so they share the volume's voxel grid and affine."""
     affine = nifti_affine(geometry)
     data = volume[:, ::-1, ::-1].transpose(2, 1, 0)  # (slice, row, column) -> (column, row, slice), reversed
     image = nib.Nifti1Image(data, affine, header=nib.Nifti1Header(endianness="<"))
-    image.set_data_dtype(np.int16)
+    image.set_data_dtype(dtype)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
     image.header.set_xyzt_units("mm")
     image.header.set_slope_inter(1.0, 0.0)
-    image.header["descrip"] = b"mmvl synthetic chest CT, HU"
+    image.header["descrip"] = description
     nib.save(image, path)
 
 
@@ -1180,6 +1226,10 @@ are fake and are there only so that tests can check they never leak into manifes
   localizer series: group by SeriesInstanceUID first (their manifest rows name the main series in `series_uid`).
 - `manifest_nifti.jsonl`, `manifest_dicom.jsonl`: one row per study (`image`, `report`, `labels`, `split`,
   `study_id`); `train|val|test_nifti|dicom.jsonl` hold the rows of one split (80/10/10).
+- `masks/<study>_<label>.nii.gz`: where each finding present in a study is drawn (uint8, 1 inside), in the NIfTI
+  volume's voxel grid and affine; a row's `masks` maps its labels to them (both manifests; a DICOM series is read
+  in another voxel order, so map a mask onto it through the affines). Nodules: the spheres; effusion: the fluid;
+  cardiomegaly: the heart; consolidation: its region in the lung; emphysema: its bullae only.
 - Deterministic: the same `(n, size, slices, seed)` gives the same bytes, and study `i` does not depend on `n`.
 
 Split sizes: {split_counts}. Positive studies: {finding_counts}. Orientations: {orientation_counts}.
@@ -1244,10 +1294,16 @@ def generate_ct(
         study_id = f"ct{index:0{digits}d}"
         common = {"report": _report(study, report_rng), "labels": dict(study.labels), "split": splits[index]}
         common["study_id"] = study_id
+        masks = {}
+        for label, mask in finding_masks(study, geometry).items():
+            masks[label] = f"masks/{study_id}_{label.replace(' ', '_')}.nii.gz"
+            (out / "masks").mkdir(exist_ok=True)
+            _write_nifti(out / masks[label], mask.astype(np.uint8), geometry, np.uint8,
+                         f"mmvl synthetic chest CT, {label} mask".encode())
         if "nifti" in formats:
             image = f"nifti/{study_id}.nii.gz"
             _write_nifti(out / image, volume, geometry)
-            rows["nifti"].append({"image": image, **common})
+            rows["nifti"].append({"image": image, **common, "masks": masks})
         if "dicom" in formats:
             image = f"dicom/{study_id}"
             series_uid = _write_dicom(
@@ -1256,7 +1312,7 @@ def generate_ct(
             row = {"image": image, **common}
             if geometry.foreign_series:
                 row["series_uid"] = series_uid
-            rows["dicom"].append(row)
+            rows["dicom"].append({**row, "masks": masks})
         counts["orientation"][geometry.orientation] += 1
         counts["pixel"].append(geometry.pixel_spacing)
         counts["spacing"].append(geometry.slice_spacing)

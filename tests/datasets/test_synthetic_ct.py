@@ -26,7 +26,7 @@ N_STUDIES = 12
 SIZE = 48
 SLICES = 24
 SEED = 26  # a seed whose first 12 studies hold every label, orientation, InstanceNumber order and encoding
-MANIFEST_KEYS = {"image", "report", "labels", "split", "study_id"}
+MANIFEST_KEYS = {"image", "report", "labels", "split", "study_id", "masks"}
 IDENTIFIER_KEYWORDS = (
     "PatientName",
     "PatientID",
@@ -271,7 +271,11 @@ def test_same_seed_same_bytes_and_prefix_stable(synthetic_ct, tmp_path):
     first = files(synthetic_ct.generate_ct(tmp_path / "a", n=3, size=32, slices=8, seed=5)["nifti"].parent)
     second = files(synthetic_ct.generate_ct(tmp_path / "b", n=3, size=32, slices=8, seed=5)["nifti"].parent)
     assert first == second
-    assert sum(path.suffix == ".gz" for path in first) == 3 and sum(path.suffix == ".dcm" for path in first) >= 12
+    volumes = [path for path in first if path.suffix == ".gz" and path.parts[0] == "nifti"]
+    assert len(volumes) == 3 and sum(path.suffix == ".dcm" for path in first) >= 12
+    listed = read_jsonl(tmp_path / "a" / "manifest_nifti.jsonl")
+    assert {path for path in first if path.parts[0] == "masks"} == {
+        Path(relative) for row in listed for relative in row["masks"].values()}
 
     # Study i does not depend on n; another seed gives other volumes.
     shorter = synthetic_ct.generate_ct(tmp_path / "short", n=2, size=32, slices=8, seed=5)
@@ -480,3 +484,26 @@ def test_consolidation_is_soft_tissue_density_in_the_reported_lobe(rows, studies
         offsets = np.array([[0, 0, 0], [8, 0, 0], [-8, 0, 0], [0, 8, 0], [0, -8, 0]], dtype=float)
         values = nifti_values(image, body_points(study, np.add((x, y, z), offsets)), exact=False)
         assert np.nanmedian(values) > -200 and min(radii) >= 24, row["study_id"]
+
+
+def test_masks_lie_on_what_is_drawn_in_the_volumes_geometry(dataset, rows, images):
+    """Each finding's mask is a uint8 NIfTI with the volume's shape and affine, present exactly for the drawn
+    findings, and the HU inside it are the finding's: soft tissue for nodules, heart and consolidation, fluid for
+    effusions, near air for bullae."""
+    expected = {"lung nodule": (-300, 120), "pleural effusion": (-150, 80), "cardiomegaly": (-60, 100),
+                "consolidation": (-250, 100), "emphysema": (-1100, -800)}  # mean HU inside; edges blur partly
+    seen = set()
+    for row, dicom_row, image in zip(rows["nifti"], rows["dicom"], images):
+        assert dicom_row["masks"] == row["masks"]
+        assert set(row["masks"]) == {name for name, value in row["labels"].items() if value}, row["study_id"]
+        data = np.asanyarray(image.dataobj).astype(np.float32)
+        for name, relative in row["masks"].items():
+            mask_image = nib.load(dataset / relative)
+            assert np.allclose(mask_image.affine, image.affine) and mask_image.shape == image.shape
+            mask = np.asanyarray(mask_image.dataobj)
+            assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+            assert mask.sum() >= 3, (row["study_id"], name)
+            low, high = expected[name]
+            assert low < data[mask == 1].mean() < high, (row["study_id"], name, data[mask == 1].mean())
+            seen.add(name)
+    assert seen == set(expected)
