@@ -5,8 +5,8 @@ linear probes on frozen image features, generated reports, or grounding heatmaps
         [--split test] [--val-split val] [--train-split train] [--labels "a,b"] [--preset chexzero]
         [--mode pairwise|multiclass] [--out metrics.json] [--plots DIR] [--batch-size 32] [--device cpu]
         [--n-bootstrap 1000] [--seed 0] [--limit N] [--method beam|greedy] [--num-beams 4] [--max-length N]
-        [--tokenizer auto|ptb|simple] [--ce-uncertain positive|negative] [--heatmap-method similarity|gradcam]
-        [--threshold 0.5]
+        [--no-repeat-ngram-size 0] [--tokenizer auto|ptb|simple] [--ce-uncertain positive|negative]
+        [--heatmap-method similarity|gradcam] [--threshold 0.5]
 
 MODEL is a training work dir, a checkpoint file or a model-zoo entry (folder or name); images go through the
 model's recorded preprocessing, and must lie inside the data root it was trained with (its data.root; none
@@ -100,6 +100,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--method", default="beam", choices=["beam", "greedy"], help="report: search")
     parser.add_argument("--num-beams", type=int, default=4, help="report: beams")
     parser.add_argument("--max-length", type=int, help="report: tokens including BOS/EOS (default: the model's)")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=0,
+                        help="report: ban repeating any n-gram of this size (0: off, the default)")
     parser.add_argument("--tokenizer", default="auto", choices=TOKENIZERS,
                         help="report: 'auto' = pycocoevalcap's PTB tokenizer where Java runs, else 'simple'")
     parser.add_argument("--ce-uncertain", default="positive", choices=UNCERTAIN_POLICIES,
@@ -115,6 +117,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.n_bootstrap < 0:
         parser.error("--n-bootstrap must be >= 0")
+    if args.no_repeat_ngram_size < 0:
+        parser.error("--no-repeat-ngram-size must be >= 0")
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
     if args.plots and args.task not in ("zero_shot", "linear_probe"):
@@ -295,7 +299,8 @@ def run_report(args: argparse.Namespace, loaded: Any, runner: Runner, test: list
     max_length = head.max_length if args.max_length is None else args.max_length
     if not 2 <= max_length <= head.max_length:
         raise ConfigError(f"--max-length must be in [2, {head.max_length}] for this model, got {max_length}")
-    settings = dict(method=args.method, num_beams=args.num_beams, max_length=max_length)
+    settings = dict(method=args.method, num_beams=args.num_beams, max_length=max_length,
+                    no_repeat_ngram_size=args.no_repeat_ngram_size)
     with_report = first_of_each([item for item in test if item.reference])  # a study's first frontal view
     decoding: dict[str, Any] = {}  # the search that ran (a one-beam "beam" is greedy search)
 

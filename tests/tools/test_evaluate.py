@@ -150,7 +150,7 @@ def test_report_task(synthetic_cxr, tmp_path, one_thread, capsys):
                     "--num-beams", "2", "--max-length", "12", "--tokenizer", "simple")
     assert code == 0
     record = json.loads(out.read_text())
-    assert record["generation"] == {"method": "beam", "num_beams": 2, "max_length": 12}
+    assert record["generation"] == {"method": "beam", "num_beams": 2, "max_length": 12, "no_repeat_ngram_size": 0}
     assert record["decoding"] == {"method": "beam", "num_beams": 2, "length_penalty": 1.0, "early_stopping": True,
                                   "max_length": 12, "no_repeat_ngram_size": 0}
     metrics = record["metrics"]
