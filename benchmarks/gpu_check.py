@@ -42,11 +42,11 @@ SCHEMA = 1
 # minute of CPU; its budgets are caps for a CI machine that other jobs share, not targets. Order is run order: the
 # training figures come before the data part, which compares the loader with the step.
 PARTS: dict[str, tuple[float, float, str]] = {
-    "setup": (60, 60, "venv with the README's install plus the gpu extra; versions; does xformers load"),
+    "setup": (45, 60, "venv with the README's install plus the gpu extra; versions; does xformers load"),
     "gpu_tests": (110, 60, "pytest -m gpu tests/gpu"),
-    "train": (75, 150, "bench_train.py: mmvl's step vs open_clip's loop, ViT-B/16 224 + BERT-base, bf16"),
+    "train": (90, 150, "bench_train.py: mmvl's step vs open_clip's loop, ViT-B/16 224 + BERT-base, bf16"),
     "encoders": (75, 90, "bench_encoders.py cases: 2D ViT-B/16, 3D ViT at 96^3 and 128^3"),
-    "ct_batch": (50, 120, "largest CT CLIP batch at 96^3, with and without checkpointing"),
+    "ct_batch": (45, 120, "largest CT CLIP batch at 96^3, with and without checkpointing"),
     "data": (35, 60, "2D DICOM loading, pinned memory and workers, against the training step"),
     "torchrun": (45, 180, "torchrun on every GPU: NCCL group, gathered negatives, checkpoint and resume"),
 }
@@ -69,11 +69,11 @@ SIZES = {
                                              "--repeats", "1", "--warmup", "3", "--steps", "10"],
                 enc_depth=12, enc_width=768, enc_batch_2d=64, enc_batch_3d=4, enc_steps=3, enc_warmup=1,
                 enc_models=("2d", "3d96", "3d128"), ct_start=16, ct_cap=4096, ct_text_length=256,
-                data_n=384, data_size=512, data_batch=64, tests_args=[]),
+                data_n=96, data_repeats=4, data_size=512, data_batch=64, tests_args=[]),
     "dry": dict(train_batch=4, train_args=["--quick", "--flops"],
                 enc_depth=1, enc_width=64, enc_batch_2d=2, enc_batch_3d=1, enc_steps=1, enc_warmup=0,
                 enc_models=("2d",), ct_start=2, ct_cap=16, ct_text_length=8,
-                data_n=12, data_size=64, data_batch=4, tests_args=[]),
+                data_n=12, data_repeats=2, data_size=64, data_batch=4, tests_args=[]),
 }
 DRY_CT_CAPACITY = 6  # --dry-run: a CPU never runs out of memory, so batches above this are refused as if it did
 
@@ -196,7 +196,7 @@ def part_setup(ctx: dict[str, Any], out: PartResult) -> None:
         out.update(install={"mode": "reused", "python": python, "attempts": attempts,
                             "note": "--dry-run/--python: the given interpreter, nothing installed"}, python=python)
     else:
-        base = ctx.get("base_python") or shutil.which("python3") or sys.executable
+        base = sys.executable  # the interpreter gpu_check.sh was started with: the machine's python3
         venv = Path(ctx["venv"])
         # 1. The README's way: a fresh venv, pip install -c constraints.txt -e '.[gpu]' (torch==2.13.0 pinned).
         shutil.rmtree(venv, ignore_errors=True)
@@ -549,6 +549,7 @@ def part_ct_batch(ctx: dict[str, Any], out: PartResult) -> None:
             if dry and batch > DRY_CT_CAPACITY:
                 probes.append({"batch": batch, "fits": False, "simulated": True})
                 return False
+            images = ids = loss = None
             try:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
@@ -569,7 +570,8 @@ def part_ct_batch(ctx: dict[str, Any], out: PartResult) -> None:
             except torch.OutOfMemoryError:
                 probes.append({"batch": batch, "fits": False, "ms": round(1000 * (time.perf_counter() - start), 1)})
                 return False
-            finally:
+            finally:  # nothing of this probe may stay allocated into the next one
+                images = ids = loss = None
                 optimizer.zero_grad(set_to_none=True)
                 free_device_memory()
                 results[key] = {"probes": probes}
@@ -593,7 +595,7 @@ def part_data(ctx: dict[str, Any], out: PartResult) -> None:
     """bench_data's 2D DICOM collection and pipeline through a DataLoader with workers and pinned memory, copied
     to the device batch by batch, against the samples/s of the training step (the train part's mmvl side)."""
     import torch
-    from torch.utils.data import DataLoader
+    from torch.utils.data import ConcatDataset, DataLoader
 
     from mmvl.data.datasets import ManifestDataset
     from mmvl.data.loader import Collate
@@ -606,10 +608,11 @@ def part_data(ctx: dict[str, Any], out: PartResult) -> None:
     scratch = Path(tempfile.mkdtemp(prefix="mmvl_gpu_data_"))
     start = time.perf_counter()
     manifest = bench.make_cxr(scratch, sizes["data_n"], sizes["data_size"])
-    out.update(items=sizes["data_n"], source_px=sizes["data_size"], image_px=bench.IMG_SIZE,
-               make_s=round(time.perf_counter() - start, 1), workers=workers, pin_memory=cuda,
+    out.update(items=sizes["data_n"], passes=sizes["data_repeats"], source_px=sizes["data_size"],
+               image_px=bench.IMG_SIZE, make_s=round(time.perf_counter() - start, 1), workers=workers, pin_memory=cuda,
                batch=sizes["data_batch"], pin_memory_note=None if cuda else "no CUDA: nothing to pin for")
-    dataset = ManifestDataset(manifest, bench.CXR_PIPELINE)
+    # The scans are read again on every pass (no cache): data_repeats passes without writing as many files.
+    dataset = ConcatDataset([ManifestDataset(manifest, bench.CXR_PIPELINE)] * sizes["data_repeats"])
     loader = DataLoader(dataset, batch_size=sizes["data_batch"], num_workers=workers, pin_memory=cuda,
                         collate_fn=Collate(), prefetch_factor=4, persistent_workers=False)
     seen, first_at = 0, None
@@ -621,9 +624,10 @@ def part_data(ctx: dict[str, Any], out: PartResult) -> None:
         seen += image.shape[0]
         if first_at is None:
             first_at, first_seen = time.perf_counter(), seen  # worker start-up and the first batch
-    total_s = time.perf_counter() - start
+    end = time.perf_counter()
+    total_s = end - start
     shutil.rmtree(scratch, ignore_errors=True)
-    steady = (seen - first_seen) / (time.perf_counter() - first_at) if seen > first_seen else None
+    steady = (seen - first_seen) / (end - first_at) if seen > first_seen else None
     step_rate = ctx.get("train_samples_per_s")
     out.update(samples=seen, loader_samples_per_s=round(seen / total_s, 1),
                loader_steady_samples_per_s=None if steady is None else round(steady, 1),
@@ -755,9 +759,11 @@ def run_part(name: str, budget: float, ctx: dict[str, Any], python: str, out_dir
 
     start, cpu_start = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "a", encoding="utf-8") as stream:
+        # A dry run's CPU is shared with other jobs: one torch thread per process, or idle OpenMP threads spin.
+        env = dict(os.environ, OMP_NUM_THREADS="1") if ctx["dry_run"] else None
         child = subprocess.Popen([python, __file__, "--part", name, "--result", str(result_path), "--context",
                                   json.dumps(ctx)], stdout=stream, stderr=subprocess.STDOUT, cwd=REPO,
-                                 start_new_session=True)
+                                 start_new_session=True, env=env)
         try:
             code: int | None = child.wait(timeout=budget)
         except subprocess.TimeoutExpired:

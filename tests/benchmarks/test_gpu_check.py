@@ -72,7 +72,7 @@ def test_dry_run_figures(dry_run):
     assert ct["searches"]["checkpointing"]["tried"] == [2, 4, 8, 6, 7]
 
     data = parts["data"]
-    assert data["samples"] == 12 and data["loader_samples_per_s"] > 0
+    assert data["samples"] == 24 and data["loader_samples_per_s"] > 0
     assert data["train_step_samples_per_s"] == train["sides"]["mmvl"]["samples_per_s"]
     assert data["loader_over_step"] > 0 and isinstance(data["feeds_the_step"], bool)
 
