@@ -3,10 +3,11 @@ Hugging Face ``peft`` on the attention and MLP projections of the timm and MONAI
 plain weights, and the layer index of each encoder parameter for layer-wise learning-rate decay (BEiT, Bao et al.
 2022; MAE's fine-tuning recipe, He et al. 2022).
 
-``linear``: the encoder is frozen (and kept in eval mode: no dropout or DropPath in features that never
-train), the heads train. ``full``: everything trains. ``lora``: LoRA adapters in the encoder and each head's
-output layer train (``output_layer``; heads without one stay frozen); ``lora+head``: the adapters and every head
-parameter train. The base weights of the encoder never change in the LoRA modes.
+``linear``: the encoders are frozen (and kept in eval mode: no dropout or DropPath in features that never
+train), the heads train. ``full``: everything trains. ``lora``: LoRA adapters in the image encoder and each
+head's output layer train (``output_layer``; heads without one stay frozen); ``lora+head``: the adapters and every
+head parameter train. The base weights of the encoders never change in the LoRA modes (a text tower, where there
+is one, is frozen in every mode but ``full``).
 """
 
 from __future__ import annotations
@@ -109,15 +110,15 @@ def apply_mode(model: nn.Module, mode: str, lora: Mapping[str, Any] | None) -> N
     encoder = model.image_encoder
     if mode == "full":
         return
+    text = getattr(model, "text_encoder", None)
+    if text is not None:
+        text.requires_grad_(False)
     if mode == "linear":
         encoder.requires_grad_(False)
         return
     add_lora(encoder, **settings)
     for param_name, param in encoder.named_parameters():
         param.requires_grad_("lora_" in param_name)
-    text = getattr(model, "text_encoder", None)
-    if text is not None:
-        text.requires_grad_(False)
     for head in model.heads.values():
         if mode == "lora+head":
             head.requires_grad_(True)

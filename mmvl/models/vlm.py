@@ -76,8 +76,10 @@ class VisionLanguageModel(nn.Module):
 
     def train(self, mode: bool = True) -> VisionLanguageModel:
         super().train(mode)
-        if self.mode == "linear":  # a frozen encoder gives its eval-mode features (no dropout, no DropPath)
-            self.image_encoder.eval()
+        if self.mode == "linear":  # frozen encoders give their eval-mode features (no dropout, no DropPath)
+            for encoder in (self.image_encoder, self.text_encoder):
+                if encoder is not None:
+                    encoder.eval()
         return self
 
     def set_world(self, rank: int, world_size: int) -> None:

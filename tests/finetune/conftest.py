@@ -44,7 +44,17 @@ def synthetic_ct_small(tmp_path_factory) -> Path:
 
 
 # the 3D blob set's geometry: 24^3 voxels of 16 mm, so the tiny CT config reads it unchanged at that size
-BLOB_3D = ["spacing=(16.0,16.0,16.0)", "volume_size=(24,24,24)", "model.image_encoder.patch_size=(8,8,8)"]
+BLOB_3D = ["spacing=(16.0,16.0,16.0)", "volume_size=(24,24,24)", "model.image_encoder.patch_size=(8,8,8)",
+           "model.heads.0.label_names=['mass','dense']"]
+
+
+def blob_config(manifest: Path, *options: str):
+    """configs/finetune/cls_vit3d_ct_tiny.py on the blob set (:func:`blob_ct`), without augmentation (MONAI's random
+    affine would take most of a test's time), its volumes cached on disk once for every test of the session."""
+    cfg = finetune_config("cls_vit3d_ct_tiny", manifest, *BLOB_3D, "data.cache=disk",
+                          f"data.cache_dir={manifest.parent / 'cache'}", *options, size="3d")
+    cfg.data.train_pipeline = cfg.data.eval_pipeline
+    return cfg
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from mmvl.models import build_model
 from mmvl.models.finetune import encoder_layer_id, lora_layers, merge_lora
 from tests.conftest import REPO, load_tool, tiny_clip_config
 from tests.engine.test_crash_safety import TINIER, assert_same_training_state
-from tests.finetune.conftest import finetune_config
+from tests.finetune.conftest import blob_config, finetune_config
 
 VIT2D = dict(type="vit2d", model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2,
              num_heads=2)
@@ -66,6 +66,30 @@ def test_mode_trains_only_its_parameters(synthetic_cxr, tmp_path, one_thread, mo
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert optimized == {id(p) for p in trainer.model.parameters() if p.requires_grad}
     assert all(name.startswith("heads.") or "lora_" in name for name in trainable)
+
+
+def test_lora_3d_trains_only_adapters_and_head(blob_ct, tmp_path, one_thread):
+    cfg = blob_config(blob_ct, "train.max_steps=3", "train.val_interval=1000", "train.ckpt_interval=1000")
+    trainer, before, after = trained_state(cfg, tmp_path / "run")
+    moved = changed(before, after)
+    encoder = {key for key in before if key.startswith("image_encoder.")}
+    adapters = {key for key in encoder if "lora_" in key}
+    assert {key for key in adapters if "lora_B" in key} <= moved
+    assert moved & encoder <= adapters  # the MONAI ViT's base weights bitwise unchanged
+    assert {key.split(".")[2] for key in moved if key.startswith("heads.")} == {"classifier"}
+
+
+def test_clip_model_in_linear_and_lora_modes_freezes_both_towers():
+    text = dict(type="bert", tokenizer=str(REPO / "model_zoo" / "cxr_clip_tiny" / "tokenizer"),
+                config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    for mode in ("linear", "lora"):
+        model = build_model(dict(image_encoder=VIT2D, text_encoder=text, heads=[dict(type="clip", embed_dim=16)],
+                                 mode=mode))
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        assert not any(name.startswith("text_encoder.") for name in trainable)
+        assert all(name.startswith("heads.") or "lora_" in name for name in trainable)
+        model.train()
+        assert model.text_encoder.training == (mode != "linear")
 
 
 @pytest.mark.parametrize("encoder,shape", [(VIT2D, (3, 1, 32, 32)), (VIT3D, (3, 1, 16, 16, 16)),
