@@ -86,12 +86,12 @@ def test_multilabel_loss_leaves_unknown_labels_out_and_weights_positives():
 def test_multiclass_targets_background_and_ignored_rows():
     head = MultiClassClassificationHead(4, ["x", "y"], background="none")
     labels = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [1.0, 1.0], [-1.0, 0.0], [-1.0, 1.0]])
-    assert head.class_targets({"labels": labels}).tolist() == [0, 1, 2, -100, -100, 1]
+    assert head.class_targets(labels).tolist() == [0, 1, 2, -100, -100, 1]
     head.eval()
     out = head(_features(6), None, {"labels": labels})
     assert out["ignored"].item() == pytest.approx(2 / 6)
     scores = out["scores"].numpy()
-    assert scores.shape == (6, 4) and np.allclose(scores[:, :3].sum(1), 1)
+    assert scores.shape == (6, 3) and np.allclose(scores.sum(1), 1)
     metrics = head.evaluate(scores, labels.long().numpy())
     assert metrics["accuracy"] == pytest.approx(1 / 4)  # zero classifier: class 0 everywhere, right for 1 of 4
     assert metrics["macro_auroc"] == pytest.approx(0.5)

@@ -137,9 +137,9 @@ class MultiClassClassificationHead(ClassificationHead):
         self.class_names, self.background = classes, background
         self.label_smoothing = float(label_smoothing)
 
-    def class_targets(self, batch: dict[str, Any]) -> torch.Tensor:
-        """``(B,)`` class index per row, :data:`IGNORE` where the row has no single class."""
-        labels = self.targets(batch)
+    def class_targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` class index per row of the head's label columns ``(B, L)`` (:meth:`targets`), :data:`IGNORE`
+        where the row has no single class."""
         positives = (labels == 1).sum(1)
         target = torch.where(positives == 1, (labels == 1).float().argmax(1), torch.full_like(positives, IGNORE))
         if self.background:
@@ -149,7 +149,7 @@ class MultiClassClassificationHead(ClassificationHead):
 
     def forward(self, image: EncoderOutput, text: EncoderOutput | None, batch: dict[str, Any]) -> dict[str, Any]:
         logits = self.logits(image)
-        target = self.class_targets(batch)
+        target = self.class_targets(self.targets(batch))
         valid = target != IGNORE
         if valid.any():
             loss = F.cross_entropy(logits, target, ignore_index=IGNORE, label_smoothing=self.label_smoothing)
@@ -157,15 +157,16 @@ class MultiClassClassificationHead(ClassificationHead):
             loss = logits.sum() * 0.0
         out = {"loss": loss, "ignored": 1.0 - valid.float().mean()}
         if not self.training:
-            # the class probabilities, and the target as the last column, so evaluate() needs no second input
-            out["scores"] = torch.cat([logits.softmax(-1), target[:, None].float()], dim=1).detach()
+            out["scores"] = logits.softmax(-1).detach()
         return out
 
     def evaluate(self, scores: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+        """``scores``: class probabilities ``(N, classes)``; ``targets``: the head's label columns ``(N, L)``."""
         from sklearn.metrics import roc_auc_score
 
-        probabilities, target = scores[:, :-1], scores[:, -1].astype(np.int64)
+        target = self.class_targets(torch.as_tensor(targets)).numpy()
         valid = target != IGNORE
+        probabilities = scores
         probabilities, target = probabilities[valid], target[valid]
         metrics = {"accuracy": float((probabilities.argmax(1) == target).mean()) if len(target) else float("nan")}
         aurocs = []
