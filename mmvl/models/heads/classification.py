@@ -166,8 +166,7 @@ class MultiClassClassificationHead(ClassificationHead):
 
         target = self.class_targets(torch.as_tensor(targets)).numpy()
         valid = target != IGNORE
-        probabilities = scores
-        probabilities, target = probabilities[valid], target[valid]
+        probabilities, target = scores[valid], target[valid]
         metrics = {"accuracy": float((probabilities.argmax(1) == target).mean()) if len(target) else float("nan")}
         aurocs = []
         for k, name in enumerate(self.class_names):
