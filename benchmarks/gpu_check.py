@@ -19,6 +19,7 @@ import datetime
 import gc
 import importlib.util
 import json
+import math
 import os
 import platform
 import re
@@ -60,7 +61,7 @@ PART_FIELDS = ("status", "budget_s", "elapsed_s", "cpu_s", "description", "error
 DEVICE_FIELDS = ("cuda", "count", "names", "capability", "memory_gb", "driver")
 VERSION_FIELDS = ("python", "torch", "torch_cuda", "cudnn", "nccl", "xformers", "mmvl", "timm", "monai",
                   "open_clip_torch", "transformers", "pydicom")
-XFORMERS_FIELDS = ("installed", "version", "imports", "runs_on_cuda", "error", "mmvl_backend")
+XFORMERS_FIELDS = ("installed", "version", "imports", "runs_on_cuda", "error", "mmvl_backend", "mmvl_auto_call")
 
 # Model sizes: the GPU figures at the sizes the issue asks for, the dry run at sizes that take seconds on a core.
 SIZES = {
@@ -303,7 +304,8 @@ def probe_environment() -> dict[str, Any]:
 
             versions["mmvl"] = f"{mmvl.__version__} (checkout)"
     xformers: dict[str, Any] = {"installed": versions["xformers"] is not None, "version": versions["xformers"],
-                                "imports": False, "runs_on_cuda": None, "error": None, "mmvl_backend": None}
+                                "imports": False, "runs_on_cuda": None, "error": None, "mmvl_backend": None,
+                                "mmvl_auto_call": None}
     if xformers["installed"]:
         try:
             import xformers.ops as xops
@@ -319,9 +321,21 @@ def probe_environment() -> dict[str, Any]:
             if xformers["imports"]:
                 xformers["runs_on_cuda"] = False
     try:
-        from mmvl.ops import current_backend
+        import logging
+
+        from mmvl.ops import attention, current_backend
 
         xformers["mmvl_backend"] = current_backend("cuda" if cuda else "cpu", torch.bfloat16 if cuda else None)
+        if cuda:  # what an automatic call then does: xformers' kernels, or SDPA after a warning (once per reason)
+            warnings: list[str] = []
+            handler = logging.Handler(logging.WARNING)
+            handler.emit = lambda record: warnings.append(record.getMessage())
+            logging.getLogger("mmvl").addHandler(handler)
+            q = torch.randn(2, 4, 77, 64, device="cuda", dtype=torch.bfloat16)
+            attention(q, q, q)
+            torch.cuda.synchronize()
+            logging.getLogger("mmvl").removeHandler(handler)
+            xformers["mmvl_auto_call"] = "; ".join(warnings) or f"ran on {xformers['mmvl_backend']}"
     except Exception as error:
         xformers["mmvl_backend"] = f"mmvl.ops failed: {type(error).__name__}: {error}"[:500]
     return {"device": device, "versions": versions, "xformers": xformers}
@@ -439,6 +453,8 @@ def part_encoders(ctx: dict[str, Any], out: PartResult) -> None:
     device = "cuda" if ctx["cuda"] else "cpu"
     amp = "bf16" if ctx["cuda"] else "none"
     why_not = bench.xformers_status(device)
+    if why_not is None and ctx.get("xformers_runs") is False:  # imports (so mmvl lists it) but its kernels fail
+        why_not = f"imports, but its kernels do not run with this torch: {ctx.get('xformers_error')}"
     backends = [b for b in bench.BACKENDS if b != "xformers" or why_not is None]
     rows: list[dict[str, Any]] = []
     out.update(device=device, amp=amp, backends=backends, unavailable={"xformers": why_not} if why_not else {},
@@ -517,7 +533,8 @@ def ct_clip_model(checkpointing: bool, dry_run: bool, tokenizer_dir: Path) -> An
                                       grad_checkpointing=checkpointing)
     model_cfg["text_encoder"] = dict(model_cfg["text_encoder"], tokenizer=str(tokenizer_dir),
                                      grad_checkpointing=checkpointing)
-    return build_model(model_cfg), size
+    patch = model_cfg["image_encoder"]["patch_size"]
+    return build_model(model_cfg), size, [patch] * 3 if isinstance(patch, int) else list(patch)
 
 
 def part_ct_batch(ctx: dict[str, Any], out: PartResult) -> None:
@@ -538,7 +555,7 @@ def part_ct_batch(ctx: dict[str, Any], out: PartResult) -> None:
     for index, checkpointing in enumerate((False, True)):
         key = "checkpointing" if checkpointing else "no_checkpointing"
         torch.manual_seed(0)
-        model, side = ct_clip_model(checkpointing, dry, scratch / "tokenizer")
+        model, side, patch = ct_clip_model(checkpointing, dry, scratch / "tokenizer")
         model.to(device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
         probes: list[dict[str, Any]] = []
@@ -567,7 +584,9 @@ def part_ct_batch(ctx: dict[str, Any], out: PartResult) -> None:
                 probes.append({"batch": batch, "fits": ok, "ms": round(1000 * (time.perf_counter() - start), 1),
                                "peak_gb": None if peak is None else round(peak, 2)})
                 return ok
-            except torch.OutOfMemoryError:
+            except RuntimeError as error:  # torch.OutOfMemoryError, or cuBLAS failing to get its workspace
+                if not (is_out_of_memory(str(error)) or "ALLOC_FAILED" in str(error)):
+                    raise
                 probes.append({"batch": batch, "fits": False, "ms": round(1000 * (time.perf_counter() - start), 1)})
                 return False
             finally:  # nothing of this probe may stay allocated into the next one
@@ -578,8 +597,8 @@ def part_ct_batch(ctx: dict[str, Any], out: PartResult) -> None:
                 out.update(searches=results)
 
         found = largest_fitting(fits, sizes["ct_start"], sizes["ct_cap"], lambda end=share_end: end - time.time())
-        tokens = model.image_encoder.num_tokens if hasattr(model.image_encoder, "num_tokens") else None
-        results[key] = {**found, "probes": probes, "volume": [side] * 3, "tokens": tokens,
+        tokens = math.prod(side // p for p in patch)
+        results[key] = {**found, "probes": probes, "volume": [side] * 3, "patch": patch, "tokens": tokens,
                         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1)}
         out.update(searches=results)
         del model, optimizer
@@ -803,6 +822,7 @@ def format_summary(report: dict[str, Any]) -> str:
              f"open_clip {versions['open_clip_torch']}, transformers {versions['transformers']}",
              f"- xformers: {xformers['version'] or 'not installed'}; imports: {xformers['imports']}; runs on CUDA: "
              f"{xformers['runs_on_cuda']}; mmvl's automatic attention: {xformers['mmvl_backend']}"
+             + (f" ({xformers['mmvl_auto_call']})" if xformers.get("mmvl_auto_call") else "")
              + (f"; error: {xformers['error']}" if xformers["error"] else "")]
     install = report["install"] or {}
     if install:
@@ -973,6 +993,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 for field in ("device", "versions", "xformers"):
                     report[field].update(environment[field])
             ctx["cuda"] = bool(report["device"]["cuda"]) and not args.dry_run
+            ctx.update(xformers_runs=report["xformers"]["runs_on_cuda"], xformers_error=report["xformers"]["error"])
         if name == "train":
             mmvl_side = (part["result"].get("sides") or {}).get("mmvl") or {}
             ctx["train_samples_per_s"] = mmvl_side.get("samples_per_s")

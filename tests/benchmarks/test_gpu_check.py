@@ -70,6 +70,7 @@ def test_dry_run_figures(dry_run):
     ct = parts["ct_batch"]  # a CPU never runs out of memory: the dry run refuses batches above 6
     assert ct["largest_batch"] == {"no_checkpointing": 6, "checkpointing": 6} and ct["simulated_capacity"] == 6
     assert ct["searches"]["checkpointing"]["tried"] == [2, 4, 8, 6, 7]
+    assert ct["searches"]["checkpointing"]["tokens"] == 8  # the tiny CT model's 8-voxel patches on 16^3
 
     data = parts["data"]
     assert data["samples"] == 24 and data["loader_samples_per_s"] > 0
