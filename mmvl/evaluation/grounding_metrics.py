@@ -11,8 +11,9 @@ phrase, as in MS-CXR's phrase grounding; else of the label's positive prompts).
 
 Definitions (``map`` and ``target`` on the scan's grid, ``target`` the finding's pixels/voxels):
 
-- pointing game (Zhang et al. 2016, without tolerance): 1 if the map's maximum (the first, on ties) lies in the
-  target, else 0;
+- pointing game (Zhang et al. 2016, without tolerance): 1 if the map's maximum lies in the target, else 0; where
+  several pixels share the maximum, the fraction of them in the target (the expected hit of a random tie-break, so
+  the centre prior of an even-sided image, whose four central pixels tie, scores the same in every voxel order);
 - IoU and Dice of the thresholded map: the map rescaled to [0, 1] per scan (min-max) and kept where it is
   ``>= threshold`` (0.5 by default); a constant map keeps nothing (IoU = Dice = 0);
 - CNR as BioViL reports it (Boecking et al. 2022): ``|mean_in - mean_out| / sqrt(var_in + var_out)`` of the raw map
@@ -43,8 +44,8 @@ CENTRE_SIGMA = 0.25  # of each side
 # One map against one target
 # ---------------------------------------------------------------------------------------------------------
 def pointing_hit(heatmap: np.ndarray, target: np.ndarray) -> float:
-    """1.0 if the map's (first) maximum lies in ``target``, else 0.0."""
-    return float(target.flat[int(np.argmax(heatmap))])
+    """1.0 if the map's maximum lies in ``target``, else 0.0; with tied maxima, the fraction of them in ``target``."""
+    return float(target[heatmap == np.max(heatmap)].mean())
 
 
 def thresholded(heatmap: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
@@ -246,7 +247,8 @@ def summarise(records: Sequence[Mapping[str, Any]], n_bootstrap: int = 1000, see
 def definitions(threshold: float) -> dict[str, str]:
     """What each number is, for the JSON."""
     return {
-        "pointing": "1 if the map's maximum lies in the finding (no tolerance), mean over images",
+        "pointing": "1 if the map's maximum lies in the finding (no tolerance; tied maxima: the fraction inside), "
+                    "mean over images",
         "iou": f"IoU of the map min-max rescaled per scan and thresholded at >= {threshold} with the finding",
         "dice": f"Dice of the same thresholded map (>= {threshold} after per-scan min-max rescaling)",
         "cnr": "BioViL's contrast-to-noise ratio |mean_in - mean_out| / sqrt(var_in + var_out) of the raw map",

@@ -36,8 +36,10 @@ def test_scores_by_hand():
     inside_var, outside_var = 26 / 9, 144 / 9 - (26 / 9) ** 2
     assert scores["cnr"] == pytest.approx((20 / 3 - 26 / 9) / math.sqrt(inside_var + outside_var))
     assert grounding_scores(-HEATMAP, TARGET)["pointing"] == 0.0  # the minimum sits outside
-    flat = grounding_scores(np.ones((3, 4)), TARGET)
-    assert flat == {"pointing": 1.0 * TARGET.flat[0], "iou": 0.0, "dice": 0.0, "cnr": 0.0}
+    flat = grounding_scores(np.ones((3, 4)), TARGET)  # every pixel ties for the maximum: 3 of 12 are inside
+    assert flat == {"pointing": 3 / 12, "iou": 0.0, "dice": 0.0, "cnr": 0.0}
+    assert grounding_scores(centre_prior((3, 4)), TARGET)["pointing"] == 1.0  # the tied (1, 1) and (1, 2)
+    assert grounding_scores(centre_prior((3, 4)), TARGET & (np.arange(4) < 2))["pointing"] == 0.5
     assert grounding_scores(HEATMAP, TARGET, threshold=0.95)["iou"] == pytest.approx(1 / 3)  # only the 9
     with pytest.raises(ValueError, match="empty"):
         grounding_scores(HEATMAP, np.zeros((3, 4), bool))
@@ -45,7 +47,7 @@ def test_scores_by_hand():
 
 def test_centre_prior_and_boxes():
     prior = centre_prior((3, 4))
-    assert np.unravel_index(np.argmax(prior), prior.shape) == (1, 1)  # the centre (1, 1.5), first of the tie
+    assert np.argwhere(prior == prior.max()).tolist() == [[1, 1], [1, 2]]  # around the centre (1, 1.5)
     assert prior[1, 1] == pytest.approx(math.exp(-0.5 * (0.5 / 1.0) ** 2))  # sigma = a quarter of 4 columns
     assert prior[0, 1] == pytest.approx(math.exp(-0.5 * (0.5 / 1.0) ** 2 - 0.5 * (1 / 0.75) ** 2))
     assert centre_prior((5, 5, 5)).argmax() == 62  # (2, 2, 2)
@@ -116,7 +118,8 @@ def test_evaluate_grounding_on_the_synthetic_masks(synthetic_cxr, tmp_path, one_
     for row in rows:
         for label, path in row["masks"].items():
             mask = np.asarray(Image.open(synthetic_cxr.parent / path)) > 0
-            expected.setdefault(label, []).append(float(mask.flat[np.argmax(centre_prior(mask.shape))]))
+            prior = centre_prior(mask.shape)
+            expected.setdefault(label, []).append(float(mask[prior == prior.max()].mean()))
     assert set(result["metrics"]["labels"]) == set(expected) and result["method"] == "similarity"
     for label, hits in expected.items():
         entry = result["metrics"]["labels"][label]
@@ -124,3 +127,28 @@ def test_evaluate_grounding_on_the_synthetic_masks(synthetic_cxr, tmp_path, one_
         assert entry["pointing"]["centre_prior"] == pytest.approx(np.mean(hits))
         assert 0 <= entry["pointing"]["model"] <= 1 and entry["dice"]["model_ci"] is not None
     assert result["metrics"]["labels"]["cardiomegaly"]["pointing"]["centre_prior"] > 0.5  # the heart is central
+
+
+def test_grounding_agrees_on_a_volume_read_as_nifti_and_as_dicom_series(tmp_path, one_thread):
+    """The synthetic CT's masks are NIfTI in the volume's voxel grid; a DICOM series is read in another voxel order,
+    so its masks are resampled through the affines. Every number, the model's and the centre prior's, is the same
+    for the two manifests."""
+    from tests.conftest import load_script
+    from tests.zoo.conftest import IMAGE_3D, PIPELINE_3D, write_work_dir
+
+    manifests = load_script("synthetic_ct").generate_ct(tmp_path / "ct", n=4, size=32, slices=8, seed=0)
+    work = write_work_dir(tmp_path / "w3d", IMAGE_3D, PIPELINE_3D)
+    evaluate = load_tool("evaluate")
+    results = {}
+    for name, manifest in manifests.items():
+        out = tmp_path / f"{name}.json"
+        assert evaluate.main([str(work), "--manifest", str(manifest), "--data-root", str(tmp_path / "ct"), "--task",
+                              "grounding", "--split", "train", "--n-bootstrap", "0", "--out", str(out),
+                              "--device", "cpu"]) == 0
+        results[name] = json.loads(out.read_text())["metrics"]["labels"]
+    assert len(results["nifti"]) >= 2 and results["nifti"].keys() == results["dicom"].keys()
+    for label, entry in results["nifti"].items():
+        for metric in ("pointing", "iou", "dice", "cnr"):
+            for side in ("model", "centre_prior"):
+                assert entry[metric][side] == pytest.approx(results["dicom"][label][metric][side], abs=1e-6), (
+                    label, metric, side)
