@@ -103,6 +103,15 @@ def merge_lora(module: nn.Module) -> nn.Module:
     return module
 
 
+def merged_model_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The model config that rebuilds a model after :func:`merge_lora` (for export): no adapters (``mode="full"``,
+    no ``lora``) and no ``init_from`` (the weights travel with it)."""
+    cfg = {key: value for key, value in model_cfg.items() if key not in ("lora", "init_from")}
+    if str(cfg.get("mode", "full")).startswith("lora"):
+        cfg["mode"] = "full"
+    return cfg
+
+
 def apply_mode(model: nn.Module, mode: str, lora: Mapping[str, Any] | None) -> None:
     """Set which parameters of ``model`` (with ``image_encoder`` and ``heads``) train, adding LoRA adapters in the
     LoRA modes (:data:`MODES`)."""
@@ -225,4 +234,5 @@ def _monai_swin_stages(inner: nn.Module) -> list[nn.Module]:
 
 
 __all__ = ["LORA_DEFAULTS", "LORA_TARGETS", "MODES", "add_lora", "apply_mode", "check_mode", "encoder_depth",
-           "encoder_layer_id", "load_encoder_weights", "lora_layers", "lora_module_names", "merge_lora"]
+           "encoder_layer_id", "load_encoder_weights", "lora_layers", "lora_module_names", "merge_lora",
+           "merged_model_config"]

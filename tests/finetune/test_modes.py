@@ -15,7 +15,7 @@ from mmvl.engine.optim import build_optimizer
 from mmvl.engine.trainer import Trainer
 from mmvl.errors import ConfigError
 from mmvl.models import build_model
-from mmvl.models.finetune import encoder_layer_id, lora_layers, merge_lora
+from mmvl.models.finetune import encoder_layer_id, lora_layers, merge_lora, merged_model_config
 from tests.conftest import REPO, load_tool, tiny_clip_config
 from tests.engine.test_crash_safety import TINIER, assert_same_training_state
 from tests.finetune.conftest import blob_config, finetune_config
@@ -109,7 +109,10 @@ def test_merged_lora_gives_the_adapted_outputs(encoder, shape):
         adapted = model.image_encoder(images).pooled
         merged_model = merge_lora(copy.deepcopy(model))
         merged = merged_model.image_encoder(images).pooled
-        plain = classifier(encoder, "full").eval()
+        config = merged_model_config(dict(image_encoder=encoder, heads=[HEAD], mode="lora", lora=dict(rank=4),
+                                          init_from="somewhere"))
+        assert config["mode"] == "full" and "lora" not in config and "init_from" not in config
+        plain = build_model(config).eval()
         plain.load_state_dict(merged_model.state_dict())  # the merged weights carry plain names: exportable
         again = plain.image_encoder(images).pooled
     assert not any("lora_" in key or "base_layer" in key for key in merged_model.state_dict())
