@@ -2,7 +2,7 @@
 # drawn into each image, ground truth in the manifest's labels): the image tower of the tiny CLIP demo
 # (configs/demo/cxr_clip_tiny.py; its zoo entry model_zoo/cxr_clip_tiny) fine-tuned with LoRA (rank 8 on the
 # attention and MLP projections) and a new multi-label head, a few minutes on 2 CPU cores.
-# Random initialisation instead: --cfg-options model.init_from=None model.mode=full
+# Random initialisation instead: --cfg-options model.init_from=None model.mode=full model.lora=None
 _base_ = ["../demo/cxr_clip_tiny.py"]
 
 model = dict(
