@@ -59,15 +59,18 @@ def test_checkpoint_resumes_bitwise_on_cuda(synthetic_cxr, tmp_path):
     cfg = tinier_config(synthetic_cxr, "train.device='cuda'", "train.max_steps=4", "train.ckpt_interval=2",
                         "train.deterministic=True", "model.image_encoder.drop_rate=0.1",
                         "model.image_encoder.token_drop=0.25", keep_checkpoints=2)  # dropout and token drop draw RNG
-    straight = tmp_path / "straight"
-    Trainer(cfg, straight).fit()
-    # The run as a crash after step 2 leaves it: the checkpoints after step 2 gone, then --resume.
-    resumed = tmp_path / "resumed"
-    shutil.copytree(straight, resumed)
-    for path in (resumed / "checkpoints").iterdir():
-        if not path.name.startswith(step_checkpoint_name(2)):
-            path.unlink()
-    Trainer(cfg, resumed, resume=True).fit()
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:  # the trainer switches torch's deterministic mode on for the process: the later tests get it back off
+        Trainer(cfg, straight).fit()
+        # The run as a crash after step 2 leaves it: the checkpoints after step 2 gone, then --resume.
+        shutil.copytree(straight, resumed)
+        for path in (resumed / "checkpoints").iterdir():
+            if not path.name.startswith(step_checkpoint_name(2)):
+                path.unlink()
+        Trainer(cfg, resumed, resume=True).fit()
+    finally:
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
     a = load_checkpoint(straight / "checkpoints" / step_checkpoint_name(4))
     b = load_checkpoint(resumed / "checkpoints" / step_checkpoint_name(4))
     assert a["step"] == b["step"] == 4
