@@ -4,6 +4,7 @@ Finding and preprocessing the scans is :mod:`mmvl.data.inputs`; loading the mode
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -94,7 +95,7 @@ def grounding(
     loaded = load_model(model, device)
     if loaded.preprocess is None:
         raise ConfigError(f"{loaded.source}: this model has no image preprocessing (a text-only model)")
-    loaded.preprocess = with_reader_options(loaded.preprocess, reader_options)
+    loaded = dataclasses.replace(loaded, preprocess=with_reader_options(loaded.preprocess, reader_options))
     items = grounding_items(loaded, inputs, manifest, data_root, allow_outside_root, limit)
     texts = build_texts(loaded.model, phrases)
     return list(iter_heatmaps(loaded, items, texts, method=method, batch_size=batch_size))

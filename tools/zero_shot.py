@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -118,9 +119,11 @@ def _write_heatmaps(args: argparse.Namespace, loaded: Any, prompts: dict[str, di
                     labels: list[str]) -> int:
     """Grounding maps of every label's positive prompts on the scans of ``rows`` (found again, in the same order),
     titled with the zero-shot probabilities of ``rows``; returns the number of files written."""
+    from mmvl.data.inputs import with_reader_options
     from mmvl.evaluation.grounding import build_texts, grounding_items, iter_heatmaps
     from mmvl.evaluation.overlays import write_heatmaps
 
+    loaded = dataclasses.replace(loaded, preprocess=with_reader_options(loaded.preprocess, reader_options(args)))
     items = grounding_items(loaded, args.inputs, args.manifest, args.data_root, args.allow_outside_root, args.limit)
     texts = build_texts(loaded.model, {label: prompts[label]["positive"] for label in labels})
     taken: set[str] = set()

@@ -214,3 +214,21 @@ def test_cli_heatmaps_on_a_dicom_a_png_and_a_dicom_series(tmp_path, one_thread):
     assert ground.main([str(work2d), str(png), str(tmp_path / "notes.txt"), "--phrase", "right pleural effusion",
                         "--out-dir", str(tmp_path / "ground"), "--method", "gradcam", "--device", "cpu"]) == 1
     assert [p.name for p in (tmp_path / "ground").iterdir()] == ["photo_right_pleural_effusion.png"]
+
+
+def test_mmvl_grounding_rows_errors_and_the_callers_model_left_alone(tmp_path):
+    import mmvl
+
+    scan = png_with_blob(tmp_path / "scan.png")
+    loaded = loaded_model(Planted(), PIPELINE_2D)
+    before = loaded.preprocess
+    results = mmvl.grounding(loaded, [scan, tmp_path / "gone.png"], ["bright", "no bright"],
+                             reader_options={"frame": 0})
+    assert loaded.preprocess is before  # reader options apply to this run only
+    assert list(results[0].maps) == ["bright", "no bright"] and results[0].maps["bright"].shape == (40, 30)
+    bright = np.unravel_index(np.argmax(results[0].maps["bright"]), (40, 30))
+    assert 30 <= bright[0] < 40 and 5 <= bright[1] < 15  # each phrase its own map: "no bright" is (0, 1)
+    assert not np.allclose(results[0].maps["no bright"], results[0].maps["bright"])
+    assert results[1].error == "no such file or folder" and not results[1].maps
+    with pytest.raises(ConfigError, match="method must be one of"):
+        mmvl.grounding(loaded, [scan], "bright", method="saliency")
