@@ -1,5 +1,6 @@
 """benchmarks/bench_findings_visible.py on a small synthetic CT set at the CT demo's preprocessing: a finding the
-volumes show (emphysema's low-attenuation bullae) is separated, a label of coin flips is not (no leak between the folds)."""
+volumes show (emphysema's low-attenuation bullae) is separated, a label of coin flips is not (no leak between the
+folds)."""
 
 from __future__ import annotations
 
