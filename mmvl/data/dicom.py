@@ -6,6 +6,7 @@ Only geometry and acquisition attributes go into the returned metadata, never pa
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -111,9 +112,10 @@ def window_in_place(values: np.ndarray, center: float, width: float, function: s
     else:
         if width < 1:
             raise ValueError(f"(0028,1051) WindowWidth must be >= 1 for LINEAR, got {width}")
-        values -= np.float32(center - 0.5)
-        values /= np.float32(max(width - 1.0, 1e-6))
-        values += np.float32(0.5)
+        # ((v - (c - 0.5)) / (w - 1) + 0.5) written as (v - (c - w/2)) / (w - 1): one pass fewer; the float64
+        # offset is exact for the half-integer centres and widths headers hold
+        values -= np.float32(center - width / 2.0)
+        values *= np.float32(1.0 / max(width - 1.0, 1e-6))
     return np.clip(values, 0.0, 1.0, out=values)
 
 
@@ -125,11 +127,12 @@ def modality_values(stored: np.ndarray, ds: Any) -> np.ndarray:
         from pydicom.pixels import apply_modality_lut
 
         return np.array(apply_modality_lut(stored, ds), dtype=np.float32)
-    values = stored.astype(np.float32)
     slope = float(getattr(ds, "RescaleSlope", 1) or 1)
     intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-    if slope != 1.0:
-        values *= np.float32(slope)
+    if slope != 1.0:  # the cast and the scaling in one pass
+        values = np.multiply(stored, np.float32(slope), dtype=np.float32)
+    else:
+        values = stored.astype(np.float32)
     if intercept != 0.0:
         values += np.float32(intercept)
     return values
@@ -335,7 +338,12 @@ def _read_image(ds: Any, path: str, frame: int, voi: VoiMode, window_index: int,
         padding = padding_mask(ds, stored)
         unit = _apply_voi(values, ds, path, voi, window_index, steps, apply_voi_lut, padding)
 
-    if not np.isfinite(unit).all():
+    # Integer pixels through a rescale and a window with finite numbers end finite (the window clips, a sigmoid
+    # saturates): the full-image scan is needed only for float pixel data and LUT or fallback paths.
+    windowed = (stored.dtype.kind in "iu" and len(steps) == 2 and steps[0]["op"] == "rescale"
+                and steps[1]["op"] == "window" and all(math.isfinite(v) for v in (
+                    steps[0]["slope"], steps[0]["intercept"], steps[1]["center"], steps[1]["width"])))
+    if not windowed and not np.isfinite(unit).all():
         raise DicomError(path, "pixel values are NaN or infinite after the modality/VOI transforms")
     # PS3.3 C.11.6.1: INVERSE maps the minimum P-value to white, as MONOCHROME1 does. DX objects carry both at
     # once (C.8.11.1.1.1: MONOCHROME1 requires INVERSE), which is one inversion, not two.
