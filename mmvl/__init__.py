@@ -12,8 +12,9 @@ logging.getLogger("mmvl").addHandler(logging.NullHandler())
 
 
 def __getattr__(name: str):
-    """``mmvl.zero_shot`` and ``mmvl.grounding`` without importing torch and the model code on ``import mmvl``."""
-    if name in ("zero_shot", "grounding"):
+    """``mmvl.zero_shot``, ``mmvl.predict`` and ``mmvl.grounding`` without importing torch and the model code on
+    ``import mmvl``."""
+    if name in ("zero_shot", "predict", "grounding"):
         from mmvl import inference
 
         return getattr(inference, name)

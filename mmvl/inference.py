@@ -1,5 +1,6 @@
 """Running a trained model over new scans: ``mmvl.zero_shot``, zero-shot classification of files, folders and
-manifest rows by a work dir, checkpoint or zoo entry, and ``mmvl.grounding``, where in each scan a phrase is.
+manifest rows by a work dir, checkpoint or zoo entry, ``mmvl.predict``, a fine-tuned classifier's probabilities
+and predictions, and ``mmvl.grounding``, where in each scan a phrase is.
 Finding and preprocessing the scans is :mod:`mmvl.data.inputs`; loading the model, :mod:`mmvl.loading`."""
 
 from __future__ import annotations
@@ -13,6 +14,12 @@ from mmvl.errors import ConfigError
 from mmvl.loading import LoadedModel, load_model
 
 PathLike = str | os.PathLike
+
+
+def _check_model(model: Any, what: str) -> None:
+    if model is None or not isinstance(model, (str, os.PathLike, LoadedModel)):
+        raise ConfigError(f"{what}: model must be a work dir, checkpoint, zoo entry (folder or name) or a loaded "
+                          f"model (mmvl.zoo.load_pretrained), got {type(model).__name__}")
 
 
 def zero_shot(
@@ -47,9 +54,7 @@ def zero_shot(
     ``allow_outside_root``. ``reader_options`` override the recorded reader's options, e.g.
     ``{"allow_gaps": True}`` to interpolate the missing slices of a gapped DICOM series.
     """
-    if model is None or not isinstance(model, (str, os.PathLike, LoadedModel)):
-        raise ConfigError(f"zero_shot: model must be a work dir, checkpoint, zoo entry (folder or name) or a loaded "
-                          f"model (mmvl.zoo.load_pretrained), got {type(model).__name__}")
+    _check_model(model, "zero_shot")
     return load_model(model, device).zero_shot(
         inputs, labels, preset, mode=mode, manifest=manifest, batch_size=batch_size, progress=progress,
         as_frame=as_frame, limit=limit, data_root=data_root, allow_outside_root=allow_outside_root,
@@ -87,9 +92,7 @@ def grounding(
     from mmvl.data.inputs import with_reader_options
     from mmvl.evaluation.grounding import build_texts, grounding_items, iter_heatmaps
 
-    if model is None or not isinstance(model, (str, os.PathLike, LoadedModel)):
-        raise ConfigError(f"grounding: model must be a work dir, checkpoint, zoo entry (folder or name) or a loaded "
-                          f"model (mmvl.zoo.load_pretrained), got {type(model).__name__}")
+    _check_model(model, "grounding")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"grounding: batch_size must be an integer >= 1, got {batch_size!r}")
     loaded = load_model(model, device)
@@ -99,3 +102,36 @@ def grounding(
     items = grounding_items(loaded, inputs, manifest, data_root, allow_outside_root, limit)
     texts = build_texts(loaded.model, phrases)
     return list(iter_heatmaps(loaded, items, texts, method=method, batch_size=batch_size))
+
+
+def predict(
+    model: Any,
+    inputs: Sequence[PathLike] | PathLike | None = (),
+    manifest: PathLike | None = None,
+    batch_size: int = 32,
+    device: Any = None,
+    progress: bool = True,
+    as_frame: bool = False,
+    limit: int | None = None,
+    data_root: PathLike | None = None,
+    allow_outside_root: bool = False,
+    reader_options: Mapping[str, Any] | None = None,
+    thresholds: Mapping[str, float] | None = None,
+) -> Any:
+    """A fine-tuned classifier's per-label probabilities and predictions for every scan in ``inputs`` (files or
+    folders, found as :func:`zero_shot` finds them) and/or ``manifest`` rows.
+
+    ``model``: a fine-tuning work dir or checkpoint (``configs/finetune/``), its zoo entry (``tools/export.py``,
+    folder or name) or a loaded one. Returns one dict per scan, in input order: ``path``, ``study_id``, ``view``,
+    each label's probability, then for a multi-label head ``<label>_pred`` (1 when the probability reaches the
+    label's threshold: the F1-optimal one on the run's validation split, recorded in the entry's ``config.json``;
+    ``thresholds`` overrides some) or for a multi-class head ``prediction`` (the most probable class), and
+    ``error`` (why a scan could not be read; its probabilities are NaN). The other arguments are
+    :func:`zero_shot`'s.
+    """
+    from mmvl.evaluation.predict import predict_scans
+
+    _check_model(model, "predict")
+    return predict_scans(load_model(model, device), inputs, manifest, batch_size=batch_size, progress=progress,
+                         as_frame=as_frame, limit=limit, data_root=data_root, allow_outside_root=allow_outside_root,
+                         reader_options=reader_options, thresholds=thresholds)

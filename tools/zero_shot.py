@@ -28,9 +28,7 @@ scan's geometry (the scan's affine). --heatmap-method: similarity (patch tokens 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import io
 import json
 import math
 import sys
@@ -40,7 +38,7 @@ from typing import Any
 import torch
 
 import mmvl
-from mmvl.data.inputs import add_reader_arguments, manifest_items, reader_options
+from mmvl.data.inputs import add_reader_arguments, manifest_items, reader_options, rows_csv
 from mmvl.data.manifest import add_root_arguments, root_options
 from mmvl.errors import ConfigError, MMVLError
 from mmvl.evaluation.zero_shot import PRESETS, auroc, prompts_from
@@ -97,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    atomic_write_text(out, _csv_text(rows, ["path", "study_id", "view", *labels, "error"]))
+    atomic_write_text(out, rows_csv(rows, ["path", "study_id", "view", *labels, "error"]))
     n_failed = sum(bool(row["error"]) for row in rows)
     sidecar = {"model": loaded.source, "preset": args.preset or ("prompts.json" if recorded else "chexzero"),
                "mode": args.mode, "labels": labels, "prompts": prompts,
@@ -135,16 +133,6 @@ def _write_heatmaps(args: argparse.Namespace, loaded: Any, prompts: dict[str, di
         result.probability = {label: None if math.isnan(row[label]) else row[label] for label in labels}
         written += len(write_heatmaps(result, args.heatmaps, labels, taken))
     return written
-
-
-def _csv_text(rows: list[dict[str, Any]], fields: list[str]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:  # failed scans: empty probability cells, the reason in `error`
-        writer.writerow({key: "" if isinstance(value, float) and math.isnan(value) else
-                         round(value, 6) if isinstance(value, float) else value for key, value in row.items()})
-    return buffer.getvalue()
 
 
 def _print_summary(rows: list[dict[str, Any]], labels: list[str], truth: dict[tuple[str, str], dict]) -> None:

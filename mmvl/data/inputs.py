@@ -12,8 +12,11 @@ are left out.
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import logging
+import math
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,7 +29,7 @@ from tqdm.auto import tqdm
 
 from mmvl.data.dicom import is_dicom_file
 from mmvl.data.io import RASTER_SUFFIXES
-from mmvl.data.manifest import load_manifest
+from mmvl.data.manifest import load_manifest, trained_root
 from mmvl.data.reports import report_text
 from mmvl.data.transforms import LoadVolume, Pipeline
 from mmvl.data.volume import NIFTI_SUFFIXES
@@ -253,6 +256,48 @@ def manifest_items(manifest: PathLike, sections: Sequence[str] | None = None, ro
     studies. ``root``/``allow_outside_root``: see :func:`~mmvl.data.manifest.load_manifest`."""
     return [item for row in load_manifest(manifest, root=root, allow_outside_root=allow_outside_root)
             for item in row_items(row, sections)]
+
+
+def scan_items(loaded: Any, inputs: Sequence[PathLike] | PathLike | None = (), manifest: PathLike | None = None,
+               data_root: PathLike | None = None, allow_outside_root: bool = False, limit: int | None = None,
+               what: str = "inputs") -> list[InputItem]:
+    """The scans a loaded model (:class:`mmvl.loading.LoadedModel`) runs on: files and folders (:func:`find_inputs`,
+    volumes for a 3D model) then the rows of ``manifest`` (its images inside ``data_root``, default the model's
+    recorded ``data.root``: :func:`~mmvl.data.manifest.trained_root`), the first ``limit``. None found is an
+    error naming ``what`` (the caller: ``zero_shot``, ``predict``)."""
+    inputs = () if inputs is None else inputs
+    paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if not all(isinstance(p, (str, os.PathLike)) for p in paths):
+        raise ConfigError(f"{what}: inputs must be a path or a list of paths, got {type(inputs).__name__}")
+    items = find_inputs(paths, volumes=loaded.preprocess.kind == "3d")
+    if manifest is not None:
+        items += manifest_items(manifest, **trained_root(loaded.config, data_root, allow_outside_root,
+                                                         source=loaded.source))
+    items = items[:limit] if limit else items
+    if not items:
+        raise ConfigError(f"{what}: no inputs (give files, folders or a manifest)")
+    return items
+
+
+def rows_csv(rows: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> str:
+    """CSV text of result rows (one per scan): floats rounded to 6 decimals, NaN (a scan that failed) as an empty
+    cell beside its reason in ``error``; keys outside ``fields`` left out."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(fields), extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: "" if isinstance(value, float) and math.isnan(value) else
+                         round(value, 6) if isinstance(value, float) else value for key, value in row.items()})
+    return buffer.getvalue()
+
+
+def rows_frame(rows: list[dict[str, Any]], what: str) -> Any:
+    """Result rows as a pandas DataFrame (``as_frame=True`` of ``what``: ``zero_shot``, ``predict``)."""
+    try:
+        import pandas as pd
+    except ImportError as err:
+        raise ConfigError(f"{what}(as_frame=True) needs pandas (pip install pandas)") from err
+    return pd.DataFrame(rows)
 
 
 def with_reader_options(preprocess: Pipeline, options: Mapping[str, Any] | None) -> Pipeline:

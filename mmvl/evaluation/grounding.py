@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmvl.data.inputs import InputItem, find_inputs, manifest_items
-from mmvl.data.manifest import trained_root
+from mmvl.data.inputs import InputItem, scan_items
 from mmvl.data.transforms import Pipeline, ResizePad, to_numpy
 from mmvl.errors import ConfigError, DataError
 from mmvl.evaluation.zero_shot import text_prototypes, zero_shot_probabilities
@@ -372,15 +371,4 @@ def iter_heatmaps(loaded: Any, items: Sequence[InputItem], texts: Texts, method:
 def grounding_items(loaded: Any, inputs: Any = (), manifest: Any = None, data_root: Any = None,
                     allow_outside_root: bool = False, limit: int | None = None) -> list[InputItem]:
     """The scans ``mmvl.grounding`` runs on: files/folders (as zero-shot finds them) and manifest rows."""
-    inputs = () if inputs is None else inputs
-    paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    if not all(isinstance(p, (str, os.PathLike)) for p in paths):
-        raise ConfigError(f"grounding: inputs must be a path or a list of paths, got {type(inputs).__name__}")
-    items = find_inputs(paths, volumes=loaded.preprocess.kind == "3d")
-    if manifest is not None:
-        items += manifest_items(manifest, **trained_root(loaded.config, data_root, allow_outside_root,
-                                                         source=loaded.source))
-    items = items[:limit] if limit else items
-    if not items:
-        raise ConfigError("grounding: no inputs (give files, folders or a manifest)")
-    return items
+    return scan_items(loaded, inputs, manifest, data_root, allow_outside_root, limit, what="grounding")

@@ -12,8 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmvl.data.inputs import find_inputs, iter_batches, manifest_items, with_reader_options
-from mmvl.data.manifest import trained_root
+from mmvl.data.inputs import iter_batches, rows_frame, scan_items, with_reader_options
 from mmvl.errors import ConfigError
 
 # Named prompt presets: where the field's published systems differ, the preset records which was used.
@@ -223,14 +222,7 @@ def zero_shot_scans(
         net.to(device)
     device = next(net.parameters()).device
     prompts = prompts_from(labels, preset)
-    items = find_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs),
-                        volumes=preprocess.kind == "3d")
-    if manifest is not None:
-        items += manifest_items(manifest, **trained_root(loaded.config, data_root, allow_outside_root,
-                                                         source=loaded.source))
-    items = items[:limit] if limit else items
-    if not items:
-        raise ConfigError("zero_shot: no inputs (give files, folders or a manifest)")
+    items = scan_items(loaded, inputs, manifest, data_root, allow_outside_root, limit, what="zero_shot")
     positive, negative = text_prototypes(net, prompts)
     scale = float(net.contrastive_head.scale().detach())
     rows: list[dict[str, Any]] = []
@@ -244,10 +236,4 @@ def zero_shot_scans(
         for row in batch.rows:
             rows.append({"path": row["path"], "study_id": row["study_id"], "view": row["view"],
                          **{label: row.get(label, float("nan")) for label in labels}, "error": row["error"]})
-    if as_frame:
-        try:
-            import pandas as pd
-        except ImportError as err:
-            raise ConfigError("zero_shot(as_frame=True) needs pandas (pip install pandas)") from err
-        return pd.DataFrame(rows)
-    return rows
+    return rows_frame(rows, "zero_shot") if as_frame else rows

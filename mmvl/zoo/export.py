@@ -7,6 +7,7 @@ library and comparing embeddings with mmvl's on the same probe input."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import difflib
 import json
@@ -27,10 +28,12 @@ import mmvl
 from mmvl import loading
 from mmvl.data.transforms import save_preprocess
 from mmvl.errors import CheckpointError, ConfigError
+from mmvl.evaluation.predict import classifier_head, probabilities, validation_thresholds
 from mmvl.evaluation.zero_shot import PRESETS, load_prompt_file
 from mmvl.loading import LoadedModel, load_pretrained
 from mmvl.models import EncoderModel, VisionLanguageModel
 from mmvl.models.embedders import contrastive_head
+from mmvl.models.finetune import lora_layers, merge_lora, merged_model_config
 from mmvl.utils import atomic_write_text
 from mmvl.zoo import compiled, hf_text, monai_bundle, open_clip_format
 from mmvl.zoo import entry as zoo_entry
@@ -242,6 +245,25 @@ def _check_rebuilt(model: nn.Module, rebuilt: nn.Module, images: torch.Tensor, t
     return checks
 
 
+# float32 rounding of W + B A * alpha / r against the two matmuls of the adapter: ~1e-7 relative per weight, a
+# few 1e-6 on probabilities after a handful of blocks; 1e-4 still catches a wrong merge (a lost or doubled
+# adapter moves them by the adapter's whole contribution)
+MERGE_ATOL = 1e-4
+
+
+@torch.no_grad()
+def _check_classifier(adapted: nn.Module, merged: nn.Module, images: torch.Tensor) -> dict[str, Any]:
+    """The exported classifier's probabilities against the trained (LoRA-adapted) model's on the probe images."""
+    name, head = classifier_head(adapted)
+    expected = probabilities(adapted, head, images)
+    got = probabilities(merged, merged.heads[name], images)
+    diff = float((expected - got).abs().max())
+    if not diff <= MERGE_ATOL:
+        raise CheckpointError(f"the exported classifier's probabilities differ from the trained model's by {diff:.3g} "
+                              f"(> {MERGE_ATOL}); LoRA was not merged correctly, not written")
+    return {"max_abs_diff": diff, "bitwise_equal": bool(torch.equal(expected, got)), "atol": MERGE_ATOL}
+
+
 # -- prompts and metrics ----------------------------------------------------------------------------------------
 def _is_prompt_record(data: Any) -> bool:
     return isinstance(data, dict) and isinstance(data.get("prompts"), dict) and isinstance(data.get("labels"), list)
@@ -437,12 +459,19 @@ def _write_entry(loaded: LoadedModel, model: nn.Module, out: Path, final: Path, 
                  description: str | None) -> ExportResult:
     train_cfg = loaded.config
     work_dir = Path(loaded.info["work_dir"]) if loaded.info.get("work_dir") else None
-    architecture, entry_cfg = entry_model_config(train_cfg["model"], model, parts, out)
+    adapted = model
+    if lora_layers(model):  # the entry holds plain weights: LoRA folded in, rebuilt without peft
+        model = merge_lora(copy.deepcopy(model))
+    architecture, entry_cfg = entry_model_config(merged_model_config(train_cfg["model"]), model, parts, out)
     rebuilt = rebuild_from_entry(model, architecture, entry_cfg, out)
     spec = input_spec(model, loaded.preprocess.spec, loaded.preprocess.kind) if "image" in parts else {
         "kind": "text", "in_chans": None, "spatial_size": None}
     probe_images = _probe_images(spec) if "image" in parts else torch.empty(0)
     checks: dict[str, Any] = {"mmvl": _check_rebuilt(model, rebuilt, probe_images, PROBE_TEXTS, parts)}
+    classifier = None
+    if any(getattr(head, "is_classifier", False) for head in getattr(model, "heads", {}).values()):
+        checks["merged"] = _check_classifier(adapted, model, probe_images)
+        classifier = validation_thresholds(dataclasses.replace(loaded, model=model))
     zoo_entry.save_weights(rebuilt, out / loading.WEIGHTS)
     if loaded.preprocess is not None:
         save_preprocess(out / loading.PREPROCESS, loaded.preprocess.spec, mmvl_version=mmvl.__version__)
@@ -459,6 +488,7 @@ def _write_entry(loaded: LoadedModel, model: nn.Module, out: Path, final: Path, 
         # the report sections the text tower was trained on (tools/evaluate.py, generate_reports.py read them)
         "data": {key: plain(value) for key, value in (train_cfg.get("data") or {}).items()
                  if key == "report_sections"},
+        **({"classifier": classifier} if classifier is not None else {}),
         "license": license, "mmvl_version": mmvl.__version__,
         "source": {"checkpoint": Path(loaded.source).name, "step": loaded.info.get("step"),
                    "mmvl_version": loaded.info.get("mmvl_version")},
