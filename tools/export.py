@@ -15,6 +15,10 @@ model can be expressed in and names the others with the reason in the card; ``--
 those named (an unknown name, or one that does not apply, is an error). Every format is read back with its own
 library and compared with mmvl's embeddings before the entry is moved into place, and the entry is added to
 ``index.json`` beside it so ``mmvl.zoo.load("NAME")`` and ``tools/zero_shot.py NAME ...`` find it.
+A fine-tuning work dir (configs/finetune/) gives a classifier entry: encoder and head weights with LoRA merged into
+plain weights (its probabilities checked against the adapter model's), and in config.json ``classifier`` the label
+names and per-label thresholds (F1-optimal on the run's validation split); ``tools/predict.py NAME ...`` and
+``mmvl.predict`` run it.
 Exit code 0 on success, 1 when a check fails, 2 on bad arguments.
 """
 
