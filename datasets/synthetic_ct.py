@@ -2,7 +2,7 @@
 
 It gives mmvl's 3D path (CT CLIP, CT MAE) data to train and test on.
 
-``python datasets/synthetic_ct.py --out data/synthetic_ct --n 200 --size 48 --slices 32 --seed 0`` (or
+``python datasets/synthetic_ct.py --out data/synthetic_ct --n 800 --size 48 --slices 32 --seed 0`` (or
 ``python datasets/synthetic.py --kind ct ...``) writes ``nifti/<study>.nii.gz``, ``dicom/<study>/*.dcm``,
 ``manifest_nifti.jsonl``, ``manifest_dicom.jsonl``, ``{train,val,test}_{nifti,dicom}.jsonl`` and a ``README.md``
 dataset card. The output is byte-for-byte deterministic for a given ``(n, size, slices, seed)``, and study ``i``
@@ -488,9 +488,13 @@ def _clear(study: Study, candidates: np.ndarray, radius: float) -> np.ndarray:
 
 def _place_nodules(study: Study, rng: np.random.Generator, count: int) -> tuple[Nodule, ...]:
     """Nodule centres with aerated lung all around to 32 mm (at least 20 mm beyond the nodule), so that a nodule
-    is a blob inside lung, away from walls, vessels, fluid, consolidation, bullae and the other nodule."""
+    is a blob inside lung, away from walls, vessels, fluid, consolidation, bullae and the other nodules.
+
+    Diameters are 20-30 mm (the top of the nodule range; 30 mm and over is a mass): at the CT demo's 8 mm voxels
+    that is 2.5-3.75 voxels across, and smaller nodules (the 12-28 mm drawn before) left no trace a probe or a
+    small 3D ViT could find (benchmarks/README.md, bench_findings_visible.py)."""
     candidates = _lung_candidates(study, rng, 384)
-    diameters = rng.uniform(12.0, 28.0, count).round()
+    diameters = rng.uniform(20.0, 30.0, count).round()
     nodules: list[Nodule] = []
     for diameter in diameters:
         for clearance in (max(32.0, diameter / 2 + 20), diameter / 2 + 8, diameter / 2):  # relaxed when crowded
@@ -556,12 +560,17 @@ def sample_study(seed: int, index: int) -> Study:
     if labels["consolidation"]:
         candidates = _lung_candidates(study, rng, 256)
         clear = _clear(study, candidates, 15.0)
-        radii = tuple(float(r) for r in rng.uniform(24.0, 40.0, 3).round())
+        # A segmental-to-lobar consolidation, 60-100 mm across: with 48-80 mm (the earlier 24-40 mm radii) a
+        # probe at the demo's 8 mm voxels told it from normal lung barely above chance (AUROC ~0.6).
+        radii = tuple(float(r) for r in rng.uniform(30.0, 50.0, 3).round())
         x, y, z = (float(v) for v in candidates[int(np.argmax(clear))])
         side = "right" if x < 0 else "left"
         study = study._replace(consolidation=Consolidation((x, y, z), radii, side, _lobe(study, side, y, z)))
     if labels["lung nodule"]:  # placed last, in the lung the other findings leave aerated
-        study = study._replace(nodules=_place_nodules(study, rng, int(rng.choice([1, 2], p=[0.7, 0.3]))))
+        # One to three nodules: several nodules are common in CT-RATE's "lung nodule" positives, and more than one
+        # blob of 2.5-3.75 voxels makes the finding easier to see at the demo's resolution.
+        count = int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))
+        study = study._replace(nodules=_place_nodules(study, rng, count))
     # A finding with no room left in the lungs is dropped, so that a positive label is always visible (never
     # happened in 1500 studies: there are hundreds of candidate positions).
     if labels["consolidation"] and not clear.any():
@@ -1047,7 +1056,33 @@ def _nodule_sentences(study: Study, rng: np.random.Generator) -> tuple[str, str]
                 f"{other.lobe}.",
             ),
         )
-        impression = f"Two pulmonary nodules, the largest {size} in the {lobe}; follow-up CT is recommended."
+        impression = _pick(
+            rng,
+            (
+                f"Two pulmonary nodules, the largest {size} in the {lobe}; follow-up CT is recommended.",
+                "Two pulmonary nodules.",
+                "Bilateral pulmonary nodules." if nodules[0].side != other.side else "Pulmonary nodules.",
+            ),
+        )
+        return finding, impression
+    if len(nodules) > 2:
+        listed = ", ".join(f"{nodule.diameter_mm:.0f} mm in the {nodule.lobe}" for nodule in nodules)
+        finding = _pick(
+            rng,
+            (
+                f"Multiple solid pulmonary nodules are observed: {listed}.",
+                f"There are {len(nodules)} pulmonary nodules ({listed}).",
+                f"Nodules were observed in the lungs, measuring {listed}.",
+            ),
+        )
+        impression = _pick(
+            rng,
+            (
+                f"Multiple pulmonary nodules, the largest {size} in the {lobe}; follow-up CT is recommended.",
+                "Multiple pulmonary nodules.",
+                "Multiple solid nodules in the lungs.",
+            ),
+        )
         return finding, impression
     finding = _pick(
         rng,
@@ -1250,11 +1285,11 @@ fat -100, muscle, heart and vessels 40, liver 58, pleural fluid 10, bone (spine,
 
 Each finding is drawn independently with probability {FINDING_PROBABILITY}; about a quarter of studies are normal.
 
-- `lung nodule`: one or two solid spheres (12-28 mm) in aerated lung; the report gives size and lobe.
+- `lung nodule`: one to three solid spheres (20-30 mm) in aerated lung; the report gives sizes and lobes.
 - `pleural effusion`: dependent (posterior) fluid, right, left or bilateral, small to large.
 - `emphysema`: lower, patchy lung attenuation and upper-lobe bullae (-990 HU), mild to severe.
 - `cardiomegaly`: cardiothoracic ratio 0.58-0.66 (normal 0.38-0.46).
-- `consolidation`: a soft-tissue-density region (35 HU) of one lobe.
+- `consolidation`: a soft-tissue-density region (35 HU, 60-100 mm across) of one lobe.
 
 The labels are ground truth of the phantom, for evaluation (zero-shot classification, probing); the reports
 state the same findings with varied wording, laterality, lobe and size, and negate or omit the others.
@@ -1263,7 +1298,7 @@ state the same findings with varied wording, laterality, lobe and size, and nega
 
 def generate_ct(
     out: str | Path,
-    n: int = 200,
+    n: int = 800,
     size: int = 48,
     slices: int = 32,
     seed: int = 0,
@@ -1337,7 +1372,10 @@ def generate_ct(
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data/synthetic_ct", help="output folder (default: %(default)s)")
-    parser.add_argument("--n", type=int, default=200, help="number of studies (default: %(default)s)")
+    parser.add_argument(
+        "--n", type=int, default=800,
+        help="number of studies (default: %(default)s: 640 train, 80 val, 80 test, the CT demo's set)",
+    )
     parser.add_argument("--size", type=int, default=48, help="in-plane matrix (default: %(default)s)")
     parser.add_argument(
         "--slices", type=int, default=32, help="slice count of a 3 mm-equivalent study (default: %(default)s)"
