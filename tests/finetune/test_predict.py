@@ -134,3 +134,18 @@ def test_predict_cli_error_row_exit_1(lora_run, scans, tmp_path, capsys):
     sidecar = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
     assert sidecar["n_failed"] == 1 and sidecar["classifier"]["thresholds"][1] == 0.0
     assert load_tool("predict").main([str(result.path), str(folder), "--threshold", "nodule"]) == 2
+
+
+def test_multiclass_entry_predicts_the_most_probable_class(synthetic_cxr, scans, tmp_path, one_thread):
+    cfg = finetune_config("multiclass_vit_cxr_tiny", synthetic_cxr, "train.max_steps=2", "train.val_interval=2",
+                          "train.ckpt_interval=2")
+    Trainer(cfg, tmp_path / "work").fit()
+    result = zoo.export(tmp_path / "work", "mc", out=tmp_path / "zoo" / "mc")
+    classifier = json.loads((result.path / "config.json").read_text(encoding="utf-8"))["classifier"]
+    assert classifier["task"] == "multiclass" and classifier["thresholds"] is None
+    names = classifier["labels"]
+    rows = mmvl.predict(result.path, scans, progress=False)
+    assert len(rows) == 5 and set(rows[0]) == {"path", "study_id", "view", *names, "prediction", "error"}
+    for row in rows:
+        assert math.isclose(sum(row[name] for name in names), 1.0, abs_tol=1e-5)
+        assert row["prediction"] == max(names, key=lambda name: row[name])
