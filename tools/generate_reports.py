@@ -12,10 +12,11 @@ series) and --reader-option KEY=VALUE override its reader's options. One JSON li
 (manifest rows), and ``report`` or ``error``;
 the exit code is 1 if any input failed, 2 on bad arguments. A ``.json`` sidecar beside ``--out`` records the
 model, the settings asked for ("requested") and the search that ran ("decoding"). Manifest images must lie inside
-the data root the model was trained with (its data.root; none recorded: the manifest's folder) unless --data-root or --allow-outside-root says otherwise. With a manifest
-that has reports and/or labels, BLEU-1..4 and ROUGE-L against the
-reports (the sections the model was trained on) and finding F1 from the keyword labeller against the labels,
-beside the majority-class and always-present baselines, are printed and stored in the sidecar.
+the data root the model was trained with (its data.root; none recorded: the manifest's folder) unless --data-root
+or --allow-outside-root says otherwise. With a manifest that has reports and/or labels, BLEU-1..4 and ROUGE-L
+against the reports (the sections the model was trained on) and finding F1 from the report labeller
+(mmvl.evaluation.labeller) against the labels, beside the majority-class and always-present baselines, are printed
+and stored in the sidecar.
 """
 
 from __future__ import annotations
