@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 
+from mmvl.data.tokenizer import train_wordpiece_tokenizer
 from mmvl.engine.checkpoint import load_checkpoint
 from mmvl.engine.optim import build_optimizer
 from mmvl.engine.trainer import Trainer
@@ -79,8 +80,11 @@ def test_lora_3d_trains_only_adapters_and_head(blob_ct, tmp_path, one_thread):
     assert {key.split(".")[2] for key in moved if key.startswith("heads.")} == {"classifier"}
 
 
-def test_clip_model_in_linear_and_lora_modes_freezes_both_towers():
-    text = dict(type="bert", tokenizer=str(REPO / "model_zoo" / "cxr_clip_tiny" / "tokenizer"),
+def test_clip_model_in_linear_and_lora_modes_freezes_both_towers(tmp_path):
+    tokenizer = tmp_path / "tokenizer"  # a clean clone has no model_zoo/cxr_clip_tiny: a tokenizer of the test's own
+    train_wordpiece_tokenizer(["no pleural effusion.", "the heart is enlarged."] * 4, tokenizer, vocab_size=60,
+                              min_frequency=1)
+    text = dict(type="bert", tokenizer=str(tokenizer),
                 config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
     for mode in ("linear", "lora"):
         model = build_model(dict(image_encoder=VIT2D, text_encoder=text, heads=[dict(type="clip", embed_dim=16)],
@@ -165,7 +169,7 @@ def test_drop_path_on_the_3d_vit_keeps_monai_names():
         classifier({**VIT3D, "drop_path_rate": 1.5})
 
 
-def test_init_from_work_dir_and_zoo_entry(synthetic_cxr, tmp_path, one_thread):
+def test_init_from_work_dir_and_zoo_entry(synthetic_cxr, tmp_path, one_thread, monkeypatch):
     from mmvl.loading import load_pretrained
 
     source_cfg = tiny_clip_config(synthetic_cxr, *TINIER, "train.max_steps=1", "train.val_interval=1000",
@@ -180,16 +184,19 @@ def test_init_from_work_dir_and_zoo_entry(synthetic_cxr, tmp_path, one_thread):
         match = [k for k in encoder if k.replace(".base_layer.", ".") == key]
         assert len(match) == 1 and torch.equal(encoder[match[0]], value), key
 
-    # a zoo entry by name: model_zoo/cxr_clip_tiny holds the tiny demo's image encoder
-    zoo_cfg = finetune_config("cls_vit_cxr_tiny", synthetic_cxr, "train.max_steps=1", "train.val_interval=1000")
-    zoo_cfg.merge_options(["img_size=64", "model.image_encoder.embed_dim=128", "model.image_encoder.depth=4",
-                           "model.image_encoder.num_heads=4", "model.init_from=cxr_clip_tiny", "model.mode=full",
-                           "model.lora=None"])
-    trainer = Trainer(zoo_cfg, tmp_path / "zoo")
+    # a zoo entry by name: the same run exported to a zoo folder of the test's own ($MMVL_ZOO), found by its name
     from mmvl.loading import load
 
-    entry = load("cxr_clip_tiny").model.image_encoder.state_dict()
-    assert all(torch.equal(trainer.model.image_encoder.state_dict()[key], value) for key, value in entry.items())
+    assert load_tool("export").main([str(tmp_path / "clip"), "--name", "ft_source", "--out",
+                                     str(tmp_path / "zoo_dir" / "ft_source"), "--formats", "mmvl"]) == 0
+    monkeypatch.setenv("MMVL_ZOO", str(tmp_path / "zoo_dir"))
+    zoo_cfg = finetune_config("cls_vit_cxr_tiny", synthetic_cxr, "model.init_from=ft_source",
+                              "model.image_encoder.depth=1", "model.mode=full", "model.lora=None",
+                              "train.max_steps=1", "train.val_interval=1000")
+    trainer = Trainer(zoo_cfg, tmp_path / "zoo")
+    entry = load("ft_source").model.image_encoder.state_dict()
+    assert entry and all(torch.equal(trainer.model.image_encoder.state_dict()[key], value)
+                         for key, value in entry.items())
 
     wrong = finetune_config("cls_vit_cxr_tiny", synthetic_cxr, f"model.init_from={tmp_path / 'clip'}",
                             "model.image_encoder.depth=2")
