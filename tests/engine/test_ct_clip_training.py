@@ -1,6 +1,7 @@
-"""3D CLIP through the trainer: configs/ct_clip.py and its demo agree, and a tiny 3D ViT + BERT trained on
-synthetic chest CTs retrieves held-out reports better than chance; the demo's loader workers augment the
-volumes of the memory cache into the same batches as the main process would."""
+"""3D CLIP through the trainer: configs/ct_clip.py and its demo agree, and a tiny 3D ViT + BERT trained with the
+demo's recipe on synthetic chest CTs retrieves held-out reports better than chance and classifies their findings
+zero-shot; the demo's loader workers augment the volumes of the memory cache into the same batches as the main
+process would."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from mmvl.config import Config
 from mmvl.config.validate import validate_config
 from mmvl.engine.data import build_datasets, build_train_loader
 from mmvl.engine.trainer import Trainer
-from tests.conftest import load_script
+from tests.conftest import load_script, load_tool
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,36 +57,75 @@ def ct_retrieval_set(tmp_path_factory) -> Path:
     return manifest
 
 
+TINY_STEPS = 300
+
+
+@pytest.fixture(scope="module")
+def tiny_ct_clip(ct_retrieval_set, tmp_path_factory) -> tuple[Path, dict, Trainer]:
+    """The CT demo's recipe (findings + impression, token drop, weight decay, augmentation) at a quarter of its
+    width, trained once for the slow tests below: ``(work dir, untrained validation metrics, trainer)``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the one_thread fixture (function-scoped, so not usable here)
+    try:
+        cfg = Config.fromfile(REPO / "configs" / "demo" / "ct_clip_tiny.py")
+        cfg.merge_options([
+            f"data.manifest={ct_retrieval_set}", "model.image_encoder.num_layers=2",
+            "model.image_encoder.hidden_size=64", "model.image_encoder.mlp_dim=128",
+            "model.image_encoder.num_heads=2", "model.text_encoder.config.hidden_size=64",
+            "model.text_encoder.config.num_attention_heads=2", "model.text_encoder.config.intermediate_size=128",
+            "model.heads.0.embed_dim=64", f"train.max_steps={TINY_STEPS}", "train.val_interval=100",
+            f"train.ckpt_interval={TINY_STEPS}", "train.log_interval=20", "optim.warmup_steps=20",
+        ])
+        work = tmp_path_factory.mktemp("tiny_ct_clip") / "run"
+        trainer = Trainer(cfg, work)
+        untrained = trainer.validate()
+        trainer.fit()
+    finally:
+        torch.set_num_threads(threads)
+    return work, untrained, trainer
+
+
+
 @pytest.mark.slow
-def test_tiny_ct_clip_retrieves_held_out_reports_above_chance(ct_retrieval_set, tmp_path, one_thread):
-    cfg = Config.fromfile(REPO / "configs" / "demo" / "ct_clip_tiny.py")
-    cfg.merge_options([
-        f"data.manifest={ct_retrieval_set}", "model.image_encoder.num_layers=2",
-        "model.image_encoder.hidden_size=64", "model.image_encoder.mlp_dim=128", "model.image_encoder.num_heads=2",
-        "model.text_encoder.config.hidden_size=64",
-        "model.text_encoder.config.num_attention_heads=2", "model.text_encoder.config.intermediate_size=128",
-        "model.heads.0.embed_dim=64", "train.max_steps=300", "train.val_interval=100", "train.ckpt_interval=300",
-        "train.log_interval=20", "optim.warmup_steps=10",
-    ])
-    work = tmp_path / "run"
-    trainer = Trainer(cfg, work)
-    untrained = trainer.validate()
-    trainer.fit()
+def test_tiny_ct_clip_retrieves_held_out_reports_above_chance(tiny_ct_clip):
+    work, untrained, trainer = tiny_ct_clip
     records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     held_out = [r for r in records if "val/i2t_R@5" in r]
     assert [r["step"] for r in held_out] == [100, 200, 300]
-    # A random ranking puts the right report in the top 5 of 80 with probability 5/80. Impressions of studies
-    # with the same findings differ only in details a 48^3 volume at 8 mm cannot show (nodule sizes, lobes), and
-    # about a quarter of the studies have no finding at all, so perfect retrieval is out of reach; measured with
-    # seeds 0 and 1: best mean R@5 0.19-0.21 (3x chance), untrained 0.06.
+    # A random ranking puts the right report in the top 5 of 80 with probability 5/80. Reports of studies with the
+    # same findings differ only in details a 48^3 volume at 8 mm cannot show (nodule sizes, lobes, wording), and
+    # about a fifth of the studies have no finding at all, so perfect retrieval is out of reach.
     chance = 5 / 80
     best = max(held_out, key=lambda r: r["val/i2t_R@5"] + r["val/t2i_R@5"])
     print(f"untrained R@5 i2t {untrained['val/i2t_R@5']:.3f} t2i {untrained['val/t2i_R@5']:.3f}; "
-          + "; ".join(f"step {r['step']}: i2t {r['val/i2t_R@5']:.3f} t2i {r['val/t2i_R@5']:.3f}" for r in held_out))
+          + "; ".join(f"step {r['step']}: i2t {r['val/i2t_R@5']:.3f} t2i {r['val/t2i_R@5']:.3f} "
+                      f"loss {r['val/loss']:.3f}" for r in held_out))
     assert best["val/i2t_R@5"] > chance and best["val/t2i_R@5"] > chance, held_out
     assert (best["val/i2t_R@5"] + best["val/t2i_R@5"]) / 2 >= 2 * chance, held_out
-    assert trainer.best_value == pytest.approx(max(r["val/i2t_R@5"] for r in held_out))
+    # best.pt: the lowest validation loss (the demo's train.best_metric)
+    assert trainer.best_value == pytest.approx(min(r["val/loss"] for r in held_out))
     assert (work / "checkpoints" / "best.pt").is_file()
+
+
+@pytest.mark.slow
+def test_tiny_ct_clip_classifies_held_out_findings_zero_shot(tiny_ct_clip, ct_retrieval_set, tmp_path, one_thread):
+    # Issue 22: the demo recipe's text (findings + impression, whose sentences negate absent findings) matches the
+    # ctrate preset's prompts, so zero-shot on the 80 held-out studies beats chance for the findings as a whole.
+    # Measured at this quarter width and 300 steps (seed 0): macro 0.59 (effusion 0.86, cardiomegaly 0.58,
+    # emphysema 0.59, nodule 0.49, consolidation 0.43); the issue's 0.65 is not reached at this size (the full
+    # demo: 0.65 on its test split), so the bar is "clearly above chance". Untrained: ~0.5.
+    out = tmp_path / "zero_shot.json"
+    code = load_tool("evaluate").main([
+        str(tiny_ct_clip[0]), "--manifest", str(ct_retrieval_set), "--task", "zero_shot", "--split", "val",
+        "--val-split", "", "--preset", "ctrate", "--n-bootstrap", "0", "--device", "cpu", "--out", str(out),
+    ])
+    assert code == 0
+    metrics = json.loads(out.read_text())["metrics"]
+    aurocs = {label: entry["auroc"] for label, entry in metrics["labels"].items()}
+    print(f"zero-shot AUROC: {aurocs}; macro {metrics['macro']['auroc']:.3f}")
+    assert set(aurocs) == {"lung nodule", "pleural effusion", "emphysema", "cardiomegaly", "consolidation"}
+    assert metrics["macro"]["auroc"] >= 0.55, aurocs
+    assert aurocs["pleural effusion"] >= 0.75, aurocs
 
 
 def _images(items: list[dict]) -> torch.Tensor:
