@@ -37,6 +37,25 @@ class GatheredLoss(nn.Module):
         return all_gather_rows(rows, with_grad=self.gather_with_grad if with_grad is None else with_grad)
 
 
+class GatheringHead:
+    """For heads whose ``loss_fn`` is a :class:`GatheredLoss`: the trainer places them among the training processes
+    with ``set_world`` (with more than one, the loss gathers every rank's rows; validation runs with
+    ``world_size=1`` on local batches), and ``rank``/``world_size`` read where they sit."""
+
+    loss_fn: GatheredLoss
+
+    def set_world(self, rank: int, world_size: int) -> None:
+        self.loss_fn.set_world(rank, world_size)
+
+    @property
+    def rank(self) -> int:
+        return self.loss_fn.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.loss_fn.world_size
+
+
 class ClipLoss(GatheredLoss):
     """Symmetric InfoNCE (CLIP, Radford et al. 2021): ``(CE(t X Y^T, T) + CE(t Y X^T, T)) / 2`` for L2-normalised
     image and text embeddings ``X``, ``Y``, logit scale ``t`` and targets ``T`` (each row's own pair, or a soft

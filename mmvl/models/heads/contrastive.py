@@ -13,11 +13,11 @@ from torch import nn
 
 from mmvl.errors import ConfigError
 from mmvl.models.encoders.base import EncoderOutput
-from mmvl.models.losses import ClipLoss, GatheredLoss, SigLipLoss
+from mmvl.models.losses import ClipLoss, GatheredLoss, GatheringHead, SigLipLoss
 from mmvl.registry import HEADS
 
 
-class JointEmbeddingHead(nn.Module):
+class JointEmbeddingHead(GatheringHead, nn.Module):
     """What every contrastive head shares: linear projections of the pooled image and text features to
     ``embed_dim``, L2-normalised, and a learnable logit scale ``exp(logit_scale)`` clamped to
     ``max_logit_scale`` inside ``scale()`` (so no trainer hook is needed).
@@ -46,19 +46,6 @@ class JointEmbeddingHead(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(init_logit_scale)))
         self.max_log_scale = math.log(max_logit_scale)
         self.embed_dim = embed_dim
-
-    def set_world(self, rank: int, world_size: int) -> None:
-        """Where this process sits among ``world_size`` training processes: with more than one, the loss gathers
-        every rank's embeddings (the trainer sets it; validation runs with ``world_size=1``, on local batches)."""
-        self.loss_fn.set_world(rank, world_size)
-
-    @property
-    def rank(self) -> int:
-        return self.loss_fn.rank
-
-    @property
-    def world_size(self) -> int:
-        return self.loss_fn.world_size
 
     def project_image(self, image: EncoderOutput) -> torch.Tensor:
         return F.normalize(self.image_proj(image.pooled), dim=-1)

@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mmvl.errors import ConfigError
 from mmvl.models.encoders.base import EncoderOutput
-from mmvl.models.losses import GatheredLoss
+from mmvl.models.losses import GatheredLoss, GatheringHead
 from mmvl.registry import HEADS
 
 AGGREGATIONS = ("sum", "mean")
@@ -39,7 +39,7 @@ def _all_max(value: int, device: torch.device) -> int:
 
 
 @HEADS.register("local_align")
-class LocalAlignmentHead(nn.Module):
+class LocalAlignmentHead(GatheringHead, nn.Module):
     """Word-to-patch attention with GLoRIA's local contrastive loss, on 2D and 3D ViT token grids.
 
     Patch tokens ``v_n`` (the image encoder's tokens less its class/register tokens; with a masked encoding, FLIP
@@ -128,18 +128,6 @@ class LocalAlignmentHead(nn.Module):
         self.image_chunk = image_chunk
         self.embed_dim = embed_dim
         self.loss_fn = GatheredLoss(gather_with_grad=True, rank=rank, world_size=world_size)
-
-    def set_world(self, rank: int, world_size: int) -> None:
-        """Where this process sits among ``world_size`` training processes (the trainer sets it)."""
-        self.loss_fn.set_world(rank, world_size)
-
-    @property
-    def rank(self) -> int:
-        return self.loss_fn.rank
-
-    @property
-    def world_size(self) -> int:
-        return self.loss_fn.world_size
 
     # -- embeddings ----------------------------------------------------------------------------------
     def embed_patches(self, image_tokens: torch.Tensor) -> torch.Tensor:
