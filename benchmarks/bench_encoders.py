@@ -157,20 +157,29 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def spawn_case(case: dict[str, Any]) -> dict[str, Any]:
-    """Run one case in a fresh interpreter; returns its figures, or ``{"error": ...}`` when it failed."""
-    env = dict(os.environ, MMVL_ATTENTION=case["backend"], MMVL_NO_PROGRESS="1")
+def run_script_case(script: Path, case: dict[str, Any], env: dict[str, str], label: str) -> dict[str, Any]:
+    """``python SCRIPT --case JSON`` in a fresh interpreter: the last JSON line it printed plus ``case_s``, or
+    ``{"error", "stderr_tail"}`` when it failed (``label`` names the case in the message). bench_finetune.py runs
+    its cases through this too."""
     start = time.perf_counter()
-    child = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(case)],
+    child = subprocess.run([sys.executable, str(script), "--case", json.dumps(case)],
                            capture_output=True, text=True, env=env, cwd=REPO)
     lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
     if child.returncode != 0 or not lines:
         tail = (child.stderr.strip().splitlines() or ["(no output)"])[-1]
-        print(f"  case failed (exit {child.returncode}): {tail}", file=sys.stderr)
+        print(f"  {label} failed (exit {child.returncode}): {tail}", file=sys.stderr)
         return {"error": tail, "stderr_tail": child.stderr[-2000:]}
     result = json.loads(lines[-1])
     result["case_s"] = round(time.perf_counter() - start, 1)  # interpreter start-up and model build included
-    result["load_avg"] = round(os.getloadavg()[0], 2)  # this case's own threads count too
+    return result
+
+
+def spawn_case(case: dict[str, Any]) -> dict[str, Any]:
+    """Run one case in a fresh interpreter; returns its figures, or ``{"error": ...}`` when it failed."""
+    env = dict(os.environ, MMVL_ATTENTION=case["backend"], MMVL_NO_PROGRESS="1")
+    result = run_script_case(Path(__file__).resolve(), case, env, "case")
+    if "error" not in result:
+        result["load_avg"] = round(os.getloadavg()[0], 2)  # this case's own threads count too
     return result
 
 

@@ -16,12 +16,12 @@ peak minus it (activations, gradients and optimizer state). ``--tiny``: 2-block 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -45,8 +45,10 @@ TINY = {
 LORA = dict(rank=8, alpha=16, dropout=0.0)
 
 
-def _memory_readers() -> Any:
-    """benchmarks/bench_encoders.py, for its peak/current RSS readers (one definition of what "peak" means)."""
+@functools.cache
+def _bench_encoders() -> Any:
+    """benchmarks/bench_encoders.py, loaded once: its peak/current RSS readers (one definition of what "peak"
+    means) and its fresh-interpreter case runner."""
     spec = importlib.util.spec_from_file_location("bench_encoders", Path(__file__).with_name("bench_encoders.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -61,7 +63,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
 
     torch.manual_seed(0)
     torch.set_num_threads(int(case["threads"]))
-    rss = _memory_readers()
+    rss = _bench_encoders()
     device = torch.device(case["device"])
     cuda = device.type == "cuda"
     encoder = dict(case["encoder"])
@@ -108,15 +110,8 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
 
 def spawn_case(case: dict[str, Any]) -> dict[str, Any]:
     env = dict(os.environ, MMVL_NO_PROGRESS="1", OMP_NUM_THREADS=str(case["threads"]))
-    start = time.perf_counter()
-    child = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(case)],
-                           capture_output=True, text=True, env=env, cwd=REPO)
-    lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
-    if child.returncode != 0 or not lines:
-        tail = (child.stderr.strip().splitlines() or ["(no output)"])[-1]
-        print(f"  {case['name']} {case['mode']} failed (exit {child.returncode}): {tail}", file=sys.stderr)
-        return {"encoder": case["name"], "mode": case["mode"], "error": tail, "stderr_tail": child.stderr[-2000:]}
-    return {**json.loads(lines[-1]), "case_s": round(time.perf_counter() - start, 1)}
+    result = _bench_encoders().run_script_case(Path(__file__).resolve(), case, env, f"{case['name']} {case['mode']}")
+    return {"encoder": case["name"], "mode": case["mode"], **result} if "error" in result else result
 
 
 # -- the parent: cases, table, JSON ----------------------------------------------------------------------------
