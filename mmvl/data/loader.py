@@ -135,11 +135,12 @@ class Collate:
             return {"input_ids": ids, "attention_mask": mask}
         prefix, suffix = self._special_tokens()
         budget = self.max_length - len(prefix) - len(suffix)
-        whole = tokenizer([reports[i] for i in candidates], add_special_tokens=False)["input_ids"]
-        for i, content in zip(candidates, whole):
-            if len(content) <= budget:
+        flat = tokenizer([part for i in candidates for part in parts[i]], add_special_tokens=False)["input_ids"]
+        start = 0
+        for i in candidates:
+            pieces, start = flat[start:start + len(parts[i])], start + len(parts[i])
+            if sum(len(piece) for piece in pieces) <= budget:
                 continue  # exactly max_length long, nothing was cut
-            pieces = tokenizer(parts[i], add_special_tokens=False)["input_ids"]
             last = pieces[-1][:budget]
             before = [token for piece in pieces[:-1] for token in piece][: budget - len(last)]
             row = prefix + before + last + suffix
