@@ -207,6 +207,45 @@ def check_jpeg2000_boxes(ds: Any, path: str) -> None:
             offset += length
 
 
+# Explicit and Implicit VR Little Endian: most files from modalities and PACS exports store pixels this way.
+_NATIVE_LITTLE_ENDIAN = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
+
+
+def native_frame(ds: Any, frame: int, n_frames: int) -> np.ndarray | None:
+    """One frame of uncompressed little-endian grayscale pixel data, read straight from the ``PixelData`` bytes;
+    None for anything else (compressed, big endian, colour, 1-bit, short data), which pydicom decodes.
+
+    Written out because pydicom's decoder validates its whole option set on each call: ~1 ms per 512 px
+    radiograph, more than reading the file (benchmarks/bench_data.py). The values are pydicom's: the bits above
+    (0028,0101) BitsStored are cleared, or sign-extended for signed pixels, as ``pixel_array`` does (tested equal
+    on every file pydicom bundles).
+    """
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax not in _NATIVE_LITTLE_ENDIAN:
+        return None
+    try:
+        allocated, stored = int(ds.BitsAllocated), int(ds.BitsStored)
+        signed, samples = int(ds.PixelRepresentation), int(ds.get("SamplesPerPixel", 1) or 1)
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        data = ds.PixelData
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    if (samples != 1 or allocated not in (8, 16, 32) or not 1 <= stored <= allocated or signed not in (0, 1)
+            or not isinstance(data, bytes)):
+        return None
+    size = allocated // 8
+    frame_bytes = rows * columns * size
+    if len(data) < n_frames * frame_bytes:
+        return None  # pydicom's decoder names what is missing
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{size}")
+    arr = np.frombuffer(data, dtype=dtype, count=rows * columns, offset=frame * frame_bytes).reshape(rows, columns)
+    if stored < allocated:
+        shift = allocated - stored
+        arr = np.left_shift(arr, shift)  # a writable copy: the frame bytes stay as read
+        np.right_shift(arr, shift, out=arr)
+    return arr
+
+
 def _decode(ds: Any, path: str, frame: int) -> np.ndarray:
     from pydicom.pixels import pixel_array
 
@@ -216,6 +255,9 @@ def _decode(ds: Any, path: str, frame: int) -> np.ndarray:
     n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     if not -n_frames <= frame < n_frames:
         raise DicomError(path, f"frame {frame} requested but the file has {n_frames} frame(s) (0028,0008)")
+    native = native_frame(ds, frame % n_frames, n_frames)
+    if native is not None:
+        return native
     check_jpeg2000_boxes(ds, path)
     try:
         arr = pixel_array(ds, index=frame % n_frames) if n_frames > 1 else ds.pixel_array

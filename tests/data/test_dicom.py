@@ -343,3 +343,60 @@ def test_jpeg2000_lossless_reads_as_the_uncompressed_file(name, tmp_path):
     compressed, _ = read_dicom_image(tmp_path / name)
     plain, _ = read_dicom_image(PYDICOM_FILES / name)
     np.testing.assert_array_equal(compressed, plain)  # lossless: the same stored values, the same arithmetic
+
+
+def test_native_fast_path_reads_every_bundled_file_as_pydicom_does():
+    """``native_frame`` (uncompressed little-endian grayscale, read straight from the bytes) against pydicom's
+    decoder on each bundled file it takes, first and last frame: same dtype, shape and values, unused high bits
+    cleared or sign-extended as pydicom does; it takes none of the compressed or big-endian files."""
+    import warnings
+
+    from mmvl.data.dicom import native_frame
+
+    taken, declined = [], []
+    for path in sorted(PYDICOM_FILES.rglob("*")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                ds = pydicom.dcmread(path)
+                frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+            except Exception:  # not DICOM, or a deliberately broken header
+                continue
+            if "PixelData" not in ds:
+                continue
+            for frame in sorted({0, frames - 1}):
+                ours = native_frame(ds, frame, frames)
+                if ours is None:
+                    declined.append(str(ds.file_meta.get("TransferSyntaxUID", "")))
+                    continue
+                theirs = pydicom.pixels.pixel_array(ds, index=frame) if frames > 1 else ds.pixel_array
+                assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, path.name
+                np.testing.assert_array_equal(ours, theirs, err_msg=f"{path.name} frame {frame}")
+                taken.append((path.name, int(ds.BitsStored) < int(ds.BitsAllocated), int(ds.PixelRepresentation)))
+    assert len(taken) >= 30, taken
+    # Files with unused high bits, signed pixels among them, went through the fast path.
+    assert any(unused for _name, unused, _signed in taken) and any(signed for *_rest, signed in taken)
+    # and the compressed ones went to pydicom's decoders.
+    assert any(uid and pydicom.uid.UID(uid).is_compressed for uid in declined), sorted(set(declined))
+
+
+@pytest.mark.parametrize("name, signed", [("MR_small.dcm", 1), ("CT_small.dcm", 1), ("examples_overlay.dcm", 0)])
+def test_native_fast_path_clears_or_sign_extends_unused_high_bits(tmp_path, name, signed):
+    """Bundled files keep their unused high bits clean, so this copy sets them: 4 bits above a BitsStored of 12
+    hold garbage that pydicom masks (unsigned) or overwrites with the sign (signed); the fast path must too."""
+    from mmvl.data.dicom import native_frame
+
+    ds = pydicom.dcmread(PYDICOM_FILES / name)
+    if int(ds.BitsAllocated) != 16 or ds.file_meta.TransferSyntaxUID not in ("1.2.840.10008.1.2.1",
+                                                                               "1.2.840.10008.1.2"):
+        pytest.fail(f"{name} is no longer 16-bit native little endian: pick another bundled file")
+    values = np.frombuffer(ds.PixelData, dtype="<u2").copy()
+    values &= 0x0FFF
+    values |= (np.arange(values.size, dtype=np.uint16) % 16) << 12  # garbage in bits 12-15
+    ds.PixelData, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = values.tobytes(), 12, 11, signed
+    ds.save_as(tmp_path / name)
+    ds = pydicom.dcmread(tmp_path / name)
+    ours, theirs = native_frame(ds, 0, 1), ds.pixel_array
+    assert ours is not None and ours.dtype == theirs.dtype
+    np.testing.assert_array_equal(ours, theirs)
+    assert np.abs(ours.astype(np.int32)).max() < 4096  # 12 bits, whatever the high bits held
