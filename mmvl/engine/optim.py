@@ -97,6 +97,30 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict[str, Any], total
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
+def group_mismatch(saved_optimizer: Any, optimizer: torch.optim.Optimizer) -> str | None:
+    """Why a checkpoint's optimizer state cannot load into ``optimizer`` when its parameter groups differ (names
+    and sizes), else None. Checkpoints written before mmvl named its groups (two unnamed groups) and runs whose
+    config changes the grouping (``optim.layer_decay``, ``model.mode``) end here, and torch's own message
+    ("different number of parameter groups") does not say which."""
+    try:
+        saved = [(group.get("name", f"unnamed group {index}"), len(group["params"]))
+                 for index, group in enumerate(saved_optimizer["param_groups"])]
+    except (KeyError, TypeError, AttributeError):
+        return None
+    now = [(group.get("name", f"group {index}"), len(group["params"]))
+           for index, group in enumerate(optimizer.param_groups)]
+    if saved == now:
+        return None
+
+    def describe(groups: list[tuple[str, int]]) -> str:
+        return ", ".join(f"{name} ({size} tensors)" for name, size in groups)
+
+    return (f"its optimizer has parameter groups {describe(saved)}, this model and config make {describe(now)}. "
+            "A checkpoint from before mmvl named its groups, or one written under another optim.layer_decay / "
+            "model.mode, cannot resume here: start a new run (model.init_from can take its "
+            "weights) or resume with the mmvl and config that wrote it")
+
+
 def config_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Any) -> list[dict[str, Any]]:
     """What the config set in each parameter group (before a checkpoint's states are loaded over it)."""
     return [{"weight_decay": group["weight_decay"], "betas": group["betas"], "eps": group["eps"], "initial_lr": base}

@@ -45,7 +45,13 @@ from mmvl.engine.checkpoint import (
 from mmvl.engine.data import build_datasets, build_train_loader, prepare_tokenizers, to_device, train_batches
 from mmvl.engine.finetune import prepare_finetune
 from mmvl.engine.grad_cache import check_grad_cache, grad_cache_step
-from mmvl.engine.optim import apply_config_after_resume, build_optimizer, build_scheduler, config_hyperparameters
+from mmvl.engine.optim import (
+    apply_config_after_resume,
+    build_optimizer,
+    build_scheduler,
+    config_hyperparameters,
+    group_mismatch,
+)
 from mmvl.engine.state import (
     JSONL_LOGS,
     RunState,
@@ -309,7 +315,8 @@ class Trainer:
         try:
             self.strategy.load_full_state(self.model, self.optimizer, saved)
         except (RuntimeError, ValueError) as err:
-            raise CheckpointError(f"{path} does not match the configured model: {err}") from err
+            why = group_mismatch(saved.get("optimizer"), self.optimizer) or err
+            raise CheckpointError(f"{path} does not match the configured model: {why}") from err
         self.scheduler.load_state_dict(saved["scheduler"])
         self.scaler.load_state_dict(saved["scaler"])
         before, after = apply_config_after_resume(self.optimizer, self.scheduler, fresh, self.cfg.get("optim", {}),

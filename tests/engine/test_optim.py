@@ -137,3 +137,28 @@ def test_resume_restores_the_groups_exactly(synthetic_cxr, tmp_path, one_thread)
     assert_same_training_state(load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt"),
                                load_checkpoint(ckpt_dir / "last.pt"))
     assert float(resumed.model.heads["siglip"].logit_bias.detach()) > -10.0 + 0.05  # moved at scalar_lr
+
+
+def test_a_checkpoint_with_other_parameter_groups_is_refused_naming_them(synthetic_cxr, tmp_path, one_thread):
+    """A checkpoint from before the named groups (two unnamed ones: decayed, not decayed) cannot resume into the
+    three named groups; the refusal lists both layouts instead of torch's bare "different number of parameter
+    groups"."""
+    from mmvl.engine.checkpoint import save_checkpoint
+    from mmvl.errors import CheckpointError
+
+    cfg = Config.fromfile(REPO / "configs" / "demo" / "cxr_siglip_tiny.py")
+    cfg.merge_options([f"data.manifest={synthetic_cxr}", *TINIER, "train.max_steps=2", "train.ckpt_interval=2",
+                       "train.val_interval=1000"])
+    Trainer(cfg, tmp_path / "run").fit()
+    path = tmp_path / "run" / "checkpoints" / "step_0000002.pt"
+    state = load_checkpoint(path)
+    decay, *rest = state["optimizer"]["param_groups"]
+    merged = dict(rest[0], params=[index for group in rest for index in group["params"]])
+    state["optimizer"]["param_groups"] = [{k: v for k, v in group.items() if k != "name"} for group in (decay, merged)]
+    state["scheduler"]["base_lrs"] = state["scheduler"]["base_lrs"][:2]
+    save_checkpoint(path, state)  # with a valid checksum: only the layout is wrong
+    with pytest.raises(CheckpointError) as caught:
+        Trainer(cfg, tmp_path / "run", resume=True)
+    message = str(caught.value)
+    assert "unnamed group 0" in message and "unnamed group 1" in message, message
+    assert "decay (" in message and "gains_biases (" in message and "scalars (" in message, message
