@@ -1,7 +1,7 @@
 """Evaluate a trained model on a split of a labelled manifest: zero-shot classification, image-text retrieval,
 linear probes on frozen image features, generated reports, or grounding heatmaps.
 
-    python tools/evaluate.py MODEL --manifest FILE --task zero_shot|retrieval|linear_probe|report|grounding
+    python tools/evaluate.py MODEL [MODEL ...] --manifest FILE --task zero_shot|retrieval|linear_probe|report|grounding
         [--split test] [--val-split val] [--train-split train] [--labels "a,b"] [--preset chexzero]
         [--mode pairwise|multiclass] [--out metrics.json] [--plots DIR] [--batch-size 32] [--device cpu]
         [--n-bootstrap 1000] [--seed 0] [--limit N] [--method beam|greedy] [--num-beams 4] [--max-length N]
@@ -30,6 +30,14 @@ grounding     where the model's heatmaps (mmvl.grounding, --heatmap-method) put 
               contrast-to-noise ratio, per label against a centre prior (a Gaussian centred in the scan), with the
               paired difference (see mmvl/evaluation/grounding_metrics.py)
 
+Several models (--task grounding; each MODEL as SOURCE or NAME=SOURCE, the first the baseline): each is evaluated
+as it would be alone, --task grounding and --task zero_shot (its labels: the grounded ones the manifest labels), on
+the same split, and one table compares them: per finding, pointing game and CNR of the centre prior and of every
+model, and zero-shot AUROC, each with its interval, and each later model minus the baseline, paired on the same
+targets (AUROC: studies) and the same bootstrap resamples of studies (mmvl/evaluation/grounding_comparison.py). The
+table is printed and written beside --out with the suffix .md; the JSON holds every model's two one-model records
+and the paired differences of every metric.
+
 Labels default to the manifest's label names; unknown labels (-1) are left out per label. Intervals are percentile
 bootstrap intervals over --n-bootstrap resamples of the studies (seeded). A table is printed and the JSON (--out)
 holds every number with the model, manifest, split sizes, prompts, seed and mmvl version. --plots DIR writes
@@ -42,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -76,7 +85,9 @@ RECALL_KS = (1, 5, 10)
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="training work dir, checkpoint file, or model-zoo entry (folder or name)")
+    parser.add_argument("model", nargs="+", metavar="MODEL",
+                        help="training work dir, checkpoint file, or model-zoo entry (folder or name), as SOURCE or "
+                        "NAME=SOURCE; several (--task grounding): compared side by side, the first as the baseline")
     parser.add_argument("--manifest", required=True, help="manifest (JSONL/CSV) with split, labels and reports")
     add_root_arguments(parser)
     add_reader_arguments(parser)
@@ -123,7 +134,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--limit must be >= 1")
     if args.plots and args.task not in ("zero_shot", "linear_probe"):
         parser.error("--plots applies to --task zero_shot and linear_probe")
+    try:
+        args.models = model_specs(args.model)
+    except ValueError as err:
+        parser.error(str(err))
+    if len(args.models) > 1 and args.task != "grounding":
+        parser.error(f"several models are compared with --task grounding only, got --task {args.task}")
     return args
+
+
+def model_specs(values: list[str]) -> list[tuple[str, str]]:
+    """``[(name, source)]`` of the MODEL arguments, each ``SOURCE`` or ``NAME=SOURCE`` (a SOURCE that exists as a
+    path is never split); a name defaults to the source's last path component."""
+    specs = []
+    for value in values:
+        name, sep, source = value.partition("=")
+        if not sep or not re.fullmatch(r"[\w.+-]+", name) or not source or Path(value).exists():
+            name, source = Path(value.rstrip("/\\")).name or value, value
+        specs.append((name, source))
+    names = [name for name, _ in specs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"two models named {repeated}: name them apart as NAME=SOURCE (e.g. clip=work_dirs/a)")
+    return specs
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -236,7 +269,8 @@ def run_zero_shot(args: argparse.Namespace, loaded: Any, runner: Runner, test: l
                      "embedding": "model.encode_image (the shared image-text space)",
                      "unit": f"study: the {args.study_aggregate} of its frontal views' probabilities (all its views "
                              "where none is frontal)"},
-            "metrics": metrics, "plot": (scores, targets, labels, metrics, "zero-shot")}
+            "metrics": metrics, "plot": (scores, targets, labels, metrics, "zero-shot"),
+            "study_ids": study_ids[args.split]}
 
 
 def run_linear_probe(args: argparse.Namespace, loaded: Any, runner: Runner, test: list[InputItem],
@@ -330,7 +364,7 @@ def run_report(args: argparse.Namespace, loaded: Any, runner: Runner, test: list
 
 
 def run_grounding(args: argparse.Namespace, loaded: Any, runner: Runner) -> dict[str, Any]:
-    from mmvl.evaluation.grounding_metrics import definitions, evaluate_grounding
+    from mmvl.evaluation.grounding_metrics import definitions, grounding_records, summarise_records
 
     rows = [row for row in load_manifest(args.manifest, **root_options(args, loaded.config, source=loaded.source))
             if str(row.get("split") or "") == args.split][:args.limit]
@@ -340,13 +374,15 @@ def run_grounding(args: argparse.Namespace, loaded: Any, runner: Runner) -> dict
                           "(datasets/synthetic.py writes masks; MS-CXR's layout: datasets/ms_cxr.md)")
     labels = [label.strip() for label in args.labels.split(",") if label.strip()] if args.labels else found
     prompts = prompts_from(labels, args.preset)
-    metrics, failed = evaluate_grounding(loaded, rows, Path(args.manifest).parent, prompts, args.heatmap_method,
-                                         args.threshold, args.batch_size, args.device, args.n_bootstrap, args.seed)
+    records, failed = grounding_records(loaded, rows, Path(args.manifest).parent, prompts, args.heatmap_method,
+                                        args.threshold, args.batch_size, args.device)
+    metrics = summarise_records(records, args.n_bootstrap, args.seed)
     runner.failed.extend({"split": args.split, **entry} for entry in failed)
     if not metrics["n_targets"]:
         raise NoRows(f"no finding of split '{args.split}' could be scored (see 'failed' in the JSON)")
     return {"info": {"labels": labels, "preset": str(args.preset), "prompts": prompts, "method": args.heatmap_method,
-                     "threshold": args.threshold, "definitions": definitions(args.threshold)}, "metrics": metrics}
+                     "threshold": args.threshold, "definitions": definitions(args.threshold)}, "metrics": metrics,
+            "records": records}
 
 
 def _require_rows(rows: Any, split: str) -> None:
@@ -486,58 +522,59 @@ def write_plots(plot: tuple | None, folder: str) -> list[str]:
     return [str(path) for path in paths]
 
 
-def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    args = parse_args(argv)
-    try:
-        loaded = load_pretrained(args.model, device=args.device)
-        if loaded.preprocess is None:
-            raise ConfigError(f"{loaded.source}: this model records no image preprocessing (a text-only model?)")
-        loaded.preprocess = with_reader_options(loaded.preprocess, reader_options(args))  # --allow-gaps...
-        sections = (loaded.config.get("data") or {}).get("report_sections", ("findings", "impression"))
-        # the data root the model was trained with, unless --data-root / --allow-outside-root say otherwise
-        splits, manifest_labels = load_splits(args.manifest, sections, args.limit,
-                                              **root_options(args, loaded.config, source=loaded.source))
-        test = split_rows(splits, args.split, args.manifest, "--split")
-        val = splits.get(args.val_split, []) if args.val_split else []
-        used_splits = [args.split, *([args.val_split] if args.val_split else []),
-                       *([args.train_split] if args.task == "linear_probe" else [])]
-        if len(set(used_splits)) < len(used_splits):
-            raise ConfigError(f"--split, --val-split and --train-split must name different splits, got {used_splits}")
+def evaluate_model(args: argparse.Namespace, source: str, task: str, labels: list[str] | None = None
+                   ) -> tuple[dict[str, Any], dict[str, Any], Runner]:
+    """``task`` of the model at ``source`` as a one-model run does it: the JSON record (``error`` where every image
+    failed), the task's result (with what the record leaves out: plot data, grounding records, study ids) and the
+    runner with the images that failed. ``labels``: instead of ``--labels``. Raises MMVLError for bad input."""
+    loaded = load_pretrained(source, device=args.device)
+    if loaded.preprocess is None:
+        raise ConfigError(f"{loaded.source}: this model records no image preprocessing (a text-only model?)")
+    loaded.preprocess = with_reader_options(loaded.preprocess, reader_options(args))  # --allow-gaps...
+    sections = (loaded.config.get("data") or {}).get("report_sections", ("findings", "impression"))
+    # the data root the model was trained with, unless --data-root / --allow-outside-root say otherwise
+    splits, manifest_labels = load_splits(args.manifest, sections, args.limit,
+                                          **root_options(args, loaded.config, source=loaded.source))
+    test = split_rows(splits, args.split, args.manifest, "--split")
+    val = splits.get(args.val_split, []) if args.val_split else []
+    used_splits = [args.split, *([args.val_split] if args.val_split else []),
+                   *([args.train_split] if task == "linear_probe" else [])]
+    if len(set(used_splits)) < len(used_splits):
+        raise ConfigError(f"--split, --val-split and --train-split must name different splits, got {used_splits}")
+    if labels is None:
         labels = manifest_labels
         if args.labels is not None:
             labels = [label.strip() for label in args.labels.split(",") if label.strip()]
-        if args.task in ("zero_shot", "linear_probe"):
-            _check_labels(labels, manifest_labels, args.manifest)
-        runner = Runner(loaded, args.batch_size, args.device)
-        if args.task == "zero_shot":
+    if task in ("zero_shot", "linear_probe"):
+        _check_labels(labels, manifest_labels, args.manifest)
+    runner = Runner(loaded, args.batch_size, args.device)
+    problem = None
+    try:
+        if task == "zero_shot":
             result = run_zero_shot(args, loaded, runner, test, val, labels)
-        elif args.task == "linear_probe":
+        elif task == "linear_probe":
             train = split_rows(splits, args.train_split, args.manifest, "--train-split")
             result = run_linear_probe(args, loaded, runner, test, val, train, labels)
-        elif args.task == "retrieval":
+        elif task == "retrieval":
             result = run_retrieval(args, loaded, runner, test)
-        elif args.task == "grounding":
+        elif task == "grounding":
             result = run_grounding(args, loaded, runner)
         else:
             result = run_report(args, loaded, runner, test)
-        problem = None
-    except MMVLError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except NoRows as err:
         result, problem = {"metrics": None}, str(err)
+    result["manifest_labels"] = manifest_labels
 
     record: dict[str, Any] = {
-        "task": args.task, "model": loaded.source, "manifest": str(args.manifest), "split": args.split,
+        "task": task, "model": loaded.source, "manifest": str(args.manifest), "split": args.split,
         "val_split": args.val_split or None, "mmvl_version": mmvl.__version__, "seed": args.seed,
         "n_bootstrap": args.n_bootstrap, "preprocess": loaded.preprocess.kind, "reader_options": reader_options(args),
         "n_rows": {name: len(splits.get(name, [])) for name in used_splits},
         "n_failed": len(runner.failed), "failed": runner.failed,
     }
-    if args.task in ("zero_shot", "linear_probe"):
+    if task in ("zero_shot", "linear_probe"):
         record["labels"] = labels
-    if args.task == "linear_probe":
+    if task == "linear_probe":
         record["train_split"] = args.train_split
     record.update(result.get("info", {}))
     if problem:
@@ -546,17 +583,117 @@ def main(argv: list[str] | None = None) -> int:
         record["metrics"] = result["metrics"]
         if "examples" in result:
             record["examples"] = result["examples"]
-        if args.plots:
-            record["plots"] = write_plots(result.get("plot"), args.plots)
+    return record, result, runner
+
+
+def print_failures(failed: list[dict[str, str]], out: str) -> None:
+    for failure in failed[:10]:
+        print(f"  unreadable ({failure['split']}): {failure['path']}: {failure['reason']}")
+    if len(failed) > 10:
+        print(f"  ... and {len(failed) - 10} more (listed in {out})")
+
+
+def compare_models(args: argparse.Namespace) -> int:
+    """Grounding and zero-shot AUROC of every model of ``args.models`` on the same split, each run as a one-model
+    run would be (``--task grounding``; ``--task zero_shot`` with the grounded labels the manifest labels), and
+    the paired difference of each later model from the first, in one JSON (``--out``) and one Markdown table
+    (``--out`` with the suffix ``.md``)."""
+    from mmvl.evaluation.grounding_comparison import (
+        align_studies,
+        comparison_table,
+        paired_auroc_difference,
+        paired_grounding,
+    )
+
+    names = [name for name, _ in args.models]
+    runs: dict[str, dict[str, Any]] = {}
+    failed: list[dict[str, str]] = []
+    try:
+        for name, source in args.models:  # (record, result, failed images): no model is kept once it has run
+            run_record, result, runner = evaluate_model(args, source, "grounding")
+            runs[name] = {"grounding": (run_record, result, runner.failed)}
+            if result["metrics"] is None:
+                continue
+            scorable = [label for label in run_record["labels"] if label in result["manifest_labels"]]
+            if scorable:
+                run_record, result, runner = evaluate_model(args, source, "zero_shot", labels=scorable)
+                runs[name]["zero_shot"] = (run_record, result, runner.failed)
+    except MMVLError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for name, tasks in runs.items():
+        for task, (_, _, task_failed) in tasks.items():
+            failed.extend({"model": name, "task": task, **entry} for entry in task_failed)
+    problems = {f"{name} {task}": record["error"] for name, tasks in runs.items()
+                for task, (record, _, _) in tasks.items() if "error" in record}
+    baseline = names[0]
+    record: dict[str, Any] = {
+        "task": "grounding", "comparison": names, "baseline": baseline,
+        "models": {name: runs[name]["grounding"][0]["model"] for name in names}, "manifest": str(args.manifest),
+        "split": args.split, "mmvl_version": mmvl.__version__, "seed": args.seed, "n_bootstrap": args.n_bootstrap,
+        "runs": {name: {task: record for task, (record, _, _) in tasks.items()} for name, tasks in runs.items()},
+        "n_failed": len(failed),
+    }
+    table_path = Path(args.out).with_suffix(".md")
+    if problems:
+        record["error"] = problems
+    else:
+        base_records = runs[baseline]["grounding"][1]["records"]
+        differences, auroc_differences = {}, {}
+        for name in names[1:]:
+            differences[name] = paired_grounding(base_records, runs[name]["grounding"][1]["records"],
+                                                 args.n_bootstrap, args.seed)
+            if "zero_shot" in runs[baseline] and "zero_shot" in runs[name]:
+                base, other = runs[baseline]["zero_shot"][1], runs[name]["zero_shot"][1]
+                rows_base, rows_other = align_studies(base["study_ids"], other["study_ids"])
+                base_scores, targets, labels = base["plot"][:3]
+                auroc_differences[name] = paired_auroc_difference(
+                    base_scores[rows_base], other["plot"][0][rows_other], targets[rows_base], labels,
+                    [base["study_ids"][i] for i in rows_base], args.n_bootstrap, args.seed)
+        table = comparison_table(
+            names, {name: runs[name]["grounding"][1]["metrics"] for name in names}, differences,
+            {name: runs[name]["zero_shot"][1]["metrics"] if "zero_shot" in runs[name] else None for name in names},
+            auroc_differences)
+        record.update(differences={"grounding": differences, "zero_shot_auroc": auroc_differences}, table=table)
+        atomic_write_text(table_path, table)
+    atomic_write_text(args.out, json.dumps(_json_safe(record), indent=2) + "\n")
+    if problems:
+        for where, problem in problems.items():
+            print(f"error: {where}: {problem}", file=sys.stderr)
+    else:
+        info = runs[baseline]["grounding"][0]
+        zero_shot = runs[baseline].get("zero_shot")
+        boot = runs[baseline]["grounding"][1]["metrics"]["bootstrap"]
+        print(f"\ngrounding side by side on split '{args.split}' ({info['method']} maps; "
+              f"{100 * boot['confidence']:g}% CIs from {boot['n_resamples']} bootstrap resamples of studies, the same "
+              f"for every model; differences paired on the same targets and studies"
+              + (f"; zero-shot: {zero_shot[0]['preset']} prompts, {zero_shot[0]['mode']}" if zero_shot else "")
+              + "):\n")
+        print(record["table"])
+    print_failures(failed, args.out)
+    print(f"\nwrote {args.out}" + ("" if problems else f" and {table_path}") + f" ({len(failed)} images failed)")
+    return 1 if failed or problems else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = parse_args(argv)
+    if len(args.models) > 1:
+        return compare_models(args)
+    try:
+        record, result, runner = evaluate_model(args, args.models[0][1], args.task)
+    except MMVLError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    problem = record.get("error")
+    if args.plots and not problem:
+        record["plots"] = write_plots(result.get("plot"), args.plots)
     atomic_write_text(args.out, json.dumps(_json_safe(record), indent=2) + "\n")
     if problem:
         print(f"error: {problem}", file=sys.stderr)
     else:
         print_results(args.task, result)
-    for failure in runner.failed[:10]:
-        print(f"  unreadable ({failure['split']}): {failure['path']}: {failure['reason']}")
-    if len(runner.failed) > 10:
-        print(f"  ... and {len(runner.failed) - 10} more (listed in {args.out})")
+    print_failures(runner.failed, args.out)
     print(f"\nwrote {args.out}" + (f" and {len(record.get('plots', []))} plots in {args.plots}" if args.plots else "")
           + f" ({len(runner.failed)} images failed)")
     return 1 if runner.failed or problem else 0

@@ -116,39 +116,11 @@ def boxes_mask(boxes: Sequence[Sequence[float]], shape: Sequence[int]) -> np.nda
 
 
 def read_mask(path: str | os.PathLike, geometry: Any) -> np.ndarray:
-    """A mask file on the scan's grid: a PNG/TIFF (non-zero inside) of the image's rows and columns, or a NIfTI
-    resampled (nearest) onto the volume through both affines (a DICOM series is read in another voxel order than
-    the NIfTI its masks were written in)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise DataError(path, "mask file not found")
-    if geometry.kind == "2d":
-        from PIL import Image
+    """A mask file on the scan's grid (:func:`mmvl.data.masks.read_mask`: a PNG/TIFF of the image's rows and
+    columns, or a NIfTI resampled, nearest, onto the volume through both affines)."""
+    from mmvl.data.masks import read_mask as read_on_grid
 
-        try:
-            mask = np.asarray(Image.open(path)) > 0
-        except OSError as err:
-            raise DataError(path, f"cannot read mask: {err}") from err
-        mask = mask.any(axis=-1) if mask.ndim == 3 else mask
-        if mask.shape != tuple(geometry.scan_shape):
-            raise DataError(path, f"mask of {mask.shape} pixels for an image of {tuple(geometry.scan_shape)}")
-        return mask
-    import nibabel as nib
-
-    try:
-        image = nib.load(path)
-        data = np.asarray(image.dataobj) > 0
-    except Exception as err:  # nibabel raises a range of errors
-        raise DataError(path, f"cannot read mask: {type(err).__name__}: {err}") from err
-    if data.shape == tuple(geometry.scan_shape) and np.allclose(image.affine, geometry.scan_affine, atol=1e-3):
-        return data
-    to_mask = np.linalg.inv(image.affine) @ geometry.scan_affine
-    index = np.stack(np.meshgrid(*(np.arange(n) for n in geometry.scan_shape), indexing="ij"), -1).reshape(-1, 3)
-    where = np.rint(index @ to_mask[:3, :3].T + to_mask[:3, 3]).astype(np.int64)
-    inside = np.all((where >= 0) & (where < data.shape), axis=1)
-    mask = np.zeros(len(index), dtype=bool)
-    mask[inside] = data[tuple(where[inside].T)]
-    return mask.reshape(geometry.scan_shape)
+    return read_on_grid(path, geometry.scan_shape, geometry.scan_affine if geometry.kind != "2d" else None)
 
 
 def row_targets(row: Mapping[str, Any], image_index: int, manifest_dir: str | os.PathLike
@@ -269,6 +241,27 @@ def evaluate_grounding(loaded: Any, rows: Sequence[Mapping[str, Any]], manifest_
     """Grounding metrics of ``loaded`` on the targets of ``rows`` (manifest rows, :func:`row_targets`) for the labels
     of ``prompts`` (a label's map is of its positive prompts, or of the row's phrase for it). Returns the
     :func:`summarise` result (with ``n_targets``) and the images or targets that could not be scored, with reasons."""
+    records, failed = grounding_records(loaded, rows, manifest_dir, prompts, method, threshold, batch_size, device,
+                                        progress)
+    return summarise_records(records, n_bootstrap, seed, confidence), failed
+
+
+def summarise_records(records: Sequence[Mapping[str, Any]], n_bootstrap: int = 1000, seed: int = 0,
+                      confidence: float = 0.95) -> dict[str, Any]:
+    """:func:`summarise` of :func:`grounding_records` with their count, ``n_targets``."""
+    summary = summarise(records, n_bootstrap, seed, confidence)
+    summary["n_targets"] = len(records)
+    return summary
+
+
+def grounding_records(loaded: Any, rows: Sequence[Mapping[str, Any]], manifest_dir: str | os.PathLike,
+                      prompts: Mapping[str, Mapping[str, Sequence[str]]], method: str = "similarity",
+                      threshold: float = DEFAULT_THRESHOLD, batch_size: int = 8, device: Any = None,
+                      progress: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """One record per scored (image, label) of ``rows`` (``label``, ``study_id``, ``path``, ``text`` and the
+    ``model`` and ``centre_prior`` :func:`grounding_scores`), in row order within each group of images mapped for
+    the same texts, and the images or targets that could not be scored, with reasons (see
+    :func:`evaluate_grounding`)."""
     from tqdm.auto import tqdm
 
     from mmvl.data.inputs import row_items
@@ -316,6 +309,4 @@ def evaluate_grounding(loaded: Any, rows: Sequence[Mapping[str, Any]], manifest_
                                 "text": text, "model": grounding_scores(result.maps[text], mask, threshold),
                                 "centre_prior": grounding_scores(prior, mask, threshold)})
     bar.close()
-    summary = summarise(records, n_bootstrap, seed, confidence)
-    summary["n_targets"] = len(records)
-    return summary, failed
+    return records, failed
