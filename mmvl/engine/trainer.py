@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import signal
 import threading
@@ -113,6 +114,9 @@ class Trainer:
                 logger.warning("resuming with changed settings: %s",
                                ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changed))
         if train_cfg["deterministic"]:
+            # cuBLAS reorders its reductions between calls unless its workspace is fixed (CUDA >= 10.2, torch's
+            # reproducibility notes); read when the first cuBLAS handle is made, which is after this point.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(int(train_cfg["seed"]))  # the same on every rank: identical initial weights
         if strategy.device.type == "cpu" and train_cfg["keep_freed_memory"]:

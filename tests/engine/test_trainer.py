@@ -163,3 +163,18 @@ def test_unreadable_samples_are_skipped_logged_and_limited(synthetic_cxr, tmp_pa
     expected = r"1 of 160 training samples could not be read.*corrupt.\.dcm: corrupt.*check_data.py"
     with pytest.raises(TrainingError, match=expected):
         strict.fit()
+
+
+def test_deterministic_fixes_the_cublas_workspace(synthetic_cxr, tmp_path, monkeypatch):
+    """``train.deterministic`` sets CUBLAS_WORKSPACE_CONFIG (without it cuBLAS matmuls on a GPU are not
+    reproducible, and a bitwise resume fails there); a value the user set is kept."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        Trainer(tiny_config(synthetic_cxr, "train.deterministic=True", "train.max_steps=1"), tmp_path / "a")
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+        Trainer(tiny_config(synthetic_cxr, "train.deterministic=True", "train.max_steps=1"), tmp_path / "b")
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    finally:
+        torch.use_deterministic_algorithms(before)
