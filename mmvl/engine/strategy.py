@@ -178,11 +178,33 @@ class Strategy:
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+            set_state_dict(model, optimizer, model_state_dict=state["model"],
+                           optim_state_dict=optimizer_state_by_name(model, optimizer, state["optimizer"]),
                            options=StateDictOptions(full_state_dict=True))
             return
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+
+
+def optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer,
+                            state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` (an optimizer state dict) keyed by parameter name, as ``set_state_dict`` reads it. A checkpoint of
+    one process or of DDP keys its parameters by position (``torch.optim.Optimizer.state_dict``), FSDP's by name:
+    positions are mapped to the names of this optimizer's parameters in the same order, so a run started on one
+    process or under DDP continues under FSDP (``Optimizer.load_state_dict`` itself maps by position)."""
+    saved = [key for group in state["param_groups"] for key in group["params"]]
+    if not saved or all(isinstance(key, str) for key in saved):
+        return dict(state)
+    name_of = {id(param): name for name, param in model.named_parameters()}
+    names = [name_of[id(param)] for group in optimizer.param_groups for param in group["params"]]
+    sizes = [len(group["params"]) for group in state["param_groups"]]
+    if sizes != [len(group["params"]) for group in optimizer.param_groups]:
+        raise CheckpointError(f"the checkpoint's optimizer has parameter groups of {sizes} parameters, the "
+                              f"configured model {[len(g['params']) for g in optimizer.param_groups]}")
+    rename = dict(zip(saved, names))
+    return {"state": {rename[key]: value for key, value in state["state"].items()},
+            "param_groups": [{**group, "params": [rename[key] for key in group["params"]]}
+                             for group in state["param_groups"]]}
 
 
 def gradient_buckets(grads: list[torch.Tensor], bucket_bytes: int) -> list[list[torch.Tensor]]:
