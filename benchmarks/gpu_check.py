@@ -44,7 +44,7 @@ SCHEMA = 1
 # training figures come before the data part, which compares the loader with the step.
 PARTS: dict[str, tuple[float, float, str]] = {
     "setup": (45, 60, "venv with the README's install plus the gpu extra; versions; does xformers load"),
-    "gpu_tests": (110, 60, "pytest -m gpu tests/gpu"),
+    "gpu_tests": (110, 60, "pytest -m gpu tests/gpu tests/ops/test_attention.py"),
     "train": (90, 150, "bench_train.py: mmvl's step vs open_clip's loop, ViT-B/16 224 + BERT-base, bf16"),
     "encoders": (75, 90, "bench_encoders.py cases: 2D ViT-B/16, 3D ViT at 96^3 and 128^3"),
     "ct_batch": (45, 120, "largest CT CLIP batch at 96^3, with and without checkpointing"),
@@ -348,8 +348,8 @@ TEST_LINE = re.compile(r"^(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)")
 
 def part_gpu_tests(ctx: dict[str, Any], out: PartResult) -> None:
     junit = Path(tempfile.mkdtemp(prefix="mmvl_gpu_tests_")) / "junit.xml"
-    command = [ctx["python"], "-m", "pytest", "-m", "gpu", "tests/gpu", "-v", "-p", "no:randomly",
-               f"--junitxml={junit}", *ctx["sizes"]["tests_args"]]
+    command = [ctx["python"], "-m", "pytest", "-m", "gpu", "tests/gpu", "tests/ops/test_attention.py", "-v",
+               "-p", "no:randomly", f"--junitxml={junit}", *ctx["sizes"]["tests_args"]]
     outcomes: dict[str, str] = {}
     out.update(command=" ".join(command), outcomes=outcomes)
     with open(ctx["log"], "a", encoding="utf-8") as log:

@@ -522,6 +522,7 @@ def test_xformers_bias_is_materialised_when_it_needs_a_gradient():
     assert torch.equal(grad, torch.full_like(bias, 2.0))  # used once per batch element
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", [None, "bool", "additive", "key_padding"])
 def test_xformers_matches_math_on_cuda(dtype, kind):
