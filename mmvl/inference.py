@@ -117,9 +117,10 @@ def predict(
     allow_outside_root: bool = False,
     reader_options: Mapping[str, Any] | None = None,
     thresholds: Mapping[str, float] | None = None,
+    mask_dir: PathLike | None = None,
 ) -> Any:
-    """A fine-tuned classifier's per-label probabilities and predictions for every scan in ``inputs`` (files or
-    folders, found as :func:`zero_shot` finds them) and/or ``manifest`` rows.
+    """A fine-tuned classifier's per-label probabilities and predictions, or a fine-tuned segmenter's masks, for
+    every scan in ``inputs`` (files or folders, found as :func:`zero_shot` finds them) and/or ``manifest`` rows.
 
     ``model``: a fine-tuning work dir or checkpoint (``configs/finetune/``), its zoo entry (``tools/export.py``,
     folder or name) or a loaded one. Returns one dict per scan, in input order: ``path``, ``study_id``, ``view``,
@@ -128,10 +129,22 @@ def predict(
     ``thresholds`` overrides some) or for a multi-class head ``prediction`` (the most probable class), and
     ``error`` (why a scan could not be read; its probabilities are NaN). The other arguments are
     :func:`zero_shot`'s.
+
+    A segmenter (``configs/finetune/seg_*``) writes one mask per label and scan under ``mask_dir``, in the scan's
+    geometry: ``<scan>_<label>.nii.gz`` with the scan's affine and voxel grid for volumes (segmented whole, by
+    sliding windows of the training ROI), ``<scan>_<label>.png`` at the image's size for 2D (the resize and pad
+    undone), thresholded at each label's Dice-optimal threshold on the run's validation split (``thresholds``
+    overrides some); its rows give ``<label>_mask`` (the file) and ``<label>_voxels``.
     """
     from mmvl.evaluation.predict import predict_scans
+    from mmvl.evaluation.segment import has_segmenter, predict_masks
 
     _check_model(model, "predict")
-    return predict_scans(load_model(model, device), inputs, manifest, batch_size=batch_size, progress=progress,
+    loaded = load_model(model, device)
+    if has_segmenter(loaded.model):
+        return predict_masks(loaded, inputs, manifest, mask_dir=mask_dir, progress=progress, as_frame=as_frame,
+                             limit=limit, data_root=data_root, allow_outside_root=allow_outside_root,
+                             reader_options=reader_options, thresholds=thresholds)
+    return predict_scans(loaded, inputs, manifest, batch_size=batch_size, progress=progress,
                          as_frame=as_frame, limit=limit, data_root=data_root, allow_outside_root=allow_outside_root,
                          reader_options=reader_options, thresholds=thresholds)

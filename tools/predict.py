@@ -1,4 +1,4 @@
-"""Per-label probabilities and predictions of a fine-tuned classifier on scans.
+"""Per-label probabilities and predictions of a fine-tuned classifier, or masks of a fine-tuned segmenter, on scans.
 
     python tools/predict.py MODEL INPUT... [--out preds.csv] [--batch-size 32] [--device cpu] [--limit N]
         [--threshold LABEL=VALUE ...] [--allow-gaps] [--reader-option KEY=VALUE ...]
@@ -11,6 +11,10 @@ a row with its reason. The CSV has one row per scan: path, study_id, view, one p
 then ``<label>_pred`` (1 when the probability reaches the label's threshold, chosen F1-optimal on the training
 run's validation split and recorded in the entry; --threshold overrides) or, for a multi-class model,
 ``prediction``, and ``error``. A ``.json`` sidecar records the model, task, thresholds and mmvl version.
+A segmenter (configs/finetune/seg_*) writes one mask per label and scan under --mask-dir (default: the CSV's
+name without suffix + "_masks"): NIfTI with the scan's affine for volumes (segmented whole by sliding windows),
+PNG at the image's size for 2D, thresholded at each label's Dice-optimal threshold on the run's validation split
+(--threshold overrides); the CSV then has ``<label>_mask`` and ``<label>_voxels`` columns.
 Exit code: 0 all scans predicted, 1 some failed, 2 bad arguments.
 """
 
@@ -28,6 +32,7 @@ from mmvl.data.inputs import add_reader_arguments, reader_options, rows_csv
 from mmvl.data.manifest import add_root_arguments
 from mmvl.errors import ConfigError, MMVLError
 from mmvl.evaluation.predict import classifier_record, prediction_fields
+from mmvl.evaluation.segment import has_segmenter, mask_fields, segmenter_record
 from mmvl.inference import predict
 from mmvl.loading import load_model
 from mmvl.utils import atomic_write_text, setup_logging
@@ -45,6 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threshold", action="append", default=[], metavar="LABEL=VALUE",
                         help="override a label's recorded threshold; repeatable")
+    parser.add_argument("--mask-dir", help="segmenters: where the masks go (default: OUT without suffix + _masks)")
     add_reader_arguments(parser)
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -71,22 +77,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         thresholds = parse_thresholds(args.threshold)
         loaded = load_model(args.model, device=args.device)
-        record = classifier_record(loaded)
-        loaded.config.setdefault("classifier", record)  # a work dir's validation pass runs once
+        segmenter = has_segmenter(loaded.model)
+        key = "segmenter" if segmenter else "classifier"
+        record = segmenter_record(loaded) if segmenter else classifier_record(loaded)
+        loaded.config.setdefault(key, record)  # a work dir's validation pass runs once
         options = reader_options(args)
+        mask_dir = args.mask_dir or str(Path(args.out).with_suffix("")) + "_masks"
         rows = predict(loaded, args.inputs, manifest=args.manifest, batch_size=args.batch_size, limit=args.limit,
                        data_root=args.data_root, allow_outside_root=args.allow_outside_root,
-                       reader_options=options, thresholds=thresholds)
+                       reader_options=options, thresholds=thresholds, mask_dir=mask_dir)
     except MMVLError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    atomic_write_text(out, rows_csv(rows, ["path", "study_id", "view", *prediction_fields(record), "error"]))
+    fields = mask_fields(record["labels"]) if segmenter else prediction_fields(record)
+    atomic_write_text(out, rows_csv(rows, ["path", "study_id", "view", *fields, "error"]))
     if record.get("thresholds") is not None:
         record["thresholds"] = [thresholds.get(label, value) for label, value in zip(record["labels"],
                                                                                       record["thresholds"])]
     n_failed = sum(bool(row["error"]) for row in rows)
-    sidecar = {"model": loaded.source, "classifier": record, "threshold_overrides": thresholds,
+    sidecar = {"model": loaded.source, key: record, "threshold_overrides": thresholds,
+               **({"mask_dir": mask_dir} if segmenter else {}),
                "preprocess": loaded.preprocess.kind, "reader_options": options, "mmvl_version": mmvl.__version__,
                "n_inputs": len(rows), "n_failed": n_failed}
     atomic_write_text(out.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")

@@ -44,7 +44,7 @@ class LoadStage:
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         try:
-            return self.pipeline.load(item["path"], **item["fields"])
+            return self.pipeline.load(item["path"], mask_paths=item.get("masks"), **item["fields"])
         except DataError as err:
             return {"error": str(err)}
 
@@ -92,7 +92,10 @@ class ArrayCache(Dataset):
             return {"error": record["error"]}
         image = base + ".npy"
         mapped = "c" if os.path.getsize(image) > MMAP_BYTES else None
-        return {"image": torch.from_numpy(np.load(image, mmap_mode=mapped)), "meta": record["meta"]}
+        out = {"image": torch.from_numpy(np.load(image, mmap_mode=mapped)), "meta": record["meta"]}
+        if record.get("mask"):
+            out["mask"] = torch.from_numpy(np.load(base + ".mask.npy", mmap_mode=mapped))
+        return out
 
     def _fill(self, base: str, item: dict[str, Any]) -> dict[str, Any]:
         loaded = self.stage(item)
@@ -104,6 +107,11 @@ class ArrayCache(Dataset):
                 np.save(handle, loaded["image"].numpy())
             os.replace(base + ".npy" + partial, base + ".npy")
             record = {"meta": loaded["meta"]}
+            if loaded.get("mask") is not None:
+                with open(base + ".mask.npy" + partial, "wb") as handle:
+                    np.save(handle, loaded["mask"].numpy())
+                os.replace(base + ".mask.npy" + partial, base + ".mask.npy")
+                record["mask"] = True
         with open(base + ".json" + partial, "w", encoding="utf-8") as handle:
             json.dump(record, handle, default=_jsonable)
         os.replace(base + ".json" + partial, base + ".json")
@@ -141,6 +149,10 @@ class ManifestDataset(Dataset):
     seed (evaluation) a study shows its first frontal view (its first image when no view is frontal or named).
     ``group_keys`` name each item's study and report text, so a sampler can keep them out of one batch.
     ``studies``: only the rows of these studies (``study_id``, else the first image path: a label fraction).
+    ``mask_labels``: segmentation; each item also holds ``masks`` ``(L, ...)`` (0/1 float32, in the image's
+    geometry after the pipeline: spatial steps move them with the image), one per label from the row's ``masks``
+    (label -> file, relative to the manifest), empty where the row has none; a missing mask file is an error naming
+    it, an unreadable one fails (or is skipped) as an unreadable image does.
 
     ``cache="memory"`` keeps the output of the deterministic steps in RAM (MONAI ``CacheDataset``, filled
     at start-up); ``cache="disk"`` stores it under ``cache_dir`` (:class:`ArrayCache`: one memory-mapped ``.npy``
@@ -166,6 +178,7 @@ class ManifestDataset(Dataset):
         allow_outside_root: bool = False,
         view_policy: str = "random",
         studies: Collection[str] | None = None,
+        mask_labels: Sequence[str] | None = None,
     ):
         if view_policy not in VIEW_POLICIES:
             raise ValueError(f"view_policy must be one of {VIEW_POLICIES}, got {view_policy!r}")
@@ -215,6 +228,24 @@ class ManifestDataset(Dataset):
                 listed = "; ".join(f"line {line}: {p}" for line, p in missing[:5])
                 more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
                 raise ManifestError(manifest, f"{len(missing)} image file(s) not found: {listed}{more}")
+        self.mask_labels = list(mask_labels) if mask_labels else None
+        if self.mask_labels:
+            from mmvl.data.masks import row_mask_paths
+
+            manifest_dir = os.path.dirname(os.path.abspath(self.manifest))
+            try:
+                for row in self.rows:
+                    row["mask_paths"] = [row_mask_paths(row, self.mask_labels, manifest_dir, view)
+                                         for view in range(len(row["image"]))]
+            except DataError as err:
+                raise ManifestError(manifest, err.problem) from err
+            if check_files:
+                missing = [(row["line"], p) for row in self.rows for paths in row["mask_paths"] for p in paths
+                           if p is not None and not os.path.isfile(p)]
+                if missing:
+                    listed = "; ".join(f"line {line}: {p}" for line, p in missing[:5])
+                    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+                    raise ManifestError(manifest, f"{len(missing)} mask file(s) not found: {listed}{more}")
         if label_names is None:
             label_names = sorted({name for row in self.rows for name in (row["labels"] or {})})
         self.label_names = list(label_names)
@@ -261,7 +292,10 @@ class ManifestDataset(Dataset):
 
     def _item(self, row: dict[str, Any], view: int = 0) -> dict[str, Any]:
         fields = {key: row[key] for key in LoadVolume.FIELDS if row.get(key) is not None}
-        return {"path": row["image"][view], "fields": fields}
+        item = {"path": row["image"][view], "fields": fields}
+        if self.mask_labels:
+            item["masks"] = row["mask_paths"][view]
+        return item
 
     def _build_cache(self, cache: str, cache_dir: str | os.PathLike | None, workers: int) -> Dataset:
         if cache == "memory":
@@ -343,4 +377,6 @@ class ManifestDataset(Dataset):
         }
         if self.label_names:
             item["labels"] = self.labels_of(row)
+        if self.mask_labels:
+            item["masks"] = torch.from_numpy(sample["mask"])
         return item

@@ -170,6 +170,8 @@ class Collate:
         batch["meta"] = [s["meta"] for s in kept]
         if "labels" in kept[0]:
             batch["labels"] = torch.stack([s["labels"] for s in kept])
+        if "masks" in kept[0]:
+            batch["masks"] = torch.stack([s["masks"] for s in kept])
         if "report" in kept[0]:
             batch["report"] = [s["report"] for s in kept]
             if self.tokenizer is not None:

@@ -6,6 +6,11 @@ A pipeline maps an image path (a DICOM/PNG file for 2D; a NIfTI file or DICOM se
 first random transform are deterministic and may be cached (:meth:`Pipeline.load`); random steps draw
 from a per-sample seed (:meth:`Pipeline.augment`), so augmentation is reproducible and resumable.
 3D steps wrap MONAI dictionary transforms acting on the sample's ``"image"`` key.
+
+Segmentation samples also carry ``"mask"``, float32 ``(L, ...)`` (one mask per label, read by the loading step from
+``mask_paths``): spatial steps (resize and pad, reorientation, resampling, crop or pad, flips, affines, crops)
+move it exactly as the image, with the same random draws; intensity steps leave it alone. Masks are interpolated
+as the image is (linear) and cut at 0.5 when the sample leaves the pipeline.
 """
 
 from __future__ import annotations
@@ -49,6 +54,10 @@ class LoadImage(Transform):
         image, meta = read_image(sample["path"], **self.options)
         sample["image"] = image[None]
         sample["meta"] = meta
+        if sample.get("mask_paths") is not None:
+            from mmvl.data.masks import read_masks
+
+            sample["mask"] = read_masks(sample["mask_paths"], image.shape)
         return sample
 
 
@@ -114,15 +123,21 @@ class ResizePad(Transform):
             import scipy.sparse  # noqa: F401  (here, so that DataLoader workers fork with it imported)
 
     def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        sample["image"] = self.resize_pad(sample["image"], self.pad_value)
+        if sample.get("mask") is not None:
+            sample["mask"] = self.resize_pad(sample["mask"], 0.0)
+        return sample
+
+    def resize_pad(self, image: Any, pad_value: float) -> np.ndarray:
         import torch
 
-        image = to_numpy(sample["image"])  # (C, H, W)
+        image = to_numpy(image)  # (C, H, W)
         scale = self.size / max(image.shape[1:])
         resized_shape = tuple(int(round(side * scale)) for side in image.shape[1:])
         # SpatialPad's "symmetric" split: the smaller half before, the larger after. The output is allocated
         # once and the resized image written into its centre (np.pad + astype made two more full copies).
         starts = [max(self.size - side, 0) // 2 for side in resized_shape]
-        out = np.full((image.shape[0], *(max(self.size, side) for side in resized_shape)), self.pad_value,
+        out = np.full((image.shape[0], *(max(self.size, side) for side in resized_shape)), pad_value,
                       dtype=np.float32)
         window = out[(slice(None), *(slice(start, start + side) for start, side in zip(starts, resized_shape)))]
         if resized_shape != image.shape[1:] and self.mode == "area":
@@ -132,8 +147,7 @@ class ResizePad(Transform):
             window[...] = torch.nn.functional.interpolate(batch, size=resized_shape, mode=self.mode)[0].numpy()
         else:
             window[...] = image
-        sample["image"] = out
-        return sample
+        return out
 
 
 @TRANSFORMS.register("RandomAugment2D")
@@ -177,7 +191,12 @@ class RandomAugment2D(Transform):
             rng = np.random.default_rng()
         compose = self._compose.get(image.shape) or self._compose.setdefault(image.shape, self._build(image.shape))
         compose.set_random_seed(int(rng.integers(2**31 - 1)))
-        out = compose(image=image)["image"]
+        if sample.get("mask") is None:
+            out = compose(image=image)["image"]
+        else:  # albumentations moves masks with the image's spatial draws and leaves them out of intensity steps
+            result = compose(image=image, masks=list(to_numpy(sample["mask"])))
+            out = result["image"]
+            sample["mask"] = np.stack([np.asarray(m, dtype=np.float32) for m in result["masks"]])
         sample["image"] = np.clip(out, 0.0, 1.0).astype(np.float32)[None]
         return sample
 
@@ -231,7 +250,15 @@ class LoadVolume(Transform):
         volume, meta = read_volume(sample["path"], **fields, **self.options)
         sample["image"] = MetaTensor(torch.from_numpy(volume[None]), affine=torch.tensor(meta["affine"]))
         sample["meta"] = meta
+        if sample.get("mask_paths") is not None:
+            from mmvl.data.masks import read_masks
+
+            masks = read_masks(sample["mask_paths"], volume.shape, np.asarray(meta["affine"], dtype=np.float64))
+            sample["mask"] = MetaTensor(torch.from_numpy(masks), affine=torch.tensor(meta["affine"]))
         return sample
+
+
+SPATIAL_KEYS = ("image", "mask")  # the sample keys a spatial step moves (the mask only where there is one)
 
 
 class _MonaiDict(Transform):
@@ -251,7 +278,7 @@ class Orient(_MonaiDict):
     def __init__(self, axcodes: str = "RAS"):
         from monai.transforms import Orientationd
 
-        super().__init__(Orientationd(keys="image", axcodes=axcodes, labels=None))
+        super().__init__(Orientationd(keys=SPATIAL_KEYS, axcodes=axcodes, labels=None, allow_missing_keys=True))
 
 
 @TRANSFORMS.register("Resample")
@@ -263,7 +290,8 @@ class Resample(_MonaiDict):
     def __init__(self, spacing: Sequence[float] = (1.5, 1.5, 3.0), mode: str = "bilinear"):
         from monai.transforms import Spacingd
 
-        super().__init__(Spacingd(keys="image", pixdim=tuple(spacing), mode=mode, padding_mode="border"))
+        super().__init__(Spacingd(keys=SPATIAL_KEYS, pixdim=tuple(spacing), mode=(mode, "bilinear"),
+                                  padding_mode=("border", "zeros"), allow_missing_keys=True))
 
 
 @TRANSFORMS.register("IntensityWindow")
@@ -287,10 +315,12 @@ class CropOrPad(_MonaiDict):
     config_knobs = {"size": "volume_size"}  # filled from the config's volume_size (mmvl.config.validate)
 
     def __init__(self, size: Sequence[int], pad_value: float = 0.0):
-        from monai.transforms import ResizeWithPadOrCropd
+        from monai.transforms import Compose, ResizeWithPadOrCropd
 
-        super().__init__(ResizeWithPadOrCropd(keys="image", spatial_size=tuple(size), mode="constant",
-                                              value=pad_value))
+        super().__init__(Compose([  # a mask is padded with zeros whatever the image's pad value
+            ResizeWithPadOrCropd(keys="image", spatial_size=tuple(size), mode="constant", value=pad_value),
+            ResizeWithPadOrCropd(keys="mask", spatial_size=tuple(size), mode="constant", value=0.0,
+                                 allow_missing_keys=True)]))
 
 
 @TRANSFORMS.register("RandomAugment3D")
@@ -305,11 +335,13 @@ class RandomAugment3D(Transform):
                  shift_prob: float = 0.5):
         from monai.transforms import Compose, RandAffined, RandFlipd, RandShiftIntensityd
 
-        steps = [RandFlipd(keys="image", prob=flip_prob, spatial_axis=axis) for axis in (flip_axes or ())]
+        steps = [RandFlipd(keys=SPATIAL_KEYS, prob=flip_prob, spatial_axis=axis, allow_missing_keys=True)
+                 for axis in (flip_axes or ())]
         if rotate or scale:
             radians = float(np.deg2rad(rotate))
-            steps.append(RandAffined(keys="image", prob=affine_prob, rotate_range=(radians,) * 3,
-                                     scale_range=(scale,) * 3, mode="bilinear", padding_mode="border"))
+            steps.append(RandAffined(keys=SPATIAL_KEYS, prob=affine_prob, rotate_range=(radians,) * 3,
+                                     scale_range=(scale,) * 3, mode="bilinear", padding_mode=("border", "zeros"),
+                                     allow_missing_keys=True))
         if intensity_shift:
             steps.append(RandShiftIntensityd(keys="image", offsets=intensity_shift, prob=shift_prob))
         self.compose = Compose(steps)
@@ -348,11 +380,14 @@ class Pipeline:
     def deterministic_spec(self) -> list[dict[str, Any]]:
         return self.spec[: self.split]
 
-    def load(self, path: str | os.PathLike, **fields: Any) -> Sample:
-        """Deterministic steps: ``{"image": float32 torch tensor, "meta": {...}}`` (safe for ``torch.load``)."""
+    def load(self, path: str | os.PathLike, mask_paths: Sequence[str | None] | None = None, **fields: Any) -> Sample:
+        """Deterministic steps: ``{"image": float32 torch tensor, "meta": {...}}`` (safe for ``torch.load``), with
+        ``"mask"`` ``(L, ...)`` when ``mask_paths`` (one file or None per label) are given."""
         import torch
 
         sample: Sample = {"path": os.fspath(path), **fields}
+        if mask_paths is not None:
+            sample["mask_paths"] = list(mask_paths)
         affine = None
         for transform in self.transforms[: self.split]:
             sample = transform(sample, None)
@@ -366,6 +401,9 @@ class Pipeline:
                         spacing=[float(v) for v in np.linalg.norm(affine[:3, :3], axis=0)])
         image = torch.from_numpy(np.ascontiguousarray(to_numpy(image)))
         meta["shape"] = list(image.shape[1:])
+        if mask_paths is not None:
+            return {"image": image, "meta": meta, "mask": torch.from_numpy(np.ascontiguousarray(
+                to_numpy(sample["mask"])))}
         return {"image": image, "meta": meta}
 
     def augment(self, loaded: Sample, seed: int | None = None) -> Sample:
@@ -373,9 +411,13 @@ class Pipeline:
         in place, so ``loaded`` is left as it was)."""
         rng = np.random.default_rng(seed)
         sample: Sample = {"image": to_numpy(loaded["image"]), "meta": dict(loaded["meta"])}
+        if loaded.get("mask") is not None:
+            sample["mask"] = to_numpy(loaded["mask"])
         for transform in self.transforms[self.split :]:
             sample = transform(sample, rng)
         sample["image"] = np.ascontiguousarray(to_numpy(sample["image"]))
+        if sample.get("mask") is not None:  # interpolated masks back to 0/1
+            sample["mask"] = (to_numpy(sample["mask"]) > 0.5).astype(np.float32)
         return sample
 
     def __call__(self, path: str | os.PathLike, seed: int | None = None, **fields: Any) -> Sample:

@@ -28,12 +28,13 @@ from mmvl.utils import atomic_directory, atomic_write_text, get_logger
 logger = get_logger(__name__)
 
 
-def build_datasets(data_cfg: Mapping[str, Any], work_dir: Path, seed: int, is_main: bool = True) -> \
-        tuple[Dataset, Dataset | None]:
+def build_datasets(data_cfg: Mapping[str, Any], work_dir: Path, seed: int, is_main: bool = True,
+                   mask_labels: list[str] | None = None) -> tuple[Dataset, Dataset | None]:
     """``data.type="manifest"`` reads ``data.manifest``; ``"shards"`` streams the webdataset shards in
     ``data.shards`` that ``tools/make_shards.py`` wrote from one (``data.resampled``, ``data.shuffle_buffer``).
     Every key of ``data`` is one of :data:`mmvl.config.schema.DATA_DEFAULTS` (the config check refuses others).
-    ``data.label_fraction`` trains on a subset of the training studies (:func:`label_fraction_studies`)."""
+    ``data.label_fraction`` trains on a subset of the training studies (:func:`label_fraction_studies`).
+    ``mask_labels`` (a segmentation head's labels): the items carry the rows' masks of those labels."""
     data = {**DATA_DEFAULTS, **data_cfg}
     kind = data["type"]
     streaming = kind == "shards"
@@ -57,6 +58,11 @@ def build_datasets(data_cfg: Mapping[str, Any], work_dir: Path, seed: int, is_ma
     if streaming and data["view_policy"] != DATA_DEFAULTS["view_policy"]:
         raise ConfigError(f"data.view_policy={data['view_policy']!r} applies to manifests; shards hold one image per "
                           "sample as tools/make_shards.py wrote them")
+    if mask_labels:
+        if streaming:
+            raise ConfigError("a segmentation head reads the masks of manifest rows; shards hold no masks: train "
+                              "from data.manifest instead")
+        stream["mask_labels"] = list(mask_labels)
     if data["label_fraction"] is not None:
         if streaming:
             raise ConfigError("data.label_fraction draws studies from a manifest; shards hold their samples as "
@@ -68,8 +74,9 @@ def build_datasets(data_cfg: Mapping[str, Any], work_dir: Path, seed: int, is_ma
     if data["val_split"]:
         # every rank validates the whole split; from a manifest, one item per study (its first frontal view)
         whole = dict(split_by_rank=False) if streaming else dict(view_policy="random")
+        masks = dict(mask_labels=list(mask_labels)) if mask_labels else {}
         val_set = DATASETS.build(dict(type=kind, split=data["val_split"], pipeline=data["eval_pipeline"],
-                                      label_names=train_set.label_names, **whole, **common))
+                                      label_names=train_set.label_names, **whole, **masks, **common))
     logger.info("data: %d train rows, %d val rows from %s", len(train_set), len(val_set or []), source)
     return train_set, val_set
 

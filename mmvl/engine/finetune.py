@@ -5,7 +5,7 @@ split by encoder layer for layer-wise learning-rate decay and the encoder's lear
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -73,6 +73,15 @@ def bind_labels(model: nn.Module, label_names: Sequence[str]) -> None:
             head.bind_labels(label_names)
 
 
+def mask_labels(model_cfg: Mapping[str, Any]) -> list[str] | None:
+    """The labels whose masks the data must carry: those of the model's segmentation head, if it has one."""
+    heads = model_cfg.get("heads") or []
+    for head in heads if isinstance(heads, list | tuple) else [heads]:
+        if isinstance(head, Mapping) and head.get("type") == "segmentation":
+            return list(head.get("label_names") or [])
+    return None
+
+
 def prepare_finetune(model: nn.Module, model_cfg: dict[str, Any], label_names: Sequence[str], resume: bool) -> None:
     """What a run does to a freshly built model before training: the ``init_from`` weights (a resume takes every
     weight from its checkpoint instead, so the source need not exist any more) and the heads' label columns."""
@@ -81,4 +90,4 @@ def prepare_finetune(model: nn.Module, model_cfg: dict[str, Any], label_names: S
     bind_labels(model, label_names)
 
 
-__all__ = ["bind_labels", "layer_scaled_groups", "load_init_from", "prepare_finetune"]
+__all__ = ["bind_labels", "layer_scaled_groups", "load_init_from", "mask_labels", "prepare_finetune"]

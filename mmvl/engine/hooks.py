@@ -201,7 +201,8 @@ def validate(trainer: Any) -> dict[str, float]:
     nor can they choose best.pt). Every rank
     validates the whole split on its own (local batches, no gathers); the training RNG stream is untouched and
     masking heads draw the same masks at every validation. Classification heads (``is_classifier``) add their
-    ``evaluate`` metrics of the whole split (``val/<head>/macro_auroc``...)."""
+    ``evaluate`` metrics of the whole split (``val/<head>/macro_auroc``...); segmentation heads (``is_segmenter``)
+    their Dice from the voxel counts of the whole split (``val/<head>/mean_dice``, ``val/<head>/dice/<label>``)."""
     model, device = trainer.model, trainer.strategy.device
     world = model.world_size
     model.set_world(0, 1)
@@ -214,6 +215,8 @@ def validate(trainer: Any) -> dict[str, float]:
     classifiers = {name: head for name, head in model.heads.items() if getattr(head, "is_classifier", False)}
     scores: dict[str, list[torch.Tensor]] = {name: [] for name in classifiers}
     targets: dict[str, list[torch.Tensor]] = {name: [] for name in classifiers}
+    segmenters = {name: head for name, head in model.heads.items() if getattr(head, "is_segmenter", False)}
+    counts: dict[str, list[torch.Tensor]] = {name: [] for name in segmenters}
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(int(trainer.train_cfg["seed"]))
@@ -231,6 +234,8 @@ def validate(trainer: Any) -> dict[str, float]:
                 for name, head in classifiers.items():
                     scores[name].append(out.pop(f"{name}/scores").float().cpu())
                     targets[name].append(head.targets(batch).cpu())
+                for name in segmenters:
+                    counts[name].append(out.pop(f"{name}/dice_stats").cpu())
                 for key, value in out.items():
                     if torch.is_tensor(value) and value.numel() == 1:
                         totals[key] = totals.get(key, 0.0) + float(value) * n
@@ -241,6 +246,10 @@ def validate(trainer: Any) -> dict[str, float]:
     for name, head in classifiers.items():
         if scores[name]:
             found = head.evaluate(torch.cat(scores[name]).numpy(), torch.cat(targets[name]).long().numpy())
+            metrics.update({f"val/{name}/{key}": value for key, value in found.items()})
+    for name, head in segmenters.items():
+        if counts[name]:
+            found = head.evaluate(torch.cat(counts[name]).numpy())
             metrics.update({f"val/{name}/{key}": value for key, value in found.items()})
     if image_embs:
         recall = retrieval_metrics(torch.cat(image_embs), torch.cat(text_embs), texts=texts)

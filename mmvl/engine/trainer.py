@@ -44,7 +44,7 @@ from mmvl.engine.checkpoint import (
     step_checkpoint_name,
 )
 from mmvl.engine.data import build_datasets, build_train_loader, prepare_tokenizers, to_device, train_batches
-from mmvl.engine.finetune import prepare_finetune
+from mmvl.engine.finetune import mask_labels, prepare_finetune
 from mmvl.engine.grad_cache import check_grad_cache, grad_cache_step
 from mmvl.engine.optim import (
     apply_config_after_resume,
@@ -123,7 +123,7 @@ class Trainer:
             keep_freed_memory()
 
         self.train_set, self.val_set = build_datasets(cfg["data"], self.work_dir, int(train_cfg["seed"]),
-                                                      strategy.is_main)
+                                                      strategy.is_main, mask_labels(cfg["model"]))
         model_cfg = prepare_tokenizers(cfg["model"], lambda: self.train_set.texts, self.work_dir, resume, strategy)
         self.model = build_model(model_cfg)
         prepare_finetune(self.model, model_cfg, self.train_set.label_names, resume)  # init_from, label columns

@@ -116,39 +116,11 @@ def boxes_mask(boxes: Sequence[Sequence[float]], shape: Sequence[int]) -> np.nda
 
 
 def read_mask(path: str | os.PathLike, geometry: Any) -> np.ndarray:
-    """A mask file on the scan's grid: a PNG/TIFF (non-zero inside) of the image's rows and columns, or a NIfTI
-    resampled (nearest) onto the volume through both affines (a DICOM series is read in another voxel order than
-    the NIfTI its masks were written in)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise DataError(path, "mask file not found")
-    if geometry.kind == "2d":
-        from PIL import Image
+    """A mask file on the scan's grid (:func:`mmvl.data.masks.read_mask`: a PNG/TIFF of the image's rows and
+    columns, or a NIfTI resampled, nearest, onto the volume through both affines)."""
+    from mmvl.data.masks import read_mask as read_on_grid
 
-        try:
-            mask = np.asarray(Image.open(path)) > 0
-        except OSError as err:
-            raise DataError(path, f"cannot read mask: {err}") from err
-        mask = mask.any(axis=-1) if mask.ndim == 3 else mask
-        if mask.shape != tuple(geometry.scan_shape):
-            raise DataError(path, f"mask of {mask.shape} pixels for an image of {tuple(geometry.scan_shape)}")
-        return mask
-    import nibabel as nib
-
-    try:
-        image = nib.load(path)
-        data = np.asarray(image.dataobj) > 0
-    except Exception as err:  # nibabel raises a range of errors
-        raise DataError(path, f"cannot read mask: {type(err).__name__}: {err}") from err
-    if data.shape == tuple(geometry.scan_shape) and np.allclose(image.affine, geometry.scan_affine, atol=1e-3):
-        return data
-    to_mask = np.linalg.inv(image.affine) @ geometry.scan_affine
-    index = np.stack(np.meshgrid(*(np.arange(n) for n in geometry.scan_shape), indexing="ij"), -1).reshape(-1, 3)
-    where = np.rint(index @ to_mask[:3, :3].T + to_mask[:3, 3]).astype(np.int64)
-    inside = np.all((where >= 0) & (where < data.shape), axis=1)
-    mask = np.zeros(len(index), dtype=bool)
-    mask[inside] = data[tuple(where[inside].T)]
-    return mask.reshape(geometry.scan_shape)
+    return read_on_grid(path, geometry.scan_shape, geometry.scan_affine if geometry.kind != "2d" else None)
 
 
 def row_targets(row: Mapping[str, Any], image_index: int, manifest_dir: str | os.PathLike

@@ -24,9 +24,12 @@ class VisionLanguageModel(nn.Module):
     ``image_encoder=`` at build (for its patch grid); a ``mask_ratio`` attribute > 0 makes the image
     encoder drop that fraction of patch tokens (the largest ratio among the heads wins: CLIP + MAE heads
     then share one masked encoding, as in FLIP/MedFLIP); ``tokenizer``/``max_length`` attributes provide
-    the report tokenizer when there is no text encoder; ``visualize(model, batch, path)`` writes a picture
-    that the trainer asks for every ``train.vis_interval`` steps; ``is_classifier = True`` heads return their
-    ``scores`` in eval mode and ``evaluate(scores, targets)`` scores a validation split.
+    the report tokenizer when there is no text encoder; ``needs_hidden_states = True`` makes the encoder
+    return every block's output (``EncoderOutput.hidden_states``, for segmentation decoders);
+    ``visualize(model, batch, path)`` writes a picture that the trainer asks for every ``train.vis_interval``
+    steps; ``is_classifier = True`` heads return their ``scores`` in eval mode and ``evaluate(scores, targets)``
+    scores a validation split; ``is_segmenter = True`` heads return ``dice_stats`` (voxel counts) in eval mode
+    and ``evaluate(counts)`` gives the split's Dice.
 
     Fine-tuning (:mod:`mmvl.models.finetune`): ``mode`` says what trains (``full``, ``linear``, ``lora``,
     ``lora+head``), ``lora`` the adapters' rank, alpha, dropout and targets; ``init_from`` (a work dir or zoo entry)
@@ -71,6 +74,11 @@ class VisionLanguageModel(nn.Module):
                 **extra,
             )
         self.mask_ratio = max(float(getattr(head, "mask_ratio", 0.0) or 0.0) for head in self.heads.values())
+        # dense heads (segmentation) read every block's output, not only the last tokens
+        self.needs_hidden_states = any(getattr(head, "needs_hidden_states", False) for head in self.heads.values())
+        if self.needs_hidden_states and self.mask_ratio:
+            raise ConfigError("model.heads: a segmentation head needs every patch token; it cannot share the encoder "
+                              "with a masking head (mask_ratio > 0)")
         self.mode, self.init_from = mode, init_from
         apply_mode(self, mode, lora)
 
@@ -122,6 +130,8 @@ class VisionLanguageModel(nn.Module):
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         if self.mask_ratio:
             image_out = self.image_encoder(batch["image"], token_drop=self.mask_ratio)
+        elif self.needs_hidden_states:
+            image_out = self.image_encoder(batch["image"], hidden_states=True)
         else:
             image_out = self.image_encoder(batch["image"])
         text_out = None

@@ -85,6 +85,35 @@ def _encoder_summary(cfg: Mapping[str, Any] | None) -> str:
     return f"`{cfg.get('type')}` ({', '.join(parts)})" if parts else f"`{cfg.get('type')}`"
 
 
+def _threshold_lines(config: Mapping[str, Any]) -> list[str]:
+    """The per-label decision thresholds a classifier or segmenter entry records (``config.json``), as a table."""
+    lines: list[str] = []
+    for key, what, metric in (("classifier", "probability >= threshold: label predicted present", None),
+                              ("segmenter", "voxel probability >= threshold: inside the mask", "val_dice")):
+        record = config.get(key)
+        if not record or not record.get("thresholds"):
+            continue
+        sources = record.get("threshold_source") or []
+        sources = sources if isinstance(sources, list) else [sources] * len(record["labels"])
+        scores = record.get(metric) or [None] * len(record["labels"]) if metric else None
+        split = record.get("val_split")
+        lines += ["## Thresholds", "",
+                  f"Per-label thresholds recorded in `config.json` (`{key}`; {what}), chosen on the training run's "
+                  f"validation split `{split}` ({record.get('n_val', 0)} images); `tools/predict.py --threshold "
+                  "LABEL=VALUE` overrides one.", ""]
+        header = "| label | threshold | chosen |" + (" validation Dice |" if scores else "")
+        lines += [header, "|---|---|---|" + ("---|" if scores else "")]
+        for index, (label, threshold) in enumerate(zip(record["labels"], record["thresholds"])):
+            source = sources[index] if index < len(sources) else ""
+            cells = f"| {label} | {float(threshold):.2f} | {source} |"
+            if scores:
+                value = scores[index] if index < len(scores) else None
+                cells += f" {'n/a' if value is None else f'{float(value):.4f}'} |"
+            lines.append(cells)
+        lines.append("")
+    return lines
+
+
 def write_model_card(out: Path, config: Mapping[str, Any], train_cfg: Mapping[str, Any], model: nn.Module,
                      prompts: Mapping[str, Any] | None, metrics: Mapping[str, Any], checks: Mapping[str, Any],
                      skipped: Mapping[str, str], description: str | None = None) -> Path:
@@ -113,6 +142,8 @@ def write_model_card(out: Path, config: Mapping[str, Any], train_cfg: Mapping[st
                  ("parameters: total", f"{_count(model):,}"),
                  ("mmvl version", config["mmvl_version"])]
     lines += _table(arch_rows, ("field", "value")) + [""]
+
+    lines += _threshold_lines(config)
 
     lines += ["## Input and preprocessing", ""]
     if (out / loading.PREPROCESS).is_file():

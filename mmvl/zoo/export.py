@@ -29,6 +29,8 @@ from mmvl import loading
 from mmvl.data.transforms import save_preprocess
 from mmvl.errors import CheckpointError, ConfigError
 from mmvl.evaluation.predict import classifier_head, probabilities, validation_thresholds
+from mmvl.evaluation.segment import has_segmenter, segmenter_check
+from mmvl.evaluation.segment import validation_thresholds as segmentation_thresholds
 from mmvl.evaluation.zero_shot import PRESETS, load_prompt_file
 from mmvl.loading import LoadedModel, load_pretrained
 from mmvl.models import EncoderModel, VisionLanguageModel
@@ -264,7 +266,18 @@ def _check_classifier(adapted: nn.Module, merged: nn.Module, images: torch.Tenso
     return {"max_abs_diff": diff, "bitwise_equal": bool(torch.equal(expected, got)), "atol": MERGE_ATOL}
 
 
+def _check_segmenter(adapted: nn.Module, merged: nn.Module, images: torch.Tensor) -> dict[str, Any]:
+    """The exported segmenter's probabilities against the trained (LoRA-adapted) model's on the probe images."""
+    diff = segmenter_check(adapted, merged, images)
+    if not diff <= MERGE_ATOL:
+        raise CheckpointError(f"the exported segmenter's probabilities differ from the trained model's by {diff:.3g} "
+                              f"(> {MERGE_ATOL}); LoRA was not merged correctly, not written")
+    return {"max_abs_diff": diff, "atol": MERGE_ATOL}
+
+
 # -- prompts and metrics ----------------------------------------------------------------------------------------
+
+
 def _is_prompt_record(data: Any) -> bool:
     return isinstance(data, dict) and isinstance(data.get("prompts"), dict) and isinstance(data.get("labels"), list)
 
@@ -468,10 +481,13 @@ def _write_entry(loaded: LoadedModel, model: nn.Module, out: Path, final: Path, 
         "kind": "text", "in_chans": None, "spatial_size": None}
     probe_images = _probe_images(spec) if "image" in parts else torch.empty(0)
     checks: dict[str, Any] = {"mmvl": _check_rebuilt(model, rebuilt, probe_images, PROBE_TEXTS, parts)}
-    classifier = None
+    classifier = segmenter = None
     if any(getattr(head, "is_classifier", False) for head in getattr(model, "heads", {}).values()):
         checks["merged"] = _check_classifier(adapted, model, probe_images)
         classifier = validation_thresholds(dataclasses.replace(loaded, model=model))
+    if has_segmenter(model):
+        checks["merged"] = _check_segmenter(adapted, model, probe_images)
+        segmenter = segmentation_thresholds(dataclasses.replace(loaded, model=model))
     zoo_entry.save_weights(rebuilt, out / loading.WEIGHTS)
     if loaded.preprocess is not None:
         save_preprocess(out / loading.PREPROCESS, loaded.preprocess.spec, mmvl_version=mmvl.__version__)
@@ -489,6 +505,7 @@ def _write_entry(loaded: LoadedModel, model: nn.Module, out: Path, final: Path, 
         "data": {key: plain(value) for key, value in (train_cfg.get("data") or {}).items()
                  if key == "report_sections"},
         **({"classifier": classifier} if classifier is not None else {}),
+        **({"segmenter": segmenter} if segmenter is not None else {}),
         "license": license, "mmvl_version": mmvl.__version__,
         "source": {"checkpoint": Path(loaded.source).name, "step": loaded.info.get("step"),
                    "mmvl_version": loaded.info.get("mmvl_version")},

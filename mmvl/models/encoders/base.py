@@ -19,6 +19,9 @@ class EncoderOutput:
     tokens: torch.Tensor  # (B, N, D); image: patch (+prefix) tokens, text: last hidden states
     attention_mask: torch.Tensor | None = None  # (B, N) for text tokens
     keep_index: torch.Tensor | None = None  # (B, N_kept): which patch tokens survived token dropping
+    # forward(..., hidden_states=True): every block's output (ViT: (B, N, D) before the final norm; Swin: the
+    # patch embedding's and each stage's (B, C, *grid) maps), for dense heads (segmentation decoders)
+    hidden_states: list[torch.Tensor] | None = None
 
 
 def drop_tokens(tokens: torch.Tensor, ratio: float, n_prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,8 +42,10 @@ def drop_tokens(tokens: torch.Tensor, ratio: float, n_prefix: int = 0) -> tuple[
     return torch.cat([tokens[:, :n_prefix], patches], dim=1), keep
 
 
-def run_blocks(blocks: nn.Module, x: torch.Tensor, checkpointing: bool) -> torch.Tensor:
-    """Apply a sequence of transformer blocks, recomputing activations in backward when ``checkpointing``."""
+def run_blocks(blocks: nn.Module, x: torch.Tensor, checkpointing: bool,
+               outputs: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Apply a sequence of transformer blocks, recomputing activations in backward when ``checkpointing``;
+    ``outputs``, when given, receives every block's output."""
     from torch.utils.checkpoint import checkpoint
 
     for block in blocks:
@@ -48,6 +53,8 @@ def run_blocks(blocks: nn.Module, x: torch.Tensor, checkpointing: bool) -> torch
             x = checkpoint(block, x, use_reentrant=False)
         else:
             x = block(x)
+        if outputs is not None:
+            outputs.append(x)
     return x
 
 

@@ -101,10 +101,13 @@ class TimmImageEncoder(nn.Module):
         create = {n for n, p in inspect.signature(timm.create_model).parameters.items() if p.kind is not p.VAR_KEYWORD}
         return (set(parameters) | create) - {"model_name", "num_classes"}  # the encoder sets num_classes=0
 
-    def forward(self, images: torch.Tensor, token_drop: float | None = None) -> EncoderOutput:
+    def forward(self, images: torch.Tensor, token_drop: float | None = None,
+                hidden_states: bool = False) -> EncoderOutput:
         if images.ndim != 4:
             raise ValueError(f"{type(self).__name__} expects (B, C, H, W) images, got shape {tuple(images.shape)}")
         ratio = self.token_drop if token_drop is None else token_drop
+        if hidden_states and not self.is_vit:
+            raise ValueError(f"{self.model_name}: hidden states are given by ViT encoders only")
         if not self.is_vit:
             features = self.model.forward_features(images)
             pooled = self.model.forward_head(features, pre_logits=True)
@@ -115,9 +118,10 @@ class TimmImageEncoder(nn.Module):
         keep = None
         if ratio and (self.training or token_drop is not None):
             x, keep = drop_tokens(x, ratio, n_prefix=model.num_prefix_tokens)
-        x = model.norm(run_blocks(model.blocks, model.norm_pre(x), self.grad_checkpointing))
+        hidden = [] if hidden_states else None
+        x = model.norm(run_blocks(model.blocks, model.norm_pre(x), self.grad_checkpointing, hidden))
         pooled = model.forward_head(x, pre_logits=True)
-        return EncoderOutput(pooled=pooled, tokens=x, keep_index=keep)
+        return EncoderOutput(pooled=pooled, tokens=x, keep_index=keep, hidden_states=hidden)
 
 
 @ENCODERS.register("timm_swin", "swin2d")

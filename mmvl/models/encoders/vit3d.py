@@ -111,15 +111,17 @@ class MonaiViTEncoder(nn.Module):
         self.in_chans = in_chans
         self.num_prefix_tokens = 0
 
-    def forward(self, images: torch.Tensor, token_drop: float | None = None) -> EncoderOutput:
+    def forward(self, images: torch.Tensor, token_drop: float | None = None,
+                hidden_states: bool = False) -> EncoderOutput:
         _check_volume(self, images, self.img_size, 1)
         ratio = self.token_drop if token_drop is None else token_drop
         x = self.vit.patch_embedding(images)  # (B, N, hidden), position embedding added
         keep = None
         if ratio and (self.training or token_drop is not None):
             x, keep = drop_tokens(x, ratio)
-        x = self.vit.norm(run_blocks(self.vit.blocks, x, self.grad_checkpointing))
-        return EncoderOutput(pooled=x.mean(dim=1), tokens=x, keep_index=keep)
+        hidden = [] if hidden_states else None
+        x = self.vit.norm(run_blocks(self.vit.blocks, x, self.grad_checkpointing, hidden))
+        return EncoderOutput(pooled=x.mean(dim=1), tokens=x, keep_index=keep, hidden_states=hidden)
 
 
 @ENCODERS.register("monai_swin", "swin3d")
@@ -165,10 +167,12 @@ class MonaiSwinEncoder(nn.Module):
         self.multiple = self.patch_size[0] * 2 ** len(depths)
         self.out_dim = embed_dim * 2 ** len(depths)
 
-    def forward(self, images: torch.Tensor, token_drop: float | None = None) -> EncoderOutput:
+    def forward(self, images: torch.Tensor, token_drop: float | None = None,
+                hidden_states: bool = False) -> EncoderOutput:
         if token_drop:
             raise ValueError("the Swin encoder cannot drop tokens")
         _check_volume(self, images, None, self.multiple)
-        last = self.swin(images, normalize=True)[-1]  # (B, C, d, h, w)
-        tokens = last.flatten(2).transpose(1, 2)
-        return EncoderOutput(pooled=tokens.mean(dim=1), tokens=tokens)
+        stages = self.swin(images, normalize=True)  # patch embedding, then each stage: (B, C, d, h, w)
+        tokens = stages[-1].flatten(2).transpose(1, 2)
+        return EncoderOutput(pooled=tokens.mean(dim=1), tokens=tokens,
+                             hidden_states=list(stages) if hidden_states else None)

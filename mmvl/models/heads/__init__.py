@@ -5,7 +5,8 @@ from mmvl.models.heads.contrastive import ContrastiveHead, LabelAwareContrastive
 from mmvl.models.heads.local_align import LocalAlignmentHead
 from mmvl.models.heads.mae import MAEHead
 from mmvl.models.heads.report import ReportGenerationHead
+from mmvl.models.heads.segmentation import SegmentationHead
 
 __all__ = ["ContrastiveHead", "LabelAwareContrastiveHead", "SigLipHead", "MAEHead", "ReportGenerationHead",
            "LocalAlignmentHead",
-           "MultiClassClassificationHead", "MultiLabelClassificationHead"]
+           "MultiClassClassificationHead", "MultiLabelClassificationHead", "SegmentationHead"]
