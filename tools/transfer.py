@@ -4,15 +4,16 @@ seeds, and compare them.
     python tools/transfer.py CONFIG --init-from MODEL --out DIR [--modes linear,lora,full]
         [--fractions 0.01,0.1,1] [--seeds 0,1,2] [--eval-split test] [--cfg-options KEY=VALUE ...]
 
-CONFIG is a fine-tuning config (configs/finetune/, a classification head); MODEL a zoo entry (name or folder) or a
-pretraining work dir with the config's image encoder. Every (mode, fraction, seed) is a normal training run
-(tools/train.py's Trainer) from MODEL (``model.init_from``, ``model.mode``; ``linear`` and ``full`` without
-LoRA), and every (fraction, seed) once more from random initialisation (``model.init_from=None model.mode=full
-model.lora=None``), each in its own work dir under DIR/runs; ``data.label_fraction`` draws the same nested
-subset for every mode and seed (``data.label_fraction_seed`` is the config's), ``train.seed`` is the seed; a
-fraction that keeps fewer studies than ``train.batch_size`` trains on batches of all of them. A run
-whose ``transfer_result.json`` exists is not run again (an interrupted one resumes from its checkpoint).
-Each run's best checkpoint is scored by macro AUROC on ``--eval-split`` of the config's manifest.
+CONFIG is a fine-tuning config (configs/finetune/, a classification or segmentation head); MODEL a zoo entry (name
+or folder) or a pretraining work dir with the config's image encoder. Every (mode, fraction, seed) is a normal
+training run (tools/train.py's Trainer) from MODEL (``model.init_from``, ``model.mode``; ``linear`` and ``full``
+without LoRA), and every (fraction, seed) once more from random initialisation (``model.init_from=None
+model.mode=full model.lora=None``), each in its own work dir under DIR/runs; ``data.label_fraction`` draws the same
+nested subset for every mode and seed (``data.label_fraction_seed`` is the config's), ``train.seed`` is the seed; a
+fraction that keeps fewer studies than ``train.batch_size`` trains on batches of all of them. A run whose
+``transfer_result.json`` exists is not run again (an interrupted one resumes from its checkpoint). Each run's best
+checkpoint is scored on ``--eval-split`` of the config's manifest: by macro AUROC (classification), or by mean Dice
+over the labels at threshold 0.5 from the split's voxel counts, as validation measures it (segmentation).
 
 Writes DIR/transfer.md (mean and 95% t-interval over seeds; the difference pretrained - random paired by seed,
 with its interval), DIR/transfer.json (every run and the summary) and DIR/transfer.png (the metric against the
@@ -38,6 +39,14 @@ MODES = ("linear", "full", "lora", "lora+head")
 BASELINE_MODE = "full"
 RESULT = "transfer_result.json"
 METRIC = "macro_auroc"
+SEGMENTATION_METRIC = "mean_dice"
+
+
+def is_segmentation(cfg: Config) -> bool:
+    """Whether the config fine-tunes a segmentation head (scored by mean Dice instead of macro AUROC)."""
+    from mmvl.engine.finetune import mask_labels
+
+    return mask_labels(cfg.model) is not None
 
 
 def parse_list(text: str, what: str, convert: Any) -> list[Any]:
@@ -114,9 +123,26 @@ def fit_batch(cfg: Config, work_dir: Path) -> int:
     return min(batch_size, len(label_fraction_studies(cfg.data, work_dir, is_main=False)))
 
 
+def segmentation_score(loaded: Any, eval_split: str, manifest: str) -> dict[str, Any]:
+    """Mean Dice (threshold 0.5, voxel counts of the whole split) and each label's Dice on ``eval_split``."""
+    import numpy as np
+
+    from mmvl.evaluation.segment import split_counts
+    from mmvl.models.heads.segmentation import HALF, dice_from_counts, segmentation_head
+
+    _, head = segmentation_head(loaded.model, loaded.source)
+    counts, n_eval = split_counts(loaded, eval_split)
+    if counts is None:
+        raise ConfigError(f"--eval-split {eval_split!r}: no readable rows of that split in {manifest}")
+    dice = dice_from_counts(counts)[:, HALF]
+    known = dice[~np.isnan(dice)]
+    return {"value": float(known.mean()) if len(known) else None, "n_eval": n_eval,
+            "per_label_dice": {name: None if np.isnan(v) else float(v) for name, v in zip(head.label_names, dice)}}
+
+
 def train_and_score(cfg: Config, work_dir: Path, eval_split: str) -> dict[str, Any]:
-    """One training run (resumed when its work dir holds a checkpoint), then its best checkpoint's macro AUROC on
-    ``eval_split``."""
+    """One training run (resumed when its work dir holds a checkpoint), then its best checkpoint's macro AUROC
+    (mean Dice for a segmentation head) on ``eval_split``."""
     from mmvl.engine.trainer import Trainer
     from mmvl.evaluation.metrics import classification_metrics, target_matrix
     from mmvl.evaluation.predict import classifier_head, split_scores
@@ -131,6 +157,11 @@ def train_and_score(cfg: Config, work_dir: Path, eval_split: str) -> dict[str, A
     validation = trainer.fit()
     seconds = time.perf_counter() - start
     loaded = load_pretrained(work_dir)
+    run = {"steps": trainer.step, "batch_size": int(cfg.train.batch_size), "train_s": round(seconds, 1),
+           "best_val": trainer.best_value}
+    if is_segmentation(cfg):
+        return {**segmentation_score(loaded, eval_split, cfg.data.manifest), **run,
+                "final_val": {k: v for k, v in validation.items() if k.endswith(SEGMENTATION_METRIC)}}
     _, head = classifier_head(loaded.model, str(work_dir))
     scores, labels = split_scores(loaded, eval_split)
     if scores is None:
@@ -138,10 +169,8 @@ def train_and_score(cfg: Config, work_dir: Path, eval_split: str) -> dict[str, A
     result = classification_metrics(scores, target_matrix(labels, head.label_names), head.label_names,
                                     n_bootstrap=0)
     per_label = {name: entry.get("auroc") for name, entry in result["labels"].items()}
-    return {"value": result["macro"]["auroc"], "per_label_auroc": per_label, "n_eval": len(scores),
-            "steps": trainer.step, "batch_size": int(cfg.train.batch_size), "train_s": round(seconds, 1),
-            "best_val": trainer.best_value,
-            "final_val": {k: v for k, v in validation.items() if k.endswith("macro_auroc")}}
+    return {"value": result["macro"]["auroc"], "per_label_auroc": per_label, "n_eval": len(scores), **run,
+            "final_val": {k: v for k, v in validation.items() if k.endswith(METRIC)}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     except MMVLError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    metric = f"{args.eval_split} macro AUROC"
+    metric = f"{args.eval_split} {'mean Dice' if is_segmentation(base) else 'macro AUROC'}"
     rows = transfer.summarize(runs, modes, fractions, BASELINE_MODE)
     table = transfer.markdown_table(rows, metric, BASELINE_MODE)
     atomic_write_text(out / "transfer.md", table)

@@ -23,7 +23,7 @@ from mmvl.models.heads.segmentation import (
     dice_counts,
     dice_from_counts,
 )
-from tests.finetune.conftest import finetune_config
+from tests.finetune.conftest import TINY_3D, finetune_config
 
 VIT3D = dict(type="vit3d", img_size=16, patch_size=8, hidden_size=32, mlp_dim=64, num_layers=2, num_heads=2)
 VIT2D = dict(type="vit2d", model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2,
@@ -289,6 +289,26 @@ def test_predict_cli_writes_png_masks_at_the_image_size(synthetic_cxr, tmp_path,
             png = Image.open(row[f"{label}_mask"])
             assert png.size == (shape[1], shape[0])  # PIL: (width, height)
             assert Path(row[f"{label}_mask"]).parent == tmp_path / "preds_masks"
+
+
+def test_transfer_scores_a_segmenter_by_mean_dice(trained_seg, blob_seg, tmp_path, one_thread):
+    from tests.conftest import REPO, load_tool
+
+    work, _, _ = trained_seg
+    out = tmp_path / "transfer"
+    argv = [str(REPO / "configs/finetune/seg_unetr_ct_tiny.py"), "--init-from", str(work), "--out", str(out),
+            "--modes", "linear", "--fractions", "1", "--seeds", "0", "--eval-split", "val", "--cfg-options",
+            f"data.manifest={blob_seg}", *TINY_3D, *SEG_3D, "train.max_steps=2",
+            "train.val_interval=2", "train.ckpt_interval=2"]
+    assert load_tool("transfer").main(argv) == 0
+    report = json.loads((out / "transfer.json").read_text(encoding="utf-8"))
+    assert report["metric"] == "val mean Dice"
+    assert sorted(run["name"] for run in report["runs"]) == ["pretrained_linear_f1_s0", "random_full_f1_s0"]
+    for run in report["runs"]:
+        assert run["n_eval"] == 24 and set(run["per_label_dice"]) == {"mass", "cyst"}
+        known = [v for v in run["per_label_dice"].values() if v is not None]
+        assert 0 <= run["value"] <= 1 and run["value"] == pytest.approx(sum(known) / len(known))
+    assert "val mean Dice" in (out / "transfer.md").read_text(encoding="utf-8")
 
 
 # -- modes and config -------------------------------------------------------------------------------------------
