@@ -420,20 +420,17 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
 
 
 def spawn_case(case: dict[str, Any]) -> dict[str, Any]:
-    """Run one side (or the preparation) in a fresh interpreter; returns what it printed, or ``{"error": ...}``
-    when it failed."""
+    """Run one side (or the preparation) in a fresh interpreter (bench_encoders' runner); returns what it printed,
+    or ``{"error": ...}`` when it failed."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:  # loaded by path (the tests) rather than run as a script
+        sys.path.insert(0, here)
+    from bench_encoders import run_script_case
+
     env = dict(os.environ, MMVL_NO_PROGRESS="1", TOKENIZERS_PARALLELISM="false")
-    start = time.perf_counter()
-    child = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(case)],
-                           capture_output=True, text=True, env=env, cwd=REPO)
-    lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
-    if child.returncode != 0 or not lines:
-        tail = (child.stderr.strip().splitlines() or ["(no output)"])[-1]
-        print(f"  run failed (exit {child.returncode}): {tail}", file=sys.stderr)
-        return {"error": tail, "stderr_tail": child.stderr[-2000:]}
-    result = json.loads(lines[-1])
-    result["case_s"] = round(time.perf_counter() - start, 1)  # interpreter start-up and model build included
-    result["load_avg"] = round(os.getloadavg()[0], 2)
+    result = run_script_case(Path(__file__).resolve(), case, env, "run")
+    if "error" not in result:
+        result["load_avg"] = round(os.getloadavg()[0], 2)
     return result
 
 
