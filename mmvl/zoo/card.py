@@ -105,7 +105,7 @@ def _threshold_lines(config: Mapping[str, Any]) -> list[str]:
         lines += [header, "|---|---|---|" + ("---|" if scores else "")]
         for index, (label, threshold) in enumerate(zip(record["labels"], record["thresholds"])):
             source = sources[index] if index < len(sources) else ""
-            cells = f"| {label} | {float(threshold):.2f} | {source} |"
+            cells = f"| {label} | {float(threshold):.4f} | {source} |"
             if scores:
                 value = scores[index] if index < len(scores) else None
                 cells += f" {'n/a' if value is None else f'{float(value):.4f}'} |"

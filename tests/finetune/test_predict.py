@@ -84,6 +84,10 @@ def test_export_merges_lora_and_records_thresholds(lora_run, synthetic_cxr):
     for row in rows:
         assert [row[f"{label}_pred"] for label in LABELS] == [
             int(row[label] >= t) for label, t in zip(LABELS, classifier["thresholds"])]
+    card = (result.path / "README.md").read_text(encoding="utf-8")  # the model card lists every threshold
+    assert "## Thresholds" in card
+    for label, threshold, source in zip(LABELS, classifier["thresholds"], sources):
+        assert f"| {label} | {threshold:.4f} | {source} |" in card
 
 
 def test_predict_round_trip_equals_work_dir(lora_run, scans):
@@ -143,6 +147,7 @@ def test_multiclass_entry_predicts_the_most_probable_class(synthetic_cxr, scans,
     result = zoo.export(tmp_path / "work", "mc", out=tmp_path / "zoo" / "mc")
     classifier = json.loads((result.path / "config.json").read_text(encoding="utf-8"))["classifier"]
     assert classifier["task"] == "multiclass" and classifier["thresholds"] is None
+    assert "## Thresholds" not in (result.path / "README.md").read_text(encoding="utf-8")  # argmax: none to list
     names = classifier["labels"]
     rows = mmvl.predict(result.path, scans, progress=False)
     assert len(rows) == 5 and set(rows[0]) == {"path", "study_id", "view", *names, "prediction", "error"}

@@ -245,7 +245,7 @@ def test_export_then_predict_writes_masks_on_the_scan(trained_seg, blob_seg, tmp
     assert record["labels"] == ["mass", "cyst"] and all(t in THRESHOLDS for t in record["thresholds"])
     assert record["n_val"] == 24 and all(d is not None for d in record["val_dice"])
     card = (result.path / "README.md").read_text()
-    assert "## Thresholds" in card and f"| mass | {record['thresholds'][0]:.2f} |" in card
+    assert "## Thresholds" in card and f"| mass | {record['thresholds'][0]:.4f} |" in card
     scans = [blob_seg.parent / "0060.nii.gz", blob_seg.parent / "nothing.nii.gz"]
     rows = predict(result.path, scans, mask_dir=tmp_path / "masks", progress=False)
     assert rows[1]["error"] and not rows[1]["mass_mask"]
