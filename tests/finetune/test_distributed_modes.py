@@ -27,7 +27,7 @@ from tests.engine.test_crash_safety import assert_same_training_state
 from tests.engine.test_distributed import torchrun
 from tests.finetune.conftest import finetune_config
 
-pytestmark = pytest.mark.slow  # one torchrun launch of 2 processes (~10 s of imports each) and 15 short runs
+pytestmark = pytest.mark.slow  # one torchrun launch of 2 processes (~10 s of imports each) and 14 short runs
 
 STEPS = 3
 # float32 gradients of 2 x 4 rows averaged against 8 rows summed differ by rounding (~1e-7 relative); Adam turns
