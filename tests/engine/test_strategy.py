@@ -144,3 +144,24 @@ def test_a_stream_that_never_fills_a_batch_is_refused_not_looped():
     with pytest.raises(ConfigError, match=r"8 training rows gave no batch of train.batch_size 4 \(x 1 processes"):
         next(train_batches(trainer))
     assert stream.epochs == 1
+
+
+def test_positional_optimizer_state_is_keyed_by_name_for_fsdp():
+    """A 1-process/DDP optimizer state (parameters by position) gets this optimizer's parameter names, as FSDP's
+    ``set_state_dict`` reads it; a name-keyed state passes unchanged; other group sizes are refused."""
+    from mmvl.engine.strategy import optimizer_state_by_name
+    from mmvl.errors import CheckpointError
+
+    model = nn.Sequential(nn.Linear(2, 3), nn.LayerNorm(3))
+    model[1].requires_grad_(False)
+    optimizer = torch.optim.AdamW([{"params": [model[0].weight]}, {"params": [model[0].bias]}])
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    state = optimizer.state_dict()
+    named = optimizer_state_by_name(model, optimizer, state)
+    assert [group["params"] for group in named["param_groups"]] == [["0.weight"], ["0.bias"]]
+    assert torch.equal(named["state"]["0.bias"]["exp_avg"], state["state"][1]["exp_avg"])
+    assert optimizer_state_by_name(model, optimizer, named) == named
+    one_group = {"state": state["state"], "param_groups": [{**state["param_groups"][0], "params": [0, 1]}]}
+    with pytest.raises(CheckpointError, match=r"groups of \[2\] parameters"):
+        optimizer_state_by_name(model, optimizer, one_group)
