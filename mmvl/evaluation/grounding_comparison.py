@@ -108,6 +108,8 @@ def align_studies(baseline_ids: Sequence[Any], ids: Sequence[Any]) -> tuple[np.n
 def _cell(value: float | None, ci: Sequence[float] | None = None, signed: bool = False) -> str:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "-"
+    # rounded first, and -0.0 + 0.0 is 0.0: no "-0.000" for a difference of -1e-17
+    value, ci = round(value, 3) + 0.0, None if ci is None else [round(bound, 3) + 0.0 for bound in ci]
     text = f"{value:+.3f}" if signed else f"{value:.3f}"
     return text + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if signed else f" [{ci[0]:.3f}, {ci[1]:.3f}]") if ci else text
 
