@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from mmvl.evaluation.labeller import CHEXPERT_OBSERVATIONS, COMMON_FIVE, label_observations
-from mmvl.evaluation.metrics import _interval, _resample, bootstrap_units
+from mmvl.evaluation.metrics import bootstrap_units, percentile_interval, resample_units
 from mmvl.evaluation.report_metrics import UNCERTAIN_POLICIES, binary_label
 
 OBSERVATION_SETS = {"chexpert14": CHEXPERT_OBSERVATIONS, "common5": COMMON_FIVE}
@@ -97,7 +97,7 @@ def clinical_efficacy(
     rng = np.random.default_rng(seed)
     draws = {name: [] for name in columns}
     for _ in range(n_bootstrap):
-        index = _resample(rng, unit_rows, unit_starts)
+        index = resample_units(rng, unit_rows, unit_starts)
         for name, cols in columns.items():
             draws[name].append(_averages(predicted[index][:, cols], truth[index][:, cols]))
     for name, cols in columns.items():
@@ -106,7 +106,7 @@ def clinical_efficacy(
             if n_bootstrap:
                 for metric in list(scores):
                     samples = np.array([draw[average][metric] for draw in draws[name]])
-                    scores[f"{metric}_ci"] = _interval(samples, confidence)["ci"]
+                    scores[f"{metric}_ci"] = percentile_interval(samples, confidence)["ci"]
         result[name] = {"observations": list(OBSERVATION_SETS[name]), **point}
     result["bootstrap"] = {"n_resamples": n_bootstrap, "seed": seed, "confidence": confidence,
                            "unit": "row" if study_ids is None else "study", "n_units": int(len(unit_starts) - 1),

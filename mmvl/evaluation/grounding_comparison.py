@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from mmvl.evaluation.grounding_metrics import METRICS, summarise
-from mmvl.evaluation.metrics import UNKNOWN, _interval, _resample, bootstrap_units, one_class_reason
+from mmvl.evaluation.metrics import UNKNOWN, bootstrap_units, one_class_reason, percentile_interval, resample_units
 
 TABLE_METRICS = ("pointing", "cnr")
 METRIC_NAMES = {"pointing": "pointing game", "iou": "IoU", "dice": "Dice", "cnr": "CNR",
@@ -79,7 +79,7 @@ def paired_auroc_difference(baseline_scores: Any, scores: Any, targets: Any, lab
                          f"{targets.shape} for {len(labels)} labels")
     unit_rows, unit_starts = bootstrap_units(study_ids, len(targets))
     rng = np.random.default_rng(seed)
-    resamples = [_resample(rng, unit_rows, unit_starts) for _ in range(n_bootstrap)]
+    resamples = [resample_units(rng, unit_rows, unit_starts) for _ in range(n_bootstrap)]
     out: dict[str, Any] = {}
     for j, label in enumerate(labels):
         known = targets[:, j] != UNKNOWN
@@ -91,7 +91,8 @@ def paired_auroc_difference(baseline_scores: Any, scores: Any, targets: Any, lab
         entry: dict[str, Any] = {"difference": _auroc_difference(*columns, np.arange(len(targets))),
                                  "n": int(known.sum())}
         if n_bootstrap:
-            interval = _interval(np.array([_auroc_difference(*columns, index) for index in resamples]), confidence)
+            differences = np.array([_auroc_difference(*columns, index) for index in resamples])
+            interval = percentile_interval(differences, confidence)
             entry["difference_ci"], entry["n_resamples"] = interval["ci"], interval["n_resamples"]
         out[label] = entry
     return out

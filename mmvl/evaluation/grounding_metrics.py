@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from mmvl.errors import DataError
-from mmvl.evaluation.metrics import _interval, _resample, bootstrap_units
+from mmvl.evaluation.metrics import bootstrap_units, percentile_interval, resample_units
 
 METRICS = ("pointing", "iou", "dice", "cnr")
 DEFAULT_THRESHOLD = 0.5
@@ -201,7 +201,7 @@ def summarise(records: Sequence[Mapping[str, Any]], n_bootstrap: int = 1000, see
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a resample whose CNRs are all NaN
             point = means(values)
-            draws = np.stack([means(values[_resample(rng, unit_rows, unit_starts)]) for _ in range(n_bootstrap)]) \
+            draws = np.stack([means(values[resample_units(rng, unit_rows, unit_starts)]) for _ in range(n_bootstrap)]) \
                 if n_bootstrap else None
         entry: dict[str, Any] = {"n_images": len(rows), "n_studies": int(len(unit_starts) - 1)}
         for m, metric in enumerate(METRICS):
@@ -209,7 +209,7 @@ def summarise(records: Sequence[Mapping[str, Any]], n_bootstrap: int = 1000, see
             for s, side in enumerate(("model", "centre_prior", "difference")):
                 result[side] = None if np.isnan(point[s, m]) else float(point[s, m])
                 if draws is not None:
-                    result[f"{side}_ci"] = _interval(draws[:, s, m], confidence)["ci"]
+                    result[f"{side}_ci"] = percentile_interval(draws[:, s, m], confidence)["ci"]
             entry[metric] = result
         out[label] = entry
     return {"labels": out, "bootstrap": {"n_resamples": n_bootstrap, "seed": seed, "confidence": confidence,

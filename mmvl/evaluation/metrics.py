@@ -130,7 +130,7 @@ def _point_metrics(scores: np.ndarray, targets: np.ndarray, thresholds: np.ndarr
     }
 
 
-def _interval(samples: np.ndarray, confidence: float) -> dict[str, Any]:
+def percentile_interval(samples: np.ndarray, confidence: float) -> dict[str, Any]:
     """Percentile bootstrap interval over the resamples where the value is defined."""
     valid = samples[np.isfinite(samples)]
     if len(valid) == 0:
@@ -160,7 +160,7 @@ def bootstrap_units(study_ids: Sequence[Any] | None, n_rows: int) -> tuple[np.nd
     return rows, starts
 
 
-def _resample(rng: np.random.Generator, rows: np.ndarray, starts: np.ndarray) -> np.ndarray:
+def resample_units(rng: np.random.Generator, rows: np.ndarray, starts: np.ndarray) -> np.ndarray:
     """Row indices of one bootstrap resample: as many units as there are, drawn with replacement, each with all
     its rows."""
     n_units = len(starts) - 1
@@ -229,7 +229,7 @@ def classification_metrics(
     rng = np.random.default_rng(seed)
     draws: dict[str, list] = {key: [] for key in point}
     for _ in range(n_bootstrap):
-        index = _resample(rng, unit_rows, unit_starts)
+        index = resample_units(rng, unit_rows, unit_starts)
         for key, value in _point_metrics(scores[index], targets[index], thresholds, evaluated).items():
             draws[key].append(value)
     samples = {key: np.asarray(values, dtype=np.float64) for key, values in draws.items()}
@@ -239,7 +239,7 @@ def classification_metrics(
         for metric in ("auroc", "f1"):
             entry[metric] = float(point[metric][j])
             if n_bootstrap:
-                interval = _interval(samples[metric][:, j], confidence)
+                interval = percentile_interval(samples[metric][:, j], confidence)
                 entry[f"{metric}_ci"], entry[f"{metric}_n_resamples"] = interval["ci"], interval["n_resamples"]
     averages: dict[str, dict[str, Any]] = {}
     for average in ("macro", "micro"):
@@ -248,7 +248,7 @@ def classification_metrics(
             key = f"{average}_{metric}"
             entry[metric] = _number(point[key])
             if n_bootstrap:
-                interval = _interval(samples[key], confidence)
+                interval = percentile_interval(samples[key], confidence)
                 entry[f"{metric}_ci"], entry[f"{metric}_n_resamples"] = interval["ci"], interval["n_resamples"]
         averages[average] = entry
     averages["macro"]["labels"] = [label_names[j] for j in evaluated]
