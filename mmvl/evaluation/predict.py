@@ -108,6 +108,17 @@ def classifier_record(loaded: Any) -> dict[str, Any]:
     return dict(loaded.config.get("classifier") or validation_thresholds(loaded))
 
 
+def with_overrides(recorded: Mapping[str, float], overrides: Mapping[str, float] | None,
+                   what: str) -> dict[str, float]:
+    """The recorded per-label thresholds with ``overrides`` on top; an override for a label the model does not
+    have is refused naming them."""
+    unknown = sorted(set(overrides or {}) - set(recorded))
+    if unknown:
+        raise ConfigError(f"predict: thresholds for {unknown}, which are not labels of this {what} "
+                          f"({', '.join(recorded) or 'none'})")
+    return {**recorded, **{label: float(value) for label, value in (overrides or {}).items()}}
+
+
 def predict_scans(
     loaded: Any,
     inputs: Sequence[str | os.PathLike] | str | os.PathLike | None = (),
@@ -128,12 +139,8 @@ def predict_scans(
         raise ConfigError(f"{loaded.source}: this model has no image preprocessing")
     record = classifier_record(loaded)
     labels = record["labels"]
-    cut = dict(zip(labels, record["thresholds"] or [])) if record["task"] == MULTILABEL else {}
-    unknown = sorted(set(thresholds or {}) - set(cut))
-    if unknown:
-        raise ConfigError(f"predict: thresholds for {unknown}, which are not labels of this multi-label "
-                          f"classifier ({', '.join(cut) or 'none'})")
-    cut.update({label: float(value) for label, value in (thresholds or {}).items()})
+    cut = with_overrides(dict(zip(labels, record["thresholds"] or [])) if record["task"] == MULTILABEL else {},
+                         thresholds, "multi-label classifier")
     items = scan_items(loaded, inputs, manifest, data_root, allow_outside_root, limit, what="predict")
     preprocessed = dataclasses.replace(loaded, preprocess=with_reader_options(loaded.preprocess, reader_options))
     rows = []
@@ -159,4 +166,4 @@ def prediction_fields(record: Mapping[str, Any]) -> list[str]:
 
 
 __all__ = ["classifier_head", "classifier_record", "predict_scans", "prediction_fields", "probabilities",
-           "score_items", "split_scores", "validation_thresholds"]
+           "score_items", "split_scores", "validation_thresholds", "with_overrides"]

@@ -23,6 +23,7 @@ from mmvl.data.inputs import scan_items, with_reader_options
 from mmvl.data.transforms import Pipeline
 from mmvl.errors import ConfigError, DataError
 from mmvl.evaluation.grounding import prepare_scan, to_scan
+from mmvl.evaluation.predict import with_overrides
 from mmvl.models.heads.segmentation import (
     THRESHOLDS,
     choose_dice_thresholds,
@@ -162,12 +163,7 @@ def predict_masks(
     name, head = segmentation_head(loaded.model, loaded.source)
     record = segmenter_record(loaded)
     labels = list(record["labels"])
-    cut = dict(zip(labels, record["thresholds"]))
-    unknown = sorted(set(thresholds or {}) - set(cut))
-    if unknown:
-        raise ConfigError(f"predict: thresholds for {unknown}, which are not labels of this segmenter "
-                          f"({', '.join(cut)})")
-    cut.update({label: float(value) for label, value in (thresholds or {}).items()})
+    cut = with_overrides(dict(zip(labels, record["thresholds"])), thresholds, "segmenter")
     items = scan_items(loaded, inputs, manifest, data_root, allow_outside_root, limit, what="predict")
     pipeline = whole_scan_pipeline(with_reader_options(loaded.preprocess, reader_options))
     device = next(loaded.model.parameters()).device
