@@ -200,6 +200,20 @@ def test_masks_follow_the_image_through_the_pipeline(tmp_path):
         ManifestDataset(tmp_path / "m.jsonl", pipeline, mask_labels=["mass"])
 
 
+def test_disk_and_memory_caches_hold_the_masks(blob_seg, tmp_path):
+    from mmvl.data.datasets import ManifestDataset
+
+    pipeline = seg_config(blob_seg).data.eval_pipeline
+    common = dict(manifest=blob_seg, pipeline=pipeline, split="val", mask_labels=["mass", "cyst"])
+    plain = ManifestDataset(**common)
+    for cache in ("disk", "memory"):
+        cached = ManifestDataset(**common, cache=cache, cache_dir=tmp_path / "cache")
+        for index in (0, 5):  # disk: the first read fills the entry, the second is a hit
+            for _ in range(2):
+                assert torch.equal(cached[index]["masks"], plain[index]["masks"])
+    assert sum(float(plain[i]["masks"].sum()) for i in range(len(plain))) > 0
+
+
 def test_2d_masks_are_resized_and_padded_with_the_image(synthetic_cxr):
     from mmvl.data.datasets import ManifestDataset
 
