@@ -116,6 +116,9 @@ def test_dice_per_label_from_voxel_counts_equals_hand_computed():
     assert monai[0, 0].item() == pytest.approx(metrics["dice/a"]) and monai[0, 1].item() == pytest.approx(1.0)
     thresholds, sources = choose_dice_thresholds(counts.numpy(), ["a", "b", "c"])
     assert thresholds[0] >= 0.6 and thresholds[1] <= 0.6 and thresholds[2] == 0.5 and "no voxel" in sources[2]
+    missed = counts.clone()
+    missed[:, 0, :, 0] = 0  # label a never overlaps its target: 0.5 stays, not the lowest threshold
+    assert choose_dice_thresholds(missed.numpy(), ["a", "b", "c"])[0][0] == 0.5
 
 
 # -- data ---------------------------------------------------------------------------------------------------------

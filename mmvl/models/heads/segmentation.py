@@ -342,7 +342,8 @@ def dice_from_counts(stats: np.ndarray | torch.Tensor) -> np.ndarray:
 
 def choose_dice_thresholds(stats: np.ndarray | None, label_names: Sequence[str]) -> tuple[list[float], list[str]]:
     """Each label's Dice-optimal threshold among :data:`THRESHOLDS` on the summed validation counts, with where it
-    came from; 0.5 for a label without true voxels in the split (or no counts at all)."""
+    came from; 0.5 for a label without true voxels in the split (or no counts at all) or without overlap at any
+    threshold."""
     thresholds, sources = [], []
     dice = dice_from_counts(stats) if stats is not None and len(stats) else None
     for index, _ in enumerate(label_names):
@@ -352,6 +353,10 @@ def choose_dice_thresholds(stats: np.ndarray | None, label_names: Sequence[str])
             sources.append("default 0.5: no voxel of this label in the validation split")
             continue
         best = int(np.nanargmax(np.nan_to_num(dice[index], nan=-1.0)))
+        if not dice[index, best] > 0:  # no overlap at any threshold: nothing to choose between
+            thresholds.append(0.5)
+            sources.append("default 0.5: Dice 0 at every threshold on validation")
+            continue
         thresholds.append(float(THRESHOLDS[best]))
         sources.append(f"Dice-optimal on validation (Dice {dice[index, best]:.4f})")
     return thresholds, sources
