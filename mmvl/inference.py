@@ -118,6 +118,7 @@ def predict(
     reader_options: Mapping[str, Any] | None = None,
     thresholds: Mapping[str, float] | None = None,
     mask_dir: PathLike | None = None,
+    whole_scan: bool = False,
 ) -> Any:
     """A fine-tuned classifier's per-label probabilities and predictions, or a fine-tuned segmenter's masks, for
     every scan in ``inputs`` (files or folders, found as :func:`zero_shot` finds them) and/or ``manifest`` rows.
@@ -131,10 +132,11 @@ def predict(
     :func:`zero_shot`'s.
 
     A segmenter (``configs/finetune/seg_*``) writes one mask per label and scan under ``mask_dir``, in the scan's
-    geometry: ``<scan>_<label>.nii.gz`` with the scan's affine and voxel grid for volumes (segmented whole, by
-    sliding windows of the training ROI), ``<scan>_<label>.png`` at the image's size for 2D (the resize and pad
-    undone), thresholded at each label's Dice-optimal threshold on the run's validation split (``thresholds``
-    overrides some); its rows give ``<label>_mask`` (the file) and ``<label>_voxels``.
+    geometry: ``<scan>_<label>.nii.gz`` with the scan's affine and voxel grid for volumes (the recorded
+    preprocessing's ROI; ``whole_scan=True``: the whole volume by sliding windows of the ROI, for models trained
+    on random crops), ``<scan>_<label>.png`` at the image's size for 2D (the resize and pad undone), thresholded
+    at each label's Dice-optimal threshold on the run's validation split (``thresholds`` overrides some); its rows
+    give ``<label>_mask`` (the file) and ``<label>_voxels``.
     """
     from mmvl.evaluation.predict import predict_scans
     from mmvl.evaluation.segment import has_segmenter, predict_masks
@@ -144,7 +146,7 @@ def predict(
     if has_segmenter(loaded.model):
         return predict_masks(loaded, inputs, manifest, mask_dir=mask_dir, progress=progress, as_frame=as_frame,
                              limit=limit, data_root=data_root, allow_outside_root=allow_outside_root,
-                             reader_options=reader_options, thresholds=thresholds)
+                             reader_options=reader_options, thresholds=thresholds, whole_scan=whole_scan)
     return predict_scans(loaded, inputs, manifest, batch_size=batch_size, progress=progress,
                          as_frame=as_frame, limit=limit, data_root=data_root, allow_outside_root=allow_outside_root,
                          reader_options=reader_options, thresholds=thresholds)

@@ -12,7 +12,8 @@ then ``<label>_pred`` (1 when the probability reaches the label's threshold, cho
 run's validation split and recorded in the entry; --threshold overrides) or, for a multi-class model,
 ``prediction``, and ``error``. A ``.json`` sidecar records the model, task, thresholds and mmvl version.
 A segmenter (configs/finetune/seg_*) writes one mask per label and scan under --mask-dir (default: the CSV's
-name without suffix + "_masks"): NIfTI with the scan's affine for volumes (segmented whole by sliding windows),
+name without suffix + "_masks"): NIfTI with the scan's affine for volumes (the recorded preprocessing's ROI;
+--whole-scan: the whole volume by sliding windows, for models trained on random crops),
 PNG at the image's size for 2D, thresholded at each label's Dice-optimal threshold on the run's validation split
 (--threshold overrides); the CSV then has ``<label>_mask`` and ``<label>_voxels`` columns.
 Exit code: 0 all scans predicted, 1 some failed, 2 bad arguments.
@@ -51,6 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threshold", action="append", default=[], metavar="LABEL=VALUE",
                         help="override a label's recorded threshold; repeatable")
     parser.add_argument("--mask-dir", help="segmenters: where the masks go (default: OUT without suffix + _masks)")
+    parser.add_argument("--whole-scan", action="store_true", help="segmenters: the whole volume by sliding windows "
+                        "(CropOrPad pads only) instead of the training ROI")
     add_reader_arguments(parser)
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         mask_dir = args.mask_dir or str(Path(args.out).with_suffix("")) + "_masks"
         rows = predict(loaded, args.inputs, manifest=args.manifest, batch_size=args.batch_size, limit=args.limit,
                        data_root=args.data_root, allow_outside_root=args.allow_outside_root,
-                       reader_options=options, thresholds=thresholds, mask_dir=mask_dir)
+                       reader_options=options, thresholds=thresholds, mask_dir=mask_dir, whole_scan=args.whole_scan)
     except MMVLError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                                       record["thresholds"])]
     n_failed = sum(bool(row["error"]) for row in rows)
     sidecar = {"model": loaded.source, key: record, "threshold_overrides": thresholds,
-               **({"mask_dir": mask_dir} if segmenter else {}),
+               **({"mask_dir": mask_dir, "whole_scan": args.whole_scan} if segmenter else {}),
                "preprocess": loaded.preprocess.kind, "reader_options": options, "mmvl_version": mmvl.__version__,
                "n_inputs": len(rows), "n_failed": n_failed}
     atomic_write_text(out.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")

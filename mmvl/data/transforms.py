@@ -310,17 +310,19 @@ class IntensityWindow(_MonaiDict):
 
 @TRANSFORMS.register("CropOrPad")
 class CropOrPad(_MonaiDict):
-    """Centre crop or pad to ``size`` voxels (MONAI ``ResizeWithPadOrCropd``), padding with ``pad_value``."""
+    """Centre crop or pad to ``size`` voxels (MONAI ``ResizeWithPadOrCropd``), padding with ``pad_value``.
+    ``crop=False``: pad only (MONAI ``SpatialPadd``, centred the same way), so larger sides are kept whole (a
+    scan segmented whole by sliding windows)."""
 
     config_knobs = {"size": "volume_size"}  # filled from the config's volume_size (mmvl.config.validate)
 
-    def __init__(self, size: Sequence[int], pad_value: float = 0.0):
-        from monai.transforms import Compose, ResizeWithPadOrCropd
+    def __init__(self, size: Sequence[int], pad_value: float = 0.0, crop: bool = True):
+        from monai.transforms import Compose, ResizeWithPadOrCropd, SpatialPadd
 
+        step = ResizeWithPadOrCropd if crop else SpatialPadd
         super().__init__(Compose([  # a mask is padded with zeros whatever the image's pad value
-            ResizeWithPadOrCropd(keys="image", spatial_size=tuple(size), mode="constant", value=pad_value),
-            ResizeWithPadOrCropd(keys="mask", spatial_size=tuple(size), mode="constant", value=0.0,
-                                 allow_missing_keys=True)]))
+            step(keys="image", spatial_size=tuple(size), mode="constant", value=pad_value),
+            step(keys="mask", spatial_size=tuple(size), mode="constant", value=0.0, allow_missing_keys=True)]))
 
 
 @TRANSFORMS.register("RandomAugment3D")

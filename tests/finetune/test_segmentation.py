@@ -271,6 +271,14 @@ def test_export_then_predict_writes_masks_on_the_scan(trained_seg, blob_seg, tmp
         written = nib.load(rows[0][f"{label}_mask"])
         assert written.shape == scan.shape and np.array_equal(written.affine, scan.affine)
         assert int(np.asarray(written.dataobj).sum()) == rows[0][f"{label}_voxels"]
+    # a scan larger than the 16^3 ROI: the centred ROI by default, the whole scan by sliding windows on request
+    big = blob_seg.parent / "big.nii.gz"
+    nib.save(nib.Nifti1Image(np.pad(np.asarray(scan.dataobj), ((2, 2), (0, 0), (4, 4)), constant_values=-1000.0),
+                             scan.affine), big)
+    for whole in (False, True):
+        row = predict(result.path, [big], mask_dir=tmp_path / f"big{whole}", progress=False, whole_scan=whole)[0]
+        written = nib.load(row["mass_mask"])
+        assert written.shape == (20, 16, 24) and np.array_equal(written.affine, scan.affine) and not row["error"]
     # the entry predicts what the work dir does (same weights, same recorded thresholds)
     again = predict(work, scans[:1], mask_dir=tmp_path / "again", progress=False,
                     thresholds=dict(zip(record["labels"], record["thresholds"])))
