@@ -4,7 +4,8 @@
 # mean Dice. The recipe follows UNETR's fine-tuning: the whole network trains (mode="full"), AdamW at 1e-4 with
 # layer-wise decay 0.75 on the pretrained blocks (the decoder is new and trains at the full rate), DropPath 0.1,
 # bf16. Training volumes are the pretraining's 224 x 224 x 112 at 1.5 x 1.5 x 3 mm (the encoder's position
-# embedding fixes the ROI); tools/predict.py segments whole scans by sliding windows of that size.
+# embedding fixes the ROI); tools/predict.py --whole-scan segments whole scans by sliding windows of that size
+# (train with random crops for that: a ViT trained on centred crops only is shift-sensitive).
 # The encoder's 16 x 16 x 8 patches are decoded on an isotropic 224^3 grid (see UnetrDecoder).
 # Masks: manifest rows' "masks" (label -> NIfTI in the volume's grid), e.g. CT-RATE with lesion masks of your own or
 # a public lesion set converted to an mmvl manifest (datasets/README.md). Other modes: model.mode=linear (frozen
