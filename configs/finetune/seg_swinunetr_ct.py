@@ -3,8 +3,9 @@
 # shows how; model.init_from: that work dir or zoo entry) under SwinUNETR's decoder of MONAI's blocks (feature size =
 # the Swin's embed_dim, as SwinUNETR ties them). SwinUNETR's recipe: 96^3 ROIs at 1.5 mm, AdamW 1e-4, Dice + CE
 # (here Dice + BCE: one sigmoid per finding, masks overlap), sliding-window inference with overlap 0.5 over whole
-# scans (tools/predict.py --whole-scan); best checkpoint by validation mean Dice. Windowed attention takes any side that is a multiple of 32, so
-# the ROI (volume_size) is free of the pretraining's crop size. Other modes: linear, lora, lora+head.
+# scans (tools/predict.py --whole-scan); best checkpoint by validation mean Dice. Windowed attention takes any
+# side that is a multiple of 32, so the ROI (volume_size) is free of the pretraining's crop size. Other modes:
+# linear, lora, lora+head.
 # Run:  python tools/train.py configs/finetune/seg_swinunetr_ct.py --cfg-options model.init_from=work_dirs/ct_clip_swin
 _base_ = ["../ct_clip.py"]
 
