@@ -99,7 +99,7 @@ def _threshold_lines(config: Mapping[str, Any]) -> list[str]:
         split = record.get("val_split")
         lines += ["## Thresholds", "",
                   f"Per-label thresholds recorded in `config.json` (`{key}`; {what}), chosen on the training run's "
-                  f"validation split `{split}` ({record.get('n_val', 0)} images); `tools/predict.py --threshold "
+                  f"validation split `{split}` ({record.get('n_val', 0)} scans); `tools/predict.py --threshold "
                   "LABEL=VALUE` overrides one.", ""]
         header = "| label | threshold | chosen |" + (" validation Dice |" if scores else "")
         lines += [header, "|---|---|---|" + ("---|" if scores else "")]
