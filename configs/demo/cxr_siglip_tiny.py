@@ -9,7 +9,7 @@
 # 0.01, 0.200 / 0.262 at 0.03; test R@5 (80 studies, best.pt by val i2t R@5) 0.225 / 0.250, 0.338 / 0.188,
 # 0.250 / 0.225; the CLIP demo (cxr_clip_tiny.py, same code and load) 0.325 / 0.412 val, 0.262 / 0.363 test;
 # chance 0.0625. So the default stays. Measured 2 December 2026 on data/synthetic_cxr (--n 800 --size 128 --seed 0),
-# one thread per run, 2 CPU cores at load 6-8 (~3-4 min a run).
+# one thread per run, two runs at a time, 2 CPU cores at load 6-8 (~4-5 min a run).
 _base_ = ["cxr_clip_tiny.py"]
 
 model = dict(heads=[dict(type="siglip", embed_dim=128, init_logit_scale=10.0, init_logit_bias=-10.0)])
