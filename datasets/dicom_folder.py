@@ -81,6 +81,7 @@ class Report:
     text: str
     split: str | None
     labels: dict[str, int] | None
+    masks: dict[str, Path] | None = None  # label -> mask file (PNG/TIFF for 2d, NIfTI for 3d); blank cells absent
 
 
 @dataclass
@@ -124,9 +125,14 @@ def read_reports(
     sections: Sequence[str],
     split_column: str | None,
     label_columns: Sequence[str],
+    mask_columns: dict[str, str] | None = None,
 ) -> dict[str, Report]:
-    """CSV key -> its report text (``report_text``), split (from ``split_column``) and labels."""
-    required = [key_column, report_column, *([split_column] if split_column else []), *label_columns]
+    """CSV key -> its report text (``report_text``), split (from ``split_column``), labels and mask files
+    (``mask_columns``: label -> the column holding its mask's path, absolute or relative to the CSV's folder; a
+    named file that does not exist is an error naming the line)."""
+    mask_columns = mask_columns or {}
+    required = [key_column, report_column, *([split_column] if split_column else []), *label_columns,
+                *mask_columns.values()]
     reports: dict[str, Report] = {}
     first_line: dict[str, int] = {}
     for line, row in enumerate(read_csv(path, required), start=2):
@@ -147,7 +153,15 @@ def read_reports(
         if label_columns:
             values = {name: parse_label(row[name], path, line, name) for name in label_columns}
             labels = {name.lower(): int(value) for name, value in values.items() if value is not None}
-        reports[key] = Report(report_text(row[report_column], sections), split, labels)
+        masks = {}
+        for label, column in mask_columns.items():
+            value = row[column].strip()
+            if value:
+                mask = Path(value) if os.path.isabs(value) else Path(path).parent / value
+                if not mask.is_file():
+                    raise DataError(path, f"line {line}, {column!r}: mask file {value!r} not found")
+                masks[label.lower()] = mask
+        reports[key] = Report(report_text(row[report_column], sections), split, labels, masks or None)
     return reports
 
 
@@ -189,6 +203,7 @@ def convert(
     kind: str = "2d",
     split_column: str | None = None,
     label_columns: Sequence[str] = (),
+    mask_columns: dict[str, str] | None = None,
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
     min_slices: int = 16,
@@ -210,6 +225,11 @@ def convert(
     (3d)}, "skipped_files": {reason: files}, "unreadable_examples", "unused_reports", "manifest"}``; see
     ``SKIP_REASONS`` and ``FILE_SKIP_REASONS``.
 
+    ``mask_columns`` (label -> CSV column of mask paths) adds ``masks`` (label -> path relative to the manifest)
+    to the key's row: a 2d mask belongs to one image, so a 2d key with several images and a mask is an error
+    (key each image with ``match="filename"``); a 3d mask (NIfTI, read onto each series through the affines) goes
+    to every series of its key.
+
     ``deidentify``: rows point at copies de-identified to PS3.15 Annex E with ``deid_options`` under
     ``<manifest folder>/deidentified/`` (see ``mmvl.data.deid.Deidentifier``; one folder per study and series)
     and ``study_id`` is a stable pseudonym of the key, made with the secret in ``pseudonym_key`` (default
@@ -230,7 +250,8 @@ def convert(
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "DICOM folder not found")
-    report_of = read_reports(reports, key_column, report_column, sections, split_column, list(label_columns))
+    report_of = read_reports(reports, key_column, report_column, sections, split_column, list(label_columns),
+                             mask_columns)
     skipped_files = Counter(dict.fromkeys(FILE_SKIP_REASONS[kind], 0))
     files, unreadable = scan_tree(root, skipped_files, progress)
 
@@ -299,6 +320,11 @@ def convert(
                 row = {"image": writer.relative(image), "report": report.text}
             if report.labels is not None:
                 row["labels"] = report.labels
+            if report.masks is not None:
+                if kind == "2d" and len(members) > 1:
+                    raise DataError(reports, f"{key_column} {key!r} has masks but {len(members)} images, and a "
+                                             "mask belongs to one image: key each image (--match filename)")
+                row["masks"] = {label: writer.relative(mask) for label, mask in report.masks.items()}
             row["split"] = report.split or hashed_split(key, val_fraction, test_fraction)
             row["study_id"] = study_id
             if series_uid is not None and series_in[image] > 1:  # the loader must pick this series
@@ -337,11 +363,23 @@ def _deidentified_copy(deidentifier: Deidentifier, members: list[DicomFile], ima
     return series
 
 
+def label_columns_map(text: str) -> dict[str, str]:
+    """``"pleural effusion=effusion_mask,nodule=nodule_mask"`` -> ``{label: column}``."""
+    pairs = {}
+    for item in comma_list(text):
+        label, sep, column = item.partition("=")
+        if not sep or not label.strip() or not column.strip():
+            raise argparse.ArgumentTypeError(f"{item!r} is not LABEL=COLUMN")
+        pairs[label.strip()] = column.strip()
+    return pairs
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Import a folder of DICOM files and a CSV of reports as an mmvl manifest.",
         epilog="Rows hold image (relative to the manifest; for 2d a list: one row per key), views (2d, from "
-        "ViewPosition), report, labels, split, study_id (the CSV key) and, for a 3d folder holding several series, "
+        "ViewPosition), report, labels, masks (--mask-columns), split, study_id (the CSV key) and, for a 3d "
+        "folder holding several series, "
         "series_uid; never a name, id or date from the headers. "
         "See datasets/dicom_folder.md.",
     )
@@ -359,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a row per study (its image files as a list), or per series (default 2d)")
     parser.add_argument("--split-column", help="CSV column holding train/val/test (default: hash of the key)")
     parser.add_argument("--label-columns", type=comma_list, default=[], help="CSV columns of 1/0/blank labels")
+    parser.add_argument("--mask-columns", type=label_columns_map, default={},
+                        help="LABEL=COLUMN,...: CSV columns holding each label's mask file (PNG/TIFF on the image's "
+                        "pixels for 2d, NIfTI for 3d; relative to the CSV; blank: no mask) for segmentation")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="hashed split: share of keys in val")
     parser.add_argument("--test-fraction", type=float, default=0.1, help="hashed split: share of keys in test")
     parser.add_argument("--min-slices", type=int, default=16, help="3d: skip series with fewer slices (default 16)")

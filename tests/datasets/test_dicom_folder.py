@@ -426,3 +426,40 @@ def test_deidentify_3d_refuses_a_series_with_any_burned_in_slice(tmp_path: Path,
     [label] = report["refused"]["BurnedInAnnotation YES"]
     assert re.fullmatch(r"deidentified/anon-[0-9a-f]{16}/series-[0-9a-f]{16}/", label)
     assert report["files"] == {"CT Digital X-Ray Image Storage - For Presentation": 2}
+
+
+def test_mask_columns_add_each_keys_masks_and_refuse_what_cannot_be_placed(export: Path, tmp_path: Path) -> None:
+    """``--mask-columns LABEL=COLUMN``: a key's mask files go into its row as ``masks`` (relative to the manifest),
+    where the segmentation data path finds and reads them on the image's pixels; a blank cell is no mask; a named
+    file that does not exist, or a mask for a 2d key with several images, is refused naming the line or key."""
+    from PIL import Image
+
+    from mmvl.data.masks import read_mask, row_mask_paths
+
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(np.eye(4, dtype=np.uint8) * 255).save(tmp_path / "masks" / "chest_effusion.png")
+    header = ["file", "report", "effusion_mask", "nodule_mask"]
+    reports = write_csv(tmp_path / "by_file.csv", header, [["chest", "Left effusion.", "masks/chest_effusion.png", ""],
+                                                           ["IM0001", "Clear.", "", ""]])
+    out = tmp_path / "out"
+    counts = dicom_folder.main([str(export), "--reports", str(reports), "--out", str(out), "--key-column", "file",
+                                "--match", "filename", "--mask-columns", "pleural effusion=effusion_mask,"
+                                "nodule=nodule_mask", "--val-fraction", "0", "--test-fraction", "0",
+                                "--no-progress"])
+    rows = {row["study_id"]: row for row in read_jsonl(out / "manifest.jsonl")}
+    assert counts["rows"] == 2 and rows["chest"]["masks"] == {"pleural effusion": "../masks/chest_effusion.png"}
+    assert "masks" not in rows["IM0001"]  # no mask named: the label is absent from the image
+    effusion, nodule = row_mask_paths(rows["chest"], ["pleural effusion", "nodule"], out)
+    assert nodule is None and (read_mask(effusion, (4, 4)) == np.eye(4, dtype=bool)).all()
+
+    missing = write_csv(tmp_path / "missing.csv", header, [["chest", "Text.", "masks/none.png", ""]])
+    with pytest.raises(DataError, match="line 2, 'effusion_mask': mask file 'masks/none.png' not found"):
+        dicom_folder.convert(export, missing, tmp_path / "o2", key_column="file", match="filename",
+                             mask_columns={"pleural effusion": "effusion_mask"}, progress=False)
+    by_study = write_csv(tmp_path / "study.csv", ["study_id", "report", "mask"],
+                         [["S005", "Effusion.", "masks/chest_effusion.png"]])
+    with pytest.raises(DataError, match="study_id 'S005' has masks but 3 images"):
+        dicom_folder.convert(export, by_study, tmp_path / "o3", mask_columns={"effusion": "mask"}, progress=False)
+    with pytest.raises(SystemExit):  # argparse: not LABEL=COLUMN
+        dicom_folder.build_parser().parse_args([str(export), "--reports", str(reports), "--out", str(out),
+                                                "--mask-columns", "effusion"])
