@@ -91,9 +91,10 @@ def suggest_root(images: Iterable[str | os.PathLike]) -> str | None:
 
 
 def outside_root_advice(rows: list[dict[str, Any]]) -> str:
-    """How to fix rows that escape the data root: a root holding every image of ``rows``, or why none is
-    suggested, and the trusted-manifest switch."""
+    """How to fix rows that escape the data root: a root holding every image (and escaping mask) of ``rows``, or
+    why none is suggested, and the trusted-manifest switch."""
     images = [image for row in rows for image in row["image"]]
+    images += [path for row in rows for path in row.get("outside_root", ()) if path not in row["image"]]  # masks
     suggested = suggest_root(images)
     if suggested is not None:
         where = f"set data.root (--data-root) to a folder holding every image, such as {suggested} (their " \
@@ -135,6 +136,16 @@ def is_frontal(view: str | None) -> bool:
     return (view or "").upper() in FRONTAL_VIEWS
 
 
+def _mask_files(masks: Any, path: Path) -> list[str]:
+    """The mask files a row's ``masks`` (label -> path, or a list of paths, one per image) names, resolved as
+    :func:`mmvl.data.masks.row_mask_paths` resolves them; the data root holds them as it holds the images."""
+    if not isinstance(masks, dict):
+        return []  # not a mapping: refused with the row's line when the masks are read
+    entries = [item for entry in masks.values() for item in (entry if isinstance(entry, list) else [entry])]
+    return [os.path.normpath(item if os.path.isabs(item) else str(path.parent / item))
+            for item in entries if isinstance(item, str) and item]
+
+
 def _parse_row(raw: dict[str, Any], path: Path, line: int, csv_row: bool, root: str | None) -> dict[str, Any]:
     problem = _encoding_problem(raw)
     raw = {key: _readable(value) for key, value in raw.items()}
@@ -152,6 +163,7 @@ def _parse_row(raw: dict[str, Any], path: Path, line: int, csv_row: bool, root: 
     row["image"] = [os.path.normpath(p if os.path.isabs(p) else str(path.parent / p)) for p in images]
     if root is not None:  # refused by load_manifest once every row is read, so that all of them are named
         outside = [image for image in row["image"] if not _inside(os.path.abspath(image), root)]
+        outside += [mask for mask in _mask_files(raw.get("masks"), path) if not _inside(os.path.abspath(mask), root)]
         if outside:
             row["outside_root"] = outside
     row["views"] = _parse_views(raw.get("views"), len(row["image"]), path, line, csv_row)
@@ -225,9 +237,9 @@ def load_manifest(
     if escaping and not keep_outside_root:
         lines = outside_root_lines(escaping, SHOWN_ROWS)
         more = f"; and {len(escaping) - SHOWN_ROWS} more rows" if len(escaping) > SHOWN_ROWS else ""
-        raise ManifestError(path, f"{len(escaping)} row{'s' if len(escaping) > 1 else ''} with image paths outside "
-                                  f"the data root {data_root} ({'; '.join(lines)}{more}; tools/check_data.py lists "
-                                  f"them all); {outside_root_advice(rows)}")
+        raise ManifestError(path, f"{len(escaping)} row{'s' if len(escaping) > 1 else ''} with image (or mask) "
+                                  f"paths outside the data root {data_root} ({'; '.join(lines)}{more}; "
+                                  f"tools/check_data.py lists them all); {outside_root_advice(rows)}")
     return rows
 
 

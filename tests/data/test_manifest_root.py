@@ -52,7 +52,7 @@ def test_every_escaping_row_is_named_in_one_error(tmp_path):
     with pytest.raises(ManifestError) as info:
         load_manifest(manifest)
     message = str(info.value)
-    assert f"13 rows with image paths outside the data root {tmp_path / 'set'}" in message
+    assert f"13 rows with image (or mask) paths outside the data root {tmp_path / 'set'}" in message
     assert f"row 2: {tmp_path / 'images' / 'b.dcm'}" in message and "row 1:" not in message
     assert f"row 12: {tmp_path / 'images' / 'sub' / '8.dcm'}" in message  # the first ten, then a count
     assert "row 13:" not in message and "and 3 more rows" in message
@@ -169,3 +169,29 @@ def test_root_options_default_to_the_recorded_data_root(tmp_path):
     assert trained_root(trained) == {"root": str(tmp_path / "data"), "allow_outside_root": False}
     assert trained_root(trained, tmp_path / "x") == {"root": str(tmp_path / "x"), "allow_outside_root": False}
     assert trained_root(trained, allow_outside_root=True) == {"root": None, "allow_outside_root": True}
+
+
+def test_mask_paths_are_held_to_the_data_root_as_images_are(tmp_path):
+    """A row's ``masks`` are files the loader reads, so one escaping the data root (``../``, an absolute path
+    elsewhere, one entry of a per-image list) is refused like an escaping image, named with its row, and the
+    suggested root holds it; masks inside the root pass."""
+    rows = [{"image": "a.png", "report": "r", "masks": {"effusion": "masks/a.png"}},
+            {"image": "b.png", "report": "r", "masks": {"effusion": "../elsewhere/b.png"}},
+            {"image": ["c.png", "d.png"], "report": "r", "masks": {"nodule": [None, "/etc/passwd"]}}]
+    manifest = tmp_path / "set" / "m.jsonl"
+    manifest.parent.mkdir()
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ManifestError) as info:
+        load_manifest(manifest)
+    message = str(info.value)
+    assert "2 rows with image (or mask) paths outside the data root" in message
+    assert f"row 2: {tmp_path / 'elsewhere' / 'b.png'}" in message and "row 3: /etc/passwd" in message
+    assert "row 1:" not in message and "no safe data root can be suggested" in message  # /etc/passwd: none
+    kept = load_manifest(manifest, keep_outside_root=True)
+    assert [row.get("outside_root") for row in kept] == [None, [str(tmp_path / "elsewhere" / "b.png")],
+                                                         ["/etc/passwd"]]
+    rows[2]["masks"] = {"nodule": [None, "masks/d.png"]}
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ManifestError, match=f"such as {tmp_path} \\(their common folder\\)"):
+        load_manifest(manifest)
+    assert load_manifest(manifest, root=tmp_path)[1]["image"] == [str(tmp_path / "set" / "b.png")]
