@@ -61,7 +61,7 @@ def _stamp(path: str) -> list[int]:
 class ArrayCache(Dataset):
     """Disk cache of the deterministic steps' output: per item a ``<key>.npy`` (the float32 image) and a
     ``<key>.json`` (its metadata, or the error the file gave), the key a SHA-256 of the item's path, fields,
-    file size and mtime and the deterministic pipeline spec.
+    file size and mtime (its mask files' too) and the deterministic pipeline spec.
 
     A hit is one small JSON read and the ``.npy``, memory-mapped above :data:`MMAP_BYTES` (copy-on-write, so the
     tensor handed out is writable and a caller's writes never reach the file; no copy before the collate's
@@ -307,8 +307,13 @@ class ManifestDataset(Dataset):
             return CacheDataset(items, transform=stage, cache_rate=1.0, num_workers=workers or None,
                                 copy_cache=False, progress=os.environ.get("MMVL_NO_PROGRESS") != "1")
         spec = json.dumps(self.pipeline.deterministic_spec, sort_keys=True)
-        items = [{**self._item(self.rows[r], v), "stamp": _stamp(self.rows[r]["image"][v]), "spec": spec}
-                 for r, v in self._pairs]
+        items = []
+        for r, v in self._pairs:
+            item = self._item(self.rows[r], v)
+            item.update(stamp=_stamp(item["path"]), spec=spec)
+            if item.get("masks") is not None:  # an edited or replaced mask file misses the cache too
+                item["mask_stamps"] = [_stamp(path) if path else None for path in item["masks"]]
+            items.append(item)
         os.makedirs(cache_dir, exist_ok=True)
         return ArrayCache(items, LoadStage(self.pipeline), cache_dir)
 

@@ -374,3 +374,26 @@ def test_head_typos_are_refused_with_the_closest_match(blob_seg, tmp_path, capsy
 def test_segmentation_refuses_token_drop(one_thread):
     with pytest.raises(ConfigError, match="token_drop"):
         segmenter({**VIT3D, "token_drop": 0.25})
+
+
+def test_an_edited_mask_file_misses_the_disk_cache(blob_seg, tmp_path):
+    """The disk cache keys an entry on the mask files' size and mtime as on the image's: a corrected mask is
+    read again, not served from the entry made with the old one."""
+    import os
+
+    import nibabel as nib
+
+    from mmvl.data.datasets import ManifestDataset
+
+    pipeline = seg_config(blob_seg).data.eval_pipeline
+    common = dict(manifest=blob_seg, pipeline=pipeline, split="val", mask_labels=["mass", "cyst"], cache="disk",
+                  cache_dir=tmp_path / "cache")
+    first = ManifestDataset(**common)
+    index = next(i for i in range(len(first)) if float(first[i]["masks"].sum()) > 0)  # fills that entry
+    path = next(p for p in first.rows[index]["mask_paths"][0] if p)
+    mask = nib.load(path)
+    nib.save(nib.Nifti1Image(np.zeros(mask.shape, dtype=np.uint8), mask.affine), path)
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a new mtime even on a coarse clock
+    again = ManifestDataset(**common)
+    assert float(again[index]["masks"].sum()) < float(first[index]["masks"].sum())
