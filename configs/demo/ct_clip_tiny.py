@@ -26,7 +26,8 @@
 #   studies every 50 steps,
 #   best.pt chosen by the lowest validation loss (a retrieval Recall@5 over 80 studies moves in steps of 1/80 and
 #   ties; the loss is smooth), which tools/evaluate.py loads from the work dir.
-# Measured (2 December 2026, 2 loaded CPU cores, ~16 min): held-out loss 3.33 at step 50, lowest 2.81 at step 200,
+# Measured (2 December 2026, 2 loaded CPU cores, ~16 min; ~5 min on the idle machine): held-out loss 3.33 at
+# step 50, lowest 2.81 at step 200,
 # then 2.82-2.89 to step 400 (training loss 2.7): no divergence. Test split (80 studies), best.pt: zero-shot AUROC
 # effusion 0.98, cardiomegaly 0.77, consolidation 0.55, nodule 0.55, emphysema 0.41, macro 0.65; R@5 0.125 / 0.175
 # (i2t / t2i) against 0.0625 by chance. Tried and worse: lr 2e-3 without token drop (no learning by step 140).
@@ -39,6 +40,10 @@
 #   aerated lung (-980...-600 HU voxels of the eval input) -853 +- 10 HU with emphysema against -824 +- 11 without
 #   (all 800 studies; AUROC of that one number 0.97), under a 2000 HU window, and the augmentation's +-0.05
 #   intensity shift (+-100 HU on half the volumes) is larger (AUROC of the shifted number 0.72).
+# - Two more 400-step runs on the idle machine (test split, ctrate): a lung window (hu_window=(-1000, 0), twice the
+#   contrast in the lung) without the intensity shift: macro 0.665, emphysema 0.44, consolidation 0.63; MedCLIP-style
+#   soft targets from the manifest labels (heads.0.type=clip_soft, soft_target_weight 0.5): macro 0.631, emphysema
+#   0.42. Neither a clearer input nor a direct label signal makes the from-scratch image tower learn emphysema here.
 # - Text tower: its report embeddings hold nodules (0.95) and emphysema (0.86) for a linear probe, but the ctrate
 #   prompts read the reports themselves at 0.55-0.64 for four findings (effusion 0.99): a one-line prompt lands
 #   elsewhere than a ~150-token mean-pooled report. Prompts written as whole reports (one finding stated, the
