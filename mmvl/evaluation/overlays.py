@@ -119,8 +119,9 @@ def save_nifti(heatmap: np.ndarray, affine: np.ndarray, path: str | os.PathLike)
 
 
 def scan_stem(result: Any) -> str:
-    """A file name part for a scan: its file name without suffix (the folder name for a DICOM series, and the
-    series UID's last part when the folder holds several)."""
+    """A file name part for a scan (a heatmap result or an :class:`~mmvl.data.inputs.InputItem`: ``path`` and
+    ``fields``): its file name without suffix (the folder name for a DICOM series, and the series UID's last part
+    when the folder holds several)."""
     path = Path(result.path)
     name = path.name
     for suffix in (".nii.gz", ".nii", ".dcm", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
@@ -131,6 +132,16 @@ def scan_stem(result: Any) -> str:
     return file_stem(name + (f"_{uid.rsplit('.', 1)[-1]}" if uid else ""))
 
 
+def unique_stem(stem: str, taken: set[str]) -> str:
+    """``stem``, or ``stem_2``, ``stem_3``... when scans earlier in the same folder took it; added to ``taken``."""
+    number = 1
+    while (stem if number == 1 else f"{stem}_{number}") in taken:
+        number += 1
+    stem = stem if number == 1 else f"{stem}_{number}"
+    taken.add(stem)
+    return stem
+
+
 def write_heatmaps(result: Any, folder: str | os.PathLike, names: Sequence[str] | None = None,
                    taken: set[str] | None = None) -> list[Path]:
     """The files of one :class:`~mmvl.evaluation.grounding.ScanHeatmaps` under ``folder``: per map
@@ -138,12 +149,7 @@ def write_heatmaps(result: Any, folder: str | os.PathLike, names: Sequence[str] 
     stems already used in this folder (a repeated stem gets ``_2``, ``_3``...)."""
     if result.error or not result.maps:
         return []
-    taken = set() if taken is None else taken
-    stem, number = scan_stem(result), 1
-    while (stem if number == 1 else f"{stem}_{number}") in taken:
-        number += 1
-    stem = stem if number == 1 else f"{stem}_{number}"
-    taken.add(stem)
+    stem = unique_stem(scan_stem(result), set() if taken is None else taken)
     label = "Grad-CAM (image-text similarity)" if result.method == "gradcam" else "patch-text cosine similarity"
     written = []
     for name in names or list(result.maps):

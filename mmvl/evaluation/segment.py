@@ -27,6 +27,8 @@ from mmvl.data.inputs import scan_items, with_reader_options
 from mmvl.data.transforms import Pipeline
 from mmvl.errors import ConfigError, DataError
 from mmvl.evaluation.grounding import prepare_scan, to_scan
+from mmvl.evaluation.overlays import scan_stem, unique_stem
+from mmvl.evaluation.plots import file_stem
 from mmvl.evaluation.predict import with_overrides
 from mmvl.models.heads.segmentation import (
     THRESHOLDS,
@@ -108,18 +110,6 @@ def whole_scan_pipeline(preprocess: Pipeline) -> Pipeline:
     return Pipeline([{**step, "crop": False} if step.get("type") == "CropOrPad" else step for step in preprocess.spec])
 
 
-def _stem(path: str) -> str:
-    name = Path(path.rstrip("/\\")).name
-    for suffix in (".nii.gz", ".nii", ".dcm", ".png", ".jpg", ".jpeg", ".tif", ".tiff"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def _safe(label: str) -> str:
-    return "".join(c if c.isalnum() or c in "-." else "_" for c in label)
-
-
 def write_mask(mask: np.ndarray, path: Path, affine: np.ndarray | None) -> Path:
     """A 0/1 mask as NIfTI (uint8, with ``affine``) or, in 2D, an 8-bit PNG (0/255)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,14 +176,11 @@ def predict_masks(
         if not row["error"]:
             logits = head.predict_logits(loaded.model.image_encoder, scan.image[None].to(device))
             on_scan = to_scan(logits[0].sigmoid(), scan.geometry)  # (L, *scan shape)
-            stem = _stem(item.path)
-            if stem in used:
-                stem = f"{stem}_{len(rows)}"
-            used.add(stem)
+            stem = unique_stem(scan_stem(item), used)
             is_3d = scan.geometry.kind == "3d"
             for index, label in enumerate(labels):
                 mask = on_scan[index] >= cut[label]
-                path = out_dir / f"{stem}_{_safe(label)}{'.nii.gz' if is_3d else '.png'}"
+                path = out_dir / f"{stem}_{file_stem(label)}{'.nii.gz' if is_3d else '.png'}"
                 write_mask(mask, path, scan.geometry.scan_affine if is_3d else None)
                 row[f"{label}_mask"], row[f"{label}_voxels"] = str(path), int(mask.sum())
         rows.append(row)
