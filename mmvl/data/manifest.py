@@ -29,7 +29,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from mmvl.errors import ConfigError, ManifestError
+from mmvl.data.masks import row_mask_paths
+from mmvl.errors import ConfigError, DataError, ManifestError
 
 REQUIRED_KEYS = ("image", "report")
 _UNDECODED = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by errors="surrogateescape"
@@ -136,14 +137,17 @@ def is_frontal(view: str | None) -> bool:
     return (view or "").upper() in FRONTAL_VIEWS
 
 
-def _mask_files(masks: Any, path: Path) -> list[str]:
-    """The mask files a row's ``masks`` (label -> path, or a list of paths, one per image) names, resolved as
-    :func:`mmvl.data.masks.row_mask_paths` resolves them; the data root holds them as it holds the images."""
+def _mask_files(row: dict[str, Any], manifest_dir: Path) -> list[str]:
+    """The mask files a row's ``masks`` names for each of its images, resolved as the datasets resolve them
+    (:func:`mmvl.data.masks.row_mask_paths`); the data root holds them as it holds the images."""
+    masks = row.get("masks")
     if not isinstance(masks, dict):
         return []  # not a mapping: refused with the row's line when the masks are read
-    entries = [item for entry in masks.values() for item in (entry if isinstance(entry, list) else [entry])]
-    return [os.path.normpath(item if os.path.isabs(item) else str(path.parent / item))
-            for item in entries if isinstance(item, str) and item]
+    try:
+        return [mask for view in range(len(row["image"]))
+                for mask in row_mask_paths(row, list(masks), manifest_dir, view) if mask]
+    except DataError:
+        return []  # malformed (a list of the wrong length...): refused with the row's line before any is read
 
 
 def _parse_row(raw: dict[str, Any], path: Path, line: int, csv_row: bool, root: str | None) -> dict[str, Any]:
@@ -163,7 +167,7 @@ def _parse_row(raw: dict[str, Any], path: Path, line: int, csv_row: bool, root: 
     row["image"] = [os.path.normpath(p if os.path.isabs(p) else str(path.parent / p)) for p in images]
     if root is not None:  # refused by load_manifest once every row is read, so that all of them are named
         outside = [image for image in row["image"] if not _inside(os.path.abspath(image), root)]
-        outside += [mask for mask in _mask_files(raw.get("masks"), path) if not _inside(os.path.abspath(mask), root)]
+        outside += [mask for mask in _mask_files(row, path.parent) if not _inside(os.path.abspath(mask), root)]
         if outside:
             row["outside_root"] = outside
     row["views"] = _parse_views(raw.get("views"), len(row["image"]), path, line, csv_row)

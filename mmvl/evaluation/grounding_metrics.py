@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from mmvl.data.masks import read_mask as read_on_grid
+from mmvl.data.masks import row_mask_paths
 from mmvl.errors import DataError
 from mmvl.evaluation.metrics import bootstrap_units, percentile_interval, resample_units
 
@@ -118,8 +120,6 @@ def boxes_mask(boxes: Sequence[Sequence[float]], shape: Sequence[int]) -> np.nda
 def read_mask(path: str | os.PathLike, geometry: Any) -> np.ndarray:
     """A mask file on the scan's grid (:func:`mmvl.data.masks.read_mask`: a PNG/TIFF of the image's rows and
     columns, or a NIfTI resampled, nearest, onto the volume through both affines)."""
-    from mmvl.data.masks import read_mask as read_on_grid
-
     return read_on_grid(path, geometry.scan_shape, geometry.scan_affine if geometry.kind != "2d" else None)
 
 
@@ -134,23 +134,15 @@ def row_targets(row: Mapping[str, Any], image_index: int, manifest_dir: str | os
         if not isinstance(value, Mapping):
             raise DataError(None, f"row {row.get('line')}: '{key}' must map labels to "
                                   f"{'mask paths' if key == 'masks' else 'boxes [x, y, w, h]'}, got {value!r:.80}")
+        if key == "masks":  # one path (or None) per label for this image, resolved as the datasets resolve them
+            for label, path in zip(value, row_mask_paths(row, list(value), manifest_dir, image_index)):
+                if path:
+                    targets.setdefault(label, {"masks": [], "boxes": []})["masks"].append(path)
+            continue
         for label, entry in value.items():
-            if key == "masks":
-                if isinstance(entry, list):
-                    if len(entry) != n_images:
-                        raise DataError(None, f"row {row.get('line')}: masks['{label}'] lists {len(entry)} paths "
-                                              f"for {n_images} images")
-                    entry = entry[image_index]
-                elif n_images > 1:
-                    raise DataError(None, f"row {row.get('line')}: masks['{label}'] is one path for {n_images} "
-                                          "images; give a list, one per image (null where none)")
-                if entry:
-                    path = entry if os.path.isabs(entry) else os.path.join(manifest_dir, entry)
-                    targets.setdefault(label, {"masks": [], "boxes": []})["masks"].append(os.path.normpath(path))
-            else:
-                boxes = entry[image_index] if n_images > 1 else entry
-                if boxes:
-                    targets.setdefault(label, {"masks": [], "boxes": []})["boxes"].extend(boxes)
+            boxes = entry[image_index] if n_images > 1 else entry
+            if boxes:
+                targets.setdefault(label, {"masks": [], "boxes": []})["boxes"].extend(boxes)
     phrases = row.get("phrases") or {}
     for label, target in targets.items():
         target["phrase"] = phrases.get(label) or None
