@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import faulthandler
+import gc
 import importlib.util
+import multiprocessing
 import os
 import sys
 from pathlib import Path
@@ -100,6 +103,26 @@ def make_phantom(shape=(12, 10, 8), seed: int = 0) -> np.ndarray:
     x, y, z = np.meshgrid(*(np.linspace(-1, 1, s) for s in shape), indexing="ij")
     body = np.where(x**2 + y**2 < 0.8, 40.0, -1000.0)
     return (body + 300 * z + 50 * x + rng.integers(-20, 20, shape)).round().astype(np.float32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_child_process_left():
+    """Every test module ends with no live child process of its own (module-scoped: the fuzz tests share one reader
+    process): a DataLoader worker left running is stopped only by multiprocessing's exit handler, and one that
+    ignores its SIGTERM made that handler wait forever (CI timed out after pytest had printed "980 passed")."""
+    before = set(multiprocessing.active_children())
+    yield
+    left = set(multiprocessing.active_children()) - before
+    if left:
+        gc.collect()  # a loader or pool in a reference cycle stops its workers when collected
+        left = set(multiprocessing.active_children()) - before
+    assert not left, f"the module left child processes running: {sorted(p.name for p in left)}"
+
+
+def pytest_unconfigure(config):
+    # If anything still blocks the interpreter's exit 5 minutes after the run (a thread or process the test above
+    # cannot see), print every thread's stack and exit 1 instead of hanging until CI's time limit.
+    faulthandler.dump_traceback_later(300, exit=True)
 
 
 @pytest.fixture

@@ -151,7 +151,8 @@ def prepare_tokenizers(model_cfg: Mapping[str, Any], texts: Callable[[], list[st
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader worker init: SIGTERM/SIGINT are the main process's to handle (Slurm signals every process of
     the job, a terminal every process of the group); a worker that died of them would fail the step the main
-    process is finishing. Workers still exit with the main process, whatever kills it."""
+    process is finishing. Workers still exit with the main process, whatever kills it; at a normal exit they must
+    be stopped first (``release_loader_workers``), since multiprocessing's exit handler stops them by SIGTERM."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -178,6 +179,18 @@ def build_train_loader(train_set: Dataset, collate: Collate, train_cfg: Mapping[
         generator=torch.Generator().manual_seed(0), worker_init_fn=ignore_stop_signals if workers > 0 else None,
     )
     return loader, sampler
+
+
+def release_loader_workers(loader: DataLoader) -> None:
+    """Stop a loader's persistent workers now (a later ``iter(loader)`` starts new ones). Left to the loader's
+    garbage collection, a Trainer still referenced at interpreter exit keeps them alive into multiprocessing's exit
+    handler, whose SIGTERM they ignore (``ignore_stop_signals``) and whose join then waits forever: a test run
+    printed its summary and never exited. torch has no public call for this: ``_iterator`` is where
+    ``persistent_workers`` keeps them."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None:
+        getattr(iterator, "_shutdown_workers", lambda: None)()
+        loader._iterator = None
 
 
 def build_val_loader(val_set: Dataset, collate: Collate, train_cfg: Mapping[str, Any]) -> DataLoader:

@@ -43,7 +43,14 @@ from mmvl.engine.checkpoint import (
     save_checkpoint,
     step_checkpoint_name,
 )
-from mmvl.engine.data import build_datasets, build_train_loader, prepare_tokenizers, to_device, train_batches
+from mmvl.engine.data import (
+    build_datasets,
+    build_train_loader,
+    prepare_tokenizers,
+    release_loader_workers,
+    to_device,
+    train_batches,
+)
 from mmvl.engine.finetune import mask_labels, prepare_finetune
 from mmvl.engine.grad_cache import check_grad_cache, grad_cache_step
 from mmvl.engine.optim import (
@@ -197,6 +204,8 @@ class Trainer:
             self.failed = True
             raise
         finally:
+            batches.close()
+            release_loader_workers(self.loader)
             for hook in self.hooks:
                 hook.after_train(self)
             self.metrics.close()

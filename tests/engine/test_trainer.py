@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 from pathlib import Path
 
@@ -178,3 +179,17 @@ def test_deterministic_fixes_the_cublas_workspace(synthetic_cxr, tmp_path, monke
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+def test_fit_stops_its_loader_workers(synthetic_cxr, tmp_path, one_thread):
+    # persistent loader workers used to live as long as the Trainer object: one still referenced at interpreter exit
+    # (a module-scoped fixture's) kept them into multiprocessing's exit handlers, and CI's `make test` hung after
+    # printing its summary. fit() now stops them, and a second fit() starts new ones.
+    trainer = Trainer(tiny_config(synthetic_cxr, "train.max_steps=2", "train.batch_size=16", "train.num_workers=2",
+                                  "train.val_interval=100", "train.ckpt_interval=100"), tmp_path / "run")
+    assert trainer.loader.num_workers == 2 and trainer.loader.persistent_workers
+    trainer.fit()
+    assert not multiprocessing.active_children()
+    trainer.max_steps = 3
+    trainer.fit()
+    assert trainer.state.step == 3 and not multiprocessing.active_children()
