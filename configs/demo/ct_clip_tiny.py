@@ -51,8 +51,16 @@
 # - A 200-step run without the intensity shift and without token drop (test: macro 0.65 again; nodule 0.52,
 #   effusion 0.96, emphysema 0.43, cardiomegaly 0.76, consolidation 0.58; lowest val loss 3.06 against this
 #   recipe's 2.81; 2 CPU cores at load 10-17) leaves emphysema where it was (image probe 0.48), so the shift is not
-#   the only cause. Next to try: a lung window as a second input channel, sentence-level text (prompts in
-#   distribution), longer training once a CPU run is cheaper.
+#   the only cause.
+# - The image tower itself is the limit (2 December 2026, idle machine, 400 steps, 80 val studies): trained with
+#   the labels instead of reports (configs/finetune/cls_vit3d_ct_tiny.py, model.mode=full, random init, batch 32)
+#   the same 4-layer ViT reaches effusion 0.98 and cardiomegaly 0.72 but consolidation 0.48, emphysema 0.36 and
+#   nodule 0.69 (macro 0.64); without the intensity shift consolidation 0.44, emphysema 0.61, nodule 0.57
+#   (macro 0.67): on the validation split, close to the zero-shot test figures above.
+#   Zero-shot cannot beat what supervision cannot learn, so better prompts or losses will not reach the target
+#   here: what is left is the encoder (a convolutional stem or smaller patches for local findings, which a CPU
+#   run cannot afford at 48^3) or more data. Initialising the tower from an MAE run at this geometry (600 steps,
+#   mask 0.75) was worse: val loss 2.99 at best against 2.81, test macro 0.57 (emphysema 0.33).
 _base_ = ["../ct_clip.py"]
 
 spacing = (8.0, 8.0, 8.0)
