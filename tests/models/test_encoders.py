@@ -17,12 +17,14 @@ SWIN2D = dict(type="timm_swin", model_name="swin_tiny_patch4_window7_224", img_s
               embed_dim=16, depths=(1, 1), num_heads=(1, 2))
 VIT3D = dict(type="vit3d", img_size=16, patch_size=8, hidden_size=32, mlp_dim=64, num_layers=2, num_heads=2)
 SWIN3D = dict(type="swin3d", embed_dim=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=2)
+RESNET3D = dict(type="resnet3d", img_size=16, widths=(4, 8, 8, 16), conv1_stride=1, no_max_pool=True)
 # (config, input shape, pooled dim, token count)
 CASES = {
     "vit2d": (VIT2D, (2, 1, 32, 32), 32, 16),
     "swin2d": (SWIN2D, (2, 1, 32, 32), 32, 16),
     "vit3d": (VIT3D, (2, 1, 16, 16, 16), 32, 8),
     "swin3d": (SWIN3D, (2, 1, 32, 32, 32), 192, 1),
+    "resnet3d": (RESNET3D, (2, 1, 16, 16, 16), 16, 8),  # 16 -> 8 -> 4 -> 2 over stages 2-4
 }
 
 
@@ -225,3 +227,45 @@ def test_encoders_route_attention_through_mmvl_ops(name, monkeypatch):
         torch.testing.assert_close(patched(images).tokens, native(images).tokens, atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError, match="attention must be 'mmvl' or 'native'"):
         ENCODERS.build({**cfg, "attention": "flash"})
+
+
+@pytest.mark.parametrize(("options", "size"), [
+    (dict(conv1_stride=2, no_max_pool=True), (48, 48, 48)),  # the CT demo's: 24 -> 12 -> 6 -> 3
+    (dict(), (50, 47, 33)),  # MONAI's default stem (stride 2 and a max pool) on odd sides
+    (dict(conv1_stride=1, conv1_size=3), (20, 17, 9)),
+])
+def test_resnet3d_tokens_are_its_last_feature_map(options, size):
+    torch.manual_seed(0)
+    encoder = ENCODERS.build({**RESNET3D, **options, "img_size": size}).eval()
+    out = encoder(torch.randn(2, 1, *size), hidden_states=True)
+    assert len(out.hidden_states) == 4 and tuple(out.hidden_states[-1].shape[2:]) == encoder.grid
+    last = out.hidden_states[-1]  # (B, C, *grid): tokens are its voxels in row-major order, as a ViT's patches
+    assert out.tokens.shape == (2, len(last[0, 0].flatten()), 16)
+    torch.testing.assert_close(out.tokens[1, 5], last[1, :, *divmod(divmod(5, encoder.grid[2])[0], encoder.grid[1]),
+                                                       5 % encoder.grid[2]])
+    torch.testing.assert_close(out.pooled, last.flatten(2).mean(dim=2))
+    maximum = ENCODERS.build({**RESNET3D, **options, "img_size": size, "pooling": "max"}).eval()
+    maximum.load_state_dict(encoder.state_dict())
+    torch.testing.assert_close(maximum(torch.ones(1, 1, *size)).pooled,
+                               encoder(torch.ones(1, 1, *size), hidden_states=True).hidden_states[-1].amax((2, 3, 4)))
+
+
+def test_resnet3d_loads_medicalnet_style_weights_and_refuses_what_it_cannot_do(tmp_path):
+    torch.manual_seed(0)
+    source = ENCODERS.build(RESNET3D).eval()
+    # MedicalNet's checkpoints: {"state_dict": {"module.conv1.weight": ...}} from DataParallel, plus a classifier
+    state = {f"module.{k}": v for k, v in source.resnet.state_dict().items()}
+    torch.save({"state_dict": {**state, "module.fc.weight": torch.zeros(2, 16)}}, tmp_path / "medicalnet.pth")
+    loaded = ENCODERS.build({**RESNET3D, "pretrained_path": str(tmp_path / "medicalnet.pth")}).eval()
+    images = torch.randn(1, 1, 16, 16, 16)
+    torch.testing.assert_close(loaded(images).pooled, source(images).pooled)
+    with pytest.raises(ValueError, match="no tokens to drop"):
+        source(images, token_drop=0.5)
+    with pytest.raises(ConfigError, match="unknown key 'token_drop'"):
+        ENCODERS.build({**RESNET3D, "token_drop": 0.25})
+    for key, value, message in (("pooling", "cls", "'avg' or 'max'"), ("block", "dense", "'basic' or 'bottleneck'"),
+                                ("widths", (4, 8, 8), "four positive ints")):
+        with pytest.raises(ConfigError, match=message):
+            ENCODERS.build({**RESNET3D, key: value})
+    with pytest.raises(ValueError, match="built for volumes of \\(16, 16, 16\\)"):
+        source(torch.randn(1, 1, 16, 16, 24))
