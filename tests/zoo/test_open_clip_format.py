@@ -26,18 +26,20 @@ TEXTS = ["small left pleural effusion", "no pneumothorax", "cardiomegaly"]
 MEAN_RGB, STD_RGB = [0.48, 0.45, 0.40], [0.26, 0.27, 0.28]
 # What a user runs, with only open_clip: in the moved folder, offline; mmvl must not even be imported.
 OPEN_CLIP_ONLY = """
-import json, sys
+import json, os, sys
 import torch, open_clip
 from safetensors.torch import load_file, save_file
-model, _, preprocess = open_clip.create_model_and_transforms("local-dir:.")
-tokenizer = open_clip.get_tokenizer("local-dir:.")
-model.eval()
-images = load_file(sys.argv[1])["images"]
-with torch.no_grad():
-    image = model.encode_image(images.expand(-1, 3, -1, -1), normalize=True)
-    text = model.encode_text(tokenizer(json.loads(sys.argv[2])), normalize=True)
+for job in json.loads(sys.argv[1]):  # one interpreter for every export: open_clip + torch import once
+    os.chdir(job["dir"])
+    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:.")
+    tokenizer = open_clip.get_tokenizer("local-dir:.")
+    model.eval()
+    images = load_file(job["images"])["images"]
+    with torch.no_grad():
+        image = model.encode_image(images.expand(-1, 3, -1, -1), normalize=True)
+        text = model.encode_text(tokenizer(json.loads(sys.argv[2])), normalize=True)
+    save_file({"image": image, "text": text, "scale": model.logit_scale.exp().reshape(1)}, job["out"])
 assert not [m for m in sys.modules if m.split(".")[0] == "mmvl"], "open_clip imported mmvl"
-save_file({"image": image, "text": text, "scale": model.logit_scale.exp().reshape(1)}, sys.argv[3])
 """
 
 
@@ -82,30 +84,52 @@ def _work_dir(root: Path, vit: str) -> Path:
     return write_work_dir(root, image, _pipeline(image["img_size"]), heads=heads, text_encoder=text, perturb=0.05)
 
 
-@pytest.mark.parametrize("vit", ["demo", "resized", "variant"])
-def test_open_clip_loads_a_moved_export_without_mmvl(vit, tmp_path, one_thread):
-    work = _work_dir(tmp_path / "run", vit)
-    entry = export_entry(work, tmp_path / "zoo", "oc", formats="mmvl,open_clip")
-    config = json.loads((entry / "open_clip" / "open_clip_config.json").read_text())
+MOVED = ("demo", "resized", "variant")
+
+
+@pytest.fixture(scope="module")
+def moved_exports(tmp_path_factory) -> dict:
+    """Each of MOVED exported with ``--formats mmvl,open_clip``, its open_clip folder moved away and the rest of the
+    entry deleted, then all loaded by open_clip alone in one fresh interpreter (cwd: each folder):
+    ``{vit: (work dir, open_clip_config.json text, image config, images, open_clip's outputs)}``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the one_thread fixture (function-scoped, so not usable here)
+    try:
+        root = tmp_path_factory.mktemp("moved_exports")
+        built, jobs = {}, []
+        for vit in MOVED:
+            work = _work_dir(root / vit / "run", vit)
+            entry = export_entry(work, root / vit / "zoo", "oc", formats="mmvl,open_clip")
+            config_text = (entry / "open_clip" / "open_clip_config.json").read_text()
+            moved = root / vit / "elsewhere" / "my_model"
+            moved.parent.mkdir()
+            shutil.move(entry / "open_clip", moved)
+            shutil.rmtree(entry)  # nothing of the entry is left to point at
+            image_cfg = _demo_model()[0] if vit == "demo" else VITS[vit]
+            gray = torch.randn(3, 1, image_cfg["img_size"], image_cfg["img_size"],
+                               generator=torch.Generator().manual_seed(6))
+            save_file({"images": gray}, str(root / vit / "images.safetensors"))
+            jobs.append({"dir": str(moved), "images": str(root / vit / "images.safetensors"),
+                         "out": str(root / vit / "out.safetensors")})
+            built[vit] = (work, config_text, image_cfg, gray)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        done = subprocess.run([sys.executable, "-c", OPEN_CLIP_ONLY, json.dumps(jobs), json.dumps(TEXTS)],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return {vit: (*built[vit], load_file(job["out"]), root / vit) for vit, job in zip(MOVED, jobs, strict=True)}
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("vit", MOVED)
+def test_open_clip_loads_a_moved_export_without_mmvl(vit, moved_exports, one_thread):
+    work, config_text, image_cfg, gray, got, root = moved_exports[vit]
+    config = json.loads(config_text)
     vision = config["model_cfg"]["vision_cfg"]
     assert "timm_model_name" not in vision and config["model_cfg"]["text_cfg"]["hf_model_name"] == "./text_model"
-    image_cfg = _demo_model()[0] if vit == "demo" else VITS[vit]
     assert (vision["image_size"], vision["patch_size"], vision["layers"]) == (
         image_cfg["img_size"], image_cfg["patch_size"], image_cfg["depth"])
-    assert str(tmp_path) not in (entry / "open_clip" / "open_clip_config.json").read_text()
-
-    moved = tmp_path / "elsewhere" / "my_model"
-    moved.parent.mkdir()
-    shutil.move(entry / "open_clip", moved)
-    shutil.rmtree(entry)  # nothing of the entry is left to point at
-    gray = torch.randn(3, 1, image_cfg["img_size"], image_cfg["img_size"], generator=torch.Generator().manual_seed(6))
-    save_file({"images": gray}, str(tmp_path / "images.safetensors"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", OPEN_CLIP_ONLY, str(tmp_path / "images.safetensors"),
-                           json.dumps(TEXTS), str(tmp_path / "out.safetensors")],
-                          cwd=moved, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    got = load_file(str(tmp_path / "out.safetensors"))
+    assert str(root) not in config_text
     trained = zoo.load_pretrained(work)  # the work dir's own model, not the export
     assert _cosine(trained.encode_image(gray), got["image"]) >= 0.9999
     assert _cosine(trained.encode_text(TEXTS), got["text"]) >= 0.9999
