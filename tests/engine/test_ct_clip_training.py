@@ -25,10 +25,11 @@ def _step(pipeline: list[dict], kind: str) -> dict:
     return next(step for step in pipeline if step["type"] == kind)
 
 
-@pytest.mark.parametrize("name", ["ct_clip.py", "demo/ct_clip_tiny.py"])
+@pytest.mark.parametrize("name", ["ct_clip.py", "demo/ct_clip_tiny.py", "demo/ct_clip_resnet_tiny.py"])
 def test_ct_clip_configs(name):
     cfg = Config.fromfile(REPO / "configs" / name)
-    assert cfg.model.image_encoder.type == "vit3d" and cfg.model.heads[0]["type"] == "clip"
+    tower = "resnet3d" if "resnet" in name else "vit3d"
+    assert cfg.model.image_encoder.type == tower and cfg.model.heads[0]["type"] == "clip"
     for pipeline in (cfg.data.train_pipeline, cfg.data.eval_pipeline):
         window = _step(pipeline, "IntensityWindow")
         assert (window["low"], window["high"]) == (-1000.0, 1000.0)  # HU window of the issue and CT-CLIP
@@ -57,23 +58,24 @@ def ct_retrieval_set(tmp_path_factory) -> Path:
     return manifest
 
 
-TINY_STEPS = 300
+TINY_STEPS = 240
 
 
 @pytest.fixture(scope="module")
 def tiny_ct_clip(ct_retrieval_set, tmp_path_factory) -> tuple[Path, dict, Trainer]:
-    """The CT demo's recipe (findings + impression, token drop, weight decay, augmentation) at a quarter of its
-    width, trained once for the slow tests below: ``(work dir, untrained validation metrics, trainer)``."""
+    """The README's CT demo (configs/demo/ct_clip_resnet_tiny.py: a 3D ResNet tower; findings + impression, weight
+    decay, augmentation) at half its widths, a 3^3 stem, batch 16 and 240 steps (~2 min on one core), trained once
+    for the slow tests below: ``(work dir, untrained validation metrics, trainer)``."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the one_thread fixture (function-scoped, so not usable here)
     try:
-        cfg = Config.fromfile(REPO / "configs" / "demo" / "ct_clip_tiny.py")
+        cfg = Config.fromfile(REPO / "configs" / "demo" / "ct_clip_resnet_tiny.py")
         cfg.merge_options([
-            f"data.manifest={ct_retrieval_set}", "model.image_encoder.num_layers=2",
-            "model.image_encoder.hidden_size=64", "model.image_encoder.mlp_dim=128",
-            "model.image_encoder.num_heads=2", "model.text_encoder.config.hidden_size=64",
+            f"data.manifest={ct_retrieval_set}", "model.image_encoder.widths=(8,16,32,64)",
+            "model.image_encoder.conv1_size=3", "train.batch_size=16",
+            "model.text_encoder.config.hidden_size=64",
             "model.text_encoder.config.num_attention_heads=2", "model.text_encoder.config.intermediate_size=128",
-            "model.heads.0.embed_dim=64", f"train.max_steps={TINY_STEPS}", "train.val_interval=100",
+            "model.heads.0.embed_dim=64", f"train.max_steps={TINY_STEPS}", "train.val_interval=80",
             f"train.ckpt_interval={TINY_STEPS}", "train.log_interval=20", "optim.warmup_steps=20",
         ])
         work = tmp_path_factory.mktemp("tiny_ct_clip") / "run"
@@ -91,7 +93,7 @@ def test_tiny_ct_clip_retrieves_held_out_reports_above_chance(tiny_ct_clip):
     work, untrained, trainer = tiny_ct_clip
     records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     held_out = [r for r in records if "val/i2t_R@5" in r]
-    assert [r["step"] for r in held_out] == [100, 200, 300]
+    assert [r["step"] for r in held_out] == [80, 160, 240]
     # A random ranking puts the right report in the top 5 of 80 with probability 5/80. Reports of studies with the
     # same findings differ only in details a 48^3 volume at 8 mm cannot show (nodule sizes, lobes, wording), and
     # about a fifth of the studies have no finding at all, so perfect retrieval is out of reach.
@@ -109,14 +111,10 @@ def test_tiny_ct_clip_retrieves_held_out_reports_above_chance(tiny_ct_clip):
 
 @pytest.mark.slow
 def test_tiny_ct_clip_classifies_held_out_findings_zero_shot(tiny_ct_clip, ct_retrieval_set, tmp_path, one_thread):
-    # Issue 22: the demo recipe's text (findings + impression, whose sentences negate absent findings) matches the
-    # ctrate preset's prompts, so zero-shot on the 80 held-out studies beats chance for the findings as a whole.
-    # Measured at this quarter width and 300 steps (seed 0): macro 0.59 (effusion 0.86, cardiomegaly 0.58,
-    # emphysema 0.59, nodule 0.49, consolidation 0.43); the issue's 0.65 is not reached at this size (the full
-    # demo: 0.65 on its test split), so the bar is "clearly above chance". Untrained: ~0.5. Without the intensity
-    # shift and token drop the same run gave macro 0.59 again (effusion 0.82, cardiomegaly 0.63, emphysema 0.57,
-    # nodule 0.50, consolidation 0.44) with its held-out loss rising from step 100 (3.42 -> 3.82): see the demo
-    # config's notes (benchmarks/bench_zero_shot_gap.py) for where the towers fall short.
+    # Issue 22: a smaller version of the demo classifies held-out studies zero-shot at macro AUROC >= 0.65. Measured
+    # (seed 0, 240 steps): macro 0.678 (effusion 0.94, cardiomegaly 0.86, consolidation 0.61, emphysema 0.50, nodule
+    # 0.49); seed 1: 0.699; with the demo's 7^3 stem and batch 32 for 300 steps (same widths): 0.696. With the ViT
+    # tower of configs/demo/ct_clip_tiny.py at a quarter of its width the same test measured 0.59, below the bar.
     out = tmp_path / "zero_shot.json"
     code = load_tool("evaluate").main([
         str(tiny_ct_clip[0]), "--manifest", str(ct_retrieval_set), "--task", "zero_shot", "--split", "val",
@@ -127,7 +125,7 @@ def test_tiny_ct_clip_classifies_held_out_findings_zero_shot(tiny_ct_clip, ct_re
     aurocs = {label: entry["auroc"] for label, entry in metrics["labels"].items()}
     print(f"zero-shot AUROC: {aurocs}; macro {metrics['macro']['auroc']:.3f}")
     assert set(aurocs) == {"lung nodule", "pleural effusion", "emphysema", "cardiomegaly", "consolidation"}
-    assert metrics["macro"]["auroc"] >= 0.55, aurocs
+    assert metrics["macro"]["auroc"] >= 0.65, aurocs
     assert aurocs["pleural effusion"] >= 0.75, aurocs
 
 

@@ -241,8 +241,9 @@ def test_resnet3d_tokens_are_its_last_feature_map(options, size):
     assert len(out.hidden_states) == 4 and tuple(out.hidden_states[-1].shape[2:]) == encoder.grid
     last = out.hidden_states[-1]  # (B, C, *grid): tokens are its voxels in row-major order, as a ViT's patches
     assert out.tokens.shape == (2, len(last[0, 0].flatten()), 16)
-    torch.testing.assert_close(out.tokens[1, 5], last[1, :, *divmod(divmod(5, encoder.grid[2])[0], encoder.grid[1]),
-                                                       5 % encoder.grid[2]])
+    _, rows, columns = encoder.grid
+    depth, row, column = 5 // (rows * columns), 5 // columns % rows, 5 % columns  # token 5 in row-major order
+    torch.testing.assert_close(out.tokens[1, 5], last[1, :, depth, row, column])
     torch.testing.assert_close(out.pooled, last.flatten(2).mean(dim=2))
     maximum = ENCODERS.build({**RESNET3D, **options, "img_size": size, "pooling": "max"}).eval()
     maximum.load_state_dict(encoder.state_dict())
