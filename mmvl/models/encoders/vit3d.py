@@ -189,7 +189,7 @@ class MonaiResNetEncoder(nn.Module):
     """MONAI's 3D ``ResNet`` (Hara et al. 2018; a 3D ResNet is also Merlin's CT image encoder): a convolutional
     tower for CT when a ViT trained from scratch on few volumes cannot learn local findings (the CT demo: a
     4-layer ViT given the labels directly stayed at AUROC ~0.45 for consolidation, where a small CNN learnt
-    emphysema and cardiomegaly within 3 epochs).
+    emphysema and cardiomegaly within 4 epochs).
 
     ``tokens``: the last stage's feature map, one token per voxel of its grid in row-major (D, H, W) order, so
     heatmaps and local alignment see a grid as with a ViT; ``pooled``: their mean (``pooling="avg"``, MONAI's
