@@ -232,3 +232,30 @@ def test_mmvl_grounding_rows_errors_and_the_callers_model_left_alone(tmp_path):
     assert results[1].error == "no such file or folder" and not results[1].maps
     with pytest.raises(ConfigError, match="method must be one of"):
         mmvl.grounding(loaded, [scan], "bright", method="saliency")
+
+
+@pytest.mark.parametrize("method", ["similarity", "gradcam"])
+def test_resnet3d_maps_lie_on_its_feature_grid(method):
+    # the CT demo's convolutional tower: its tokens are the last feature map (a 3^3 grid for 48^3 inputs), which the
+    # maps are laid on and upsampled from, like a ViT's patch grid
+    from mmvl.evaluation.grounding import Texts, compute_maps
+    from mmvl.registry import ENCODERS
+
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.image_encoder = ENCODERS.build(dict(type="resnet3d", img_size=48, widths=(4, 8, 8, 16), conv1_stride=2,
+                                              no_max_pool=True, pooling="max")).eval()
+    assert model.image_encoder.grid == (3, 3, 3)
+    texts = Texts(["a", "b"], {}, F.normalize(torch.randn(2, 16), dim=-1), torch.full((2, 16), float("nan")))
+    images = torch.randn(2, 1, 48, 48, 48)
+    maps, embeddings, _ = compute_maps(model, images, texts, method)
+    assert maps.shape == (2, 2, 48, 48, 48) and embeddings.shape == (2, 16)
+    if method == "similarity":  # by hand: each token's cosine with each text, on the 3^3 grid, upsampled
+        with torch.no_grad():
+            tokens = F.normalize(model.image_encoder(images).tokens, dim=-1)
+        grid = (tokens @ texts.positive.T).transpose(1, 2).reshape(2, 2, 3, 3, 3)
+        expected = F.interpolate(grid, size=(48, 48, 48), mode="trilinear", align_corners=False)
+        # float32 cosines of 16-d vectors through the same trilinear weights: rounding only
+        torch.testing.assert_close(maps, expected, atol=1e-5, rtol=1e-5)
+    else:
+        assert torch.isfinite(maps).all() and (maps >= 0).all() and maps.amax() > 0

@@ -270,3 +270,14 @@ def test_resnet3d_loads_medicalnet_style_weights_and_refuses_what_it_cannot_do(t
             ENCODERS.build({**RESNET3D, key: value})
     with pytest.raises(ValueError, match="built for volumes of \\(16, 16, 16\\)"):
         source(torch.randn(1, 1, 16, 16, 24))
+
+
+@pytest.mark.parametrize(("head", "message"), [
+    (dict(type="mae"), "the MAE head needs a ViT image encoder with a patch grid, and MonaiResNetEncoder has none"),
+    (dict(type="segmentation", label_names=["a"], decoder="unetr"), "decoder 'unetr' needs a ViT image encoder"),
+])
+def test_heads_that_need_patches_refuse_resnet3d(head, message):
+    from mmvl.models import build_model
+
+    with pytest.raises(ConfigError, match=message):
+        build_model(dict(image_encoder=RESNET3D, text_encoder=None, heads=[head]))
