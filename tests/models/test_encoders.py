@@ -231,7 +231,7 @@ def test_encoders_route_attention_through_mmvl_ops(name, monkeypatch):
 
 @pytest.mark.parametrize(("options", "size"), [
     (dict(conv1_stride=2, no_max_pool=True), (48, 48, 48)),  # the CT demo's: 24 -> 12 -> 6 -> 3
-    (dict(), (50, 47, 33)),  # MONAI's default stem (stride 2 and a max pool) on odd sides
+    (dict(conv1_stride=2, no_max_pool=False), (50, 47, 33)),  # MONAI's default stem (stride 2, max pool), odd sides
     (dict(conv1_stride=1, conv1_size=3), (20, 17, 9)),
 ])
 def test_resnet3d_tokens_are_its_last_feature_map(options, size):
