@@ -34,6 +34,9 @@ DATA_DEFAULTS: dict[str, Any] = dict(
     # a report longer than the model's max_length: "keep_last" keeps its last section (report_sections' order: the
     # impression after the findings) whole and cuts the ones before; "tail" cuts the joined text at its end
     report_truncation="keep_last",
+    # training reports only (mmvl.data.reports.augment_report): dict(shuffle=True, drop=0.0) puts each section's
+    # sentences in a random order and leaves each out with probability drop, drawn from the sample's seed
+    report_augment=None,
     # fine-tuning on a seeded, nested, study-level subset of the training split (mmvl.data.fractions); its seed is
     # its own, so every mode and training seed sees the same studies
     label_fraction=None, label_fraction_seed=0,
@@ -64,4 +67,5 @@ VIEW_POLICIES = ("random", "frontal", "all")
 ON_ERROR = ("skip", "raise")
 CACHE_KINDS = (None, "memory", "disk")
 REPORT_TRUNCATIONS = ("keep_last", "tail")
+REPORT_AUGMENT_DEFAULTS: dict[str, Any] = dict(shuffle=True, drop=0.0)
 OPTIM_TYPES = ("adamw",)

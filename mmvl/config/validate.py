@@ -31,6 +31,7 @@ from mmvl.config.schema import (
     ON_ERROR,
     OPTIM_DEFAULTS,
     OPTIM_TYPES,
+    REPORT_AUGMENT_DEFAULTS,
     REPORT_TRUNCATIONS,
     SECTIONS,
     TRAIN_DEFAULTS,
@@ -224,11 +225,26 @@ def _check_data(data: Mapping[str, Any]) -> None:
     _check_choice(data, "on_error", ON_ERROR, "data")
     _check_choice(data, "cache", CACHE_KINDS, "data")
     _check_choice(data, "report_truncation", REPORT_TRUNCATIONS, "data")
+    _check_report_augment(data.get("report_augment"))
     for name in PIPELINES:
         steps = data.get(name)
         if not isinstance(steps, Sequence) or isinstance(steps, str) or not steps:
             raise ConfigError(f"data.{name} must be a non-empty list of dict(type=...) steps, got {steps!r} "
                               "(see configs/_base_/datasets/)")
+
+
+def _check_report_augment(augment: Any) -> None:
+    if augment is None:
+        return
+    if not isinstance(augment, Mapping):
+        raise ConfigError(f"data.report_augment must be None or dict(shuffle=..., drop=...), got {augment!r}")
+    _check_keys(augment, set(REPORT_AUGMENT_DEFAULTS), "data.report_augment", "report augmentation")
+    shuffle, drop = augment.get("shuffle", True), augment.get("drop", 0.0)
+    if not isinstance(shuffle, bool):
+        raise ConfigError(f"data.report_augment.shuffle must be True or False, got {shuffle!r}")
+    if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0.0 <= drop < 1.0:
+        raise ConfigError(f"data.report_augment.drop must be a number in [0, 1) (the probability of leaving a "
+                          f"sentence out), got {drop!r}")
 
 
 def _check_model(model: Mapping[str, Any]) -> None:

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from mmvl.config.schema import CACHE_KINDS, ON_ERROR, VIEW_POLICIES
 from mmvl.data.fractions import study_key
 from mmvl.data.manifest import is_frontal, load_manifest
-from mmvl.data.reports import report_parts
+from mmvl.data.reports import augment_report, report_parts
 from mmvl.data.transforms import LoadVolume, Pipeline
 from mmvl.errors import DataError, ManifestError
 from mmvl.registry import DATASETS
@@ -153,6 +153,8 @@ class ManifestDataset(Dataset):
     geometry after the pipeline: spatial steps move them with the image), one per label from the row's ``masks``
     (label -> file, relative to the manifest), empty where the row has none; a missing mask file is an error naming
     it, an unreadable one fails (or is skipped) as an unreadable image does.
+    ``report_augment``: ``dict(shuffle=..., drop=...)`` of :func:`~mmvl.data.reports.augment_report`, applied to
+    the report of every sample drawn with a seed (training), from that seed: a resumed run sees the same text.
 
     ``cache="memory"`` keeps the output of the deterministic steps in RAM (MONAI ``CacheDataset``, filled
     at start-up); ``cache="disk"`` stores it under ``cache_dir`` (:class:`ArrayCache`: one memory-mapped ``.npy``
@@ -179,10 +181,14 @@ class ManifestDataset(Dataset):
         view_policy: str = "random",
         studies: Collection[str] | None = None,
         mask_labels: Sequence[str] | None = None,
+        report_augment: Mapping[str, Any] | None = None,
     ):
         if view_policy not in VIEW_POLICIES:
             raise ValueError(f"view_policy must be one of {VIEW_POLICIES}, got {view_policy!r}")
         self.view_policy = view_policy
+        self.report_augment = dict(report_augment) if report_augment is not None else None
+        if self.report_augment is not None:  # refused here, not at the first sample
+            augment_report(["."], np.random.default_rng(0), **self.report_augment)
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if cache not in CACHE_KINDS:
@@ -373,10 +379,14 @@ class ManifestDataset(Dataset):
         image = torch.from_numpy(sample["image"])
         if self.cache == "memory" and image.data_ptr() == loaded["image"].data_ptr():
             image = image.clone()  # never hand out the cache's own memory
+        text, parts = row["text"], row["parts"]
+        if self.report_augment is not None and seed is not None:  # its own stream of the sample seed, as the view
+            parts = augment_report(parts, np.random.default_rng([seed, 2]), **self.report_augment)
+            text = " ".join(parts)
         item = {
             "image": image,
-            "report": row["text"],
-            "report_parts": row["parts"],
+            "report": text,
+            "report_parts": parts,
             "meta": {"path": path, "study_id": row.get("study_id"), "index": index, "view": view,
                      "view_name": row["views"][view] if row.get("views") else None},
         }

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-__all__ = ["SECTION_ALIASES", "clean_report", "extract_sections", "report_text"]
+__all__ = ["SECTION_ALIASES", "augment_report", "clean_report", "extract_sections", "report_text", "split_sentences"]
 
 # Header spellings seen in MIMIC-CXR (the frequent ones from section_parser.py) -> canonical section name.
 SECTION_ALIASES: dict[str, str] = {
@@ -198,3 +198,48 @@ def report_parts(text: str, sections: Sequence[str] = ("findings", "impression")
         return parts
     whole = clean_report(text)
     return [whole] if whole else []
+
+
+# A sentence ends at . ! or ? followed by whitespace (a clause after ";" stays with its sentence): "2.5 cm" stays
+# whole (a decimal point is followed by a digit). Written by hand: reports are short and regular, and a sentence
+# model (spaCy, nltk punkt) would be a heavy dependency for an augmentation that tolerates the odd wrong split.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
+_LIST_NUMBER = re.compile(r"\(?\d{1,2}[.)]")
+
+
+def split_sentences(text: str) -> list[str]:
+    """The sentences of one cleaned section body, in order (``[]`` for a blank one); a list number ("1.", "2)")
+    stays with the sentence it numbers."""
+    sentences: list[str] = []
+    for piece in _SENTENCE_END.split(text.strip()):
+        if sentences and _LIST_NUMBER.fullmatch(sentences[-1]):
+            sentences[-1] += " " + piece
+        elif piece:
+            sentences.append(piece)
+    return sentences
+
+
+def augment_report(parts: Sequence[str], rng, shuffle: bool = True, drop: float = 0.0) -> list[str]:
+    """Sentence-level augmentation of a report's sections (``report_parts``), as CXR-CLIP and MedCLIP sample and
+    shuffle report sentences: within each section the sentences are put in random order (``shuffle``) and each is
+    left out with probability ``drop``, keeping at least one; the sections keep their order (the impression stays
+    last, which ``report_truncation="keep_last"`` relies on). ``rng``: a ``numpy.random.Generator``.
+
+    A model that reads the findings as a bag of statements, rather than as one fixed sequence per study, embeds a
+    one-sentence prompt ("Pulmonary nodule.") nearer the reports that state it."""
+    if not 0.0 <= drop < 1.0:
+        raise ValueError(f"drop must be in [0, 1), got {drop!r}")
+    out = []
+    for part in parts:
+        sentences = split_sentences(part)
+        if len(sentences) > 1:
+            if drop:
+                kept = [s for s in sentences if rng.random() >= drop]
+                sentences = kept or [sentences[int(rng.integers(len(sentences)))]]
+            if shuffle:
+                sentences = [sentences[i] for i in rng.permutation(len(sentences))]
+            # a last sentence without its full stop ("No acute findings") gets one where another now follows it
+            sentences = [s if s[-1] in ".!?" or k == len(sentences) - 1 else s + "." for k, s in enumerate(sentences)]
+        if sentences:
+            out.append(" ".join(sentences))
+    return out

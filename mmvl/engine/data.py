@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from mmvl.config.schema import DATA_DEFAULTS
+from mmvl.config.schema import DATA_DEFAULTS, REPORT_AUGMENT_DEFAULTS
 from mmvl.data.fractions import label_fraction_subset
 from mmvl.data.loader import Collate, ResumableSampler
 from mmvl.data.manifest import load_manifest
@@ -68,6 +68,11 @@ def build_datasets(data_cfg: Mapping[str, Any], work_dir: Path, seed: int, is_ma
             raise ConfigError("data.label_fraction draws studies from a manifest; shards hold their samples as "
                               "tools/make_shards.py wrote them: train from data.manifest instead")
         stream["studies"] = label_fraction_studies(data, work_dir, is_main)
+    if data["report_augment"] is not None:
+        if streaming:
+            raise ConfigError("data.report_augment draws from each manifest sample's seed; shards stream their "
+                              "reports as written: train from data.manifest instead, or set data.report_augment=None")
+        stream["report_augment"] = {**REPORT_AUGMENT_DEFAULTS, **data["report_augment"]}
     train_set = DATASETS.build(dict(type=kind, split=data["train_split"], pipeline=data["train_pipeline"],
                                     **stream, **common))
     val_set = None
