@@ -310,6 +310,12 @@ def validate_config(cfg: Mapping[str, Any]) -> Config:
     if not isinstance(resolved["model"], Mapping):
         raise ConfigError(f"model must be a dict, got {resolved['model']!r}")
     _check_model(resolved["model"])
+    heads = resolved["model"].get("heads") or []
+    reads_reports = bool(resolved["model"].get("text_encoder")) or any(
+        isinstance(head, Mapping) and head.get("type") in ("report_gen", "report") for head in heads)
+    if resolved["data"].get("report_augment") is not None and not reads_reports:
+        raise ConfigError("data.report_augment is set but this model reads no report (no model.text_encoder, no "
+                          "report_gen head): remove it, or set data.report_augment=None")
     for where, node, registry, provided in registered_dicts(resolved):
         registry.check(node, where, provided)
     _check_schedule(resolved)

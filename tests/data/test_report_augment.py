@@ -122,6 +122,15 @@ def test_bad_settings_are_refused_by_name(augment, message):
         validate_config(cfg)
 
 
+def test_a_model_without_a_text_tower_refuses_it():
+    cfg = Config.fromfile(REPO / "configs" / "finetune" / "cls_vit3d_ct_tiny.py")
+    cfg["data"]["report_augment"] = dict(drop=0.2)
+    with pytest.raises(ConfigError, match="reads no report"):
+        validate_config(cfg)
+    cfg["data"]["report_augment"] = None
+    validate_config(cfg)
+
+
 def test_train_cli_refuses_a_misspelt_key_with_exit_2(capsys):
     code = load_tool("train").main([str(REPO / "configs" / "demo" / "cxr_clip_tiny.py"),
                                     "--cfg-options", "data.report_augment={'dorp': 0.2}"])

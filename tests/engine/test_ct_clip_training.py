@@ -66,7 +66,8 @@ TINY_STEPS = 240
 @pytest.fixture(scope="module")
 def tiny_ct_clip(ct_retrieval_set, tmp_path_factory) -> tuple[Path, dict, Trainer]:
     """The README's CT demo (configs/demo/ct_clip_resnet_tiny.py: a 3D ResNet tower; findings + impression, weight
-    decay, augmentation) at half its widths, a 3^3 stem, batch 16 and 240 steps (~2 min on one core), trained once
+    decay, volume and report augmentation) at half its widths, a 3^3 stem, batch 16 and 240 steps (~2 min on one
+    core), trained once
     for the slow tests below: ``(work dir, untrained validation metrics, trainer)``."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the one_thread fixture (function-scoped, so not usable here)
