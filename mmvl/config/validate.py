@@ -239,7 +239,7 @@ def _check_report_augment(augment: Any) -> None:
     if not isinstance(augment, Mapping):
         raise ConfigError(f"data.report_augment must be None or dict(shuffle=..., drop=...), got {augment!r}")
     _check_keys(augment, set(REPORT_AUGMENT_DEFAULTS), "data.report_augment", "report augmentation")
-    shuffle, drop = augment.get("shuffle", True), augment.get("drop", 0.0)
+    shuffle, drop = ({**REPORT_AUGMENT_DEFAULTS, **augment}[key] for key in ("shuffle", "drop"))
     if not isinstance(shuffle, bool):
         raise ConfigError(f"data.report_augment.shuffle must be True or False, got {shuffle!r}")
     if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0.0 <= drop < 1.0:
